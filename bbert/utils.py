@@ -1,0 +1,127 @@
+"""Small helpers shared by every stage: scale selection, atomic writes, seeding, hub access.
+
+See the introduction chapter (``book/intro.md``) for how scale and offline use work.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+SCALES = ("tiny", "full")
+
+
+def resolve_scale(scale: str | None = None) -> str:
+    """Return ``"tiny"`` or ``"full"``.
+
+    ``scale`` (or the ``BBERT_SCALE`` environment variable when ``scale`` is None)
+    may be ``auto``, ``tiny`` or ``full``; ``auto`` picks ``full`` only where a CUDA
+    GPU is present. Chapter: introduction, "How to run things".
+    """
+    value = (scale or os.environ.get("BBERT_SCALE") or "auto").strip().lower()
+    if value == "auto":
+        import torch
+
+        return "full" if torch.cuda.is_available() else "tiny"
+    if value not in SCALES:
+        raise ValueError(f"scale must be one of auto, tiny, full; got {value!r}. "
+                         "Set BBERT_SCALE=auto|tiny|full or pass scale=...")
+    return value
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    Works for files and folders. A crash leaves the old ``path`` untouched and at most
+    a ``.tmp-*`` sibling, which is never mistaken for the finished thing.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.is_dir() and not path.is_symlink():
+            old = path.parent / f".old-{path.name}-{os.getpid()}"
+            os.replace(path, old)
+            os.replace(target, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(target, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub can't be reached (HF_HUB_OFFLINE set, or no route).
+
+    Checked in about a second so that hub loaders fail at once instead of retrying.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    if os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":")[0]
+    try:
+        with socket.create_connection((host, 443), timeout=1.5):
+            return False
+    except OSError:
+        return True
+
+
+class HubUnavailableError(ConnectionError):
+    """Raised at once when something must come from the hub and the hub can't be reached."""
+
+
+def require_hub(what: str, offline_alternative: str) -> None:
+    """Raise :class:`HubUnavailableError` naming ``offline_alternative`` if the hub is unreachable."""
+    if hub_offline():
+        raise HubUnavailableError(
+            f"{what} needs the Hugging Face hub, which can't be reached from here "
+            f"(offline, or HF_HUB_OFFLINE=1). Offline alternative: {offline_alternative}"
+        )
