@@ -1,0 +1,193 @@
+"""Optimizers and learning-rate schedules of the recipe.
+
+AdamW (lr 1e-3, betas 0.9/0.98, eps 1e-6, weight decay 0.01) with biases and LayerNorm
+weights exempt from decay, an optional LAMB, and the schedule that makes 24hBERT a
+*time*-budgeted run: warm-up for ``warmup_proportion`` of the budget, then linear decay to
+zero at its end, with elapsed wall-clock seconds as the clock.
+
+Chapters: ``notebooks/03_model.ipynb`` (optimizers), ``notebooks/04_pretraining.ipynb`` (schedules).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+NO_DECAY_MODULES = (nn.LayerNorm, nn.Embedding)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two optimizer groups: decayed weights, and biases plus LayerNorm weights (no decay).
+
+    As in BERT, weight decay applies to matmul weights only; a bias or a LayerNorm gain
+    pulled towards zero only hurts. Embeddings are decayed (as in BERT and the paper's code),
+    LayerNorm and bias parameters are not. Chapter: ``notebooks/03_model.ipynb``.
+    """
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue  # tied weights appear twice
+            seen.add(id(param))
+            if isinstance(module, nn.LayerNorm) or name.endswith("bias") or param.ndim < 2:
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _fused_supported(params: Iterable[torch.Tensor]) -> bool:
+    # torch >= 2.4 has fused AdamW kernels for CUDA, CPU and MPS; elsewhere use foreach.
+    devices = {p.device.type for p in params}
+    return bool(devices) and devices <= {"cuda", "cpu", "mps"}
+
+
+def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3,
+                    betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
+                    weight_decay: float = 0.01, fused: bool | None = None) -> torch.optim.Optimizer:
+    """The recipe's optimizer: ``"adamw"`` (fused where the device has it) or ``"lamb"``.
+
+    Defaults are the paper's AdamW settings. Chapter: ``notebooks/03_model.ipynb``.
+    """
+    groups = param_groups(model, weight_decay)
+    betas = tuple(float(b) for b in betas)
+    name = name.lower()
+    if name == "adamw":
+        params = [p for g in groups for p in g["params"]]
+        if fused is None:
+            fused = _fused_supported(params)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=bool(fused))
+    if name == "lamb":
+        return Lamb(groups, lr=lr, betas=betas, eps=eps)
+    raise ValueError(f"unknown optimizer {name!r}: use 'adamw' (the paper's) or 'lamb'")
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2020): Adam's update rescaled per tensor by ||w|| / ||update||.
+
+    The trust ratio lets very large batches train with a high learning rate. Weight decay is
+    decoupled and part of the update, as in the paper. Chapter: ``notebooks/03_model.ipynb``.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01, max_trust_ratio: float = 10.0):
+        if lr <= 0:
+            raise ValueError(f"LAMB needs lr > 0, got {lr}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        max_trust_ratio=max_trust_ratio)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                m_hat = m / (1 - beta1 ** state["step"])
+                v_hat = v / (1 - beta2 ** state["step"])
+                update = m_hat / (v_hat.sqrt() + group["eps"])
+                if group["weight_decay"]:
+                    update.add_(p.float(), alpha=group["weight_decay"])
+                w_norm, u_norm = p.float().norm(), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                trust = trust.clamp(max=group["max_trust_ratio"])
+                p.add_((update * trust).to(p.dtype), alpha=-group["lr"])
+        return loss
+
+
+# ---- schedules ----------------------------------------------------------------------
+
+def linear_warmup_decay(progress: float, warmup_proportion: float) -> float:
+    """The lr multiplier at ``progress`` in [0, 1] of the run: linear warm-up, then linear decay to 0.
+
+    ``progress`` is a fraction of the *budget* (time or steps), so the shape is the same for a
+    3-minute CPU run and a 24-hour run. Chapter: ``notebooks/04_pretraining.ipynb``.
+    """
+    if not 0.0 <= warmup_proportion < 1.0:
+        raise ValueError(f"warmup_proportion must be in [0, 1), got {warmup_proportion}")
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup_proportion:
+        return progress / warmup_proportion
+    return max(0.0, (1.0 - progress) / (1.0 - warmup_proportion))
+
+
+@dataclass
+class TimeBasedSchedule:
+    """Learning rate as a function of elapsed wall-clock seconds against the time budget.
+
+    The paper's schedule: warm-up over ``warmup_proportion`` of ``time_budget_hours``, then
+    linear decay to zero at the end of the budget. Computed directly from elapsed seconds
+    (no per-hour bookkeeping), so it is exact for budgets of minutes as well as days.
+    Chapter: ``notebooks/04_pretraining.ipynb``.
+    """
+
+    lr: float
+    time_budget_hours: float
+    warmup_proportion: float = 0.06
+
+    def __post_init__(self):
+        if self.time_budget_hours <= 0:
+            raise ValueError(f"time_budget_hours must be > 0, got {self.time_budget_hours}")
+        linear_warmup_decay(0.0, self.warmup_proportion)  # validates
+
+    @property
+    def budget_seconds(self) -> float:
+        return self.time_budget_hours * 3600.0
+
+    def progress(self, elapsed_seconds: float) -> float:
+        return elapsed_seconds / self.budget_seconds
+
+    def lr_at(self, elapsed_seconds: float) -> float:
+        return self.lr * linear_warmup_decay(self.progress(elapsed_seconds), self.warmup_proportion)
+
+
+@dataclass
+class StepBasedSchedule:
+    """The classic schedule: warm-up and linear decay measured in optimizer steps.
+
+    Chapter: ``notebooks/04_pretraining.ipynb``.
+    """
+
+    lr: float
+    total_steps: int
+    warmup_proportion: float = 0.06
+
+    def __post_init__(self):
+        if self.total_steps <= 0:
+            raise ValueError(f"total_steps must be > 0, got {self.total_steps}")
+        linear_warmup_decay(0.0, self.warmup_proportion)
+
+    def progress(self, step: int) -> float:
+        return step / self.total_steps
+
+    def lr_at(self, step: int) -> float:
+        return self.lr * linear_warmup_decay(self.progress(step), self.warmup_proportion)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set ``lr`` on every parameter group (the schedules above are stateless functions)."""
+    if math.isnan(lr):
+        raise ValueError("learning rate is NaN")
+    for group in optimizer.param_groups:
+        group["lr"] = lr

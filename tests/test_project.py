@@ -1,0 +1,117 @@
+"""The project's own plumbing: metadata agreement, the CLI dispatcher, shared utilities."""
+import os
+import re
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bbert import utils
+from bbert.cli import COMMANDS, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _spec(req: str) -> str:
+    return req.strip().replace(" ", "").lower().replace("_", "-")
+
+
+def test_pyproject_and_environment_yml_list_the_same_dependencies():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        declared += extra
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    listed = []
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict):
+            listed += [d for d in dep["pip"] if not d.startswith("-e")]
+        elif not dep.startswith(("python", "pip")) or dep.startswith("python-"):
+            listed.append(dep.replace("=", "==", 1) if re.match(r"^[\w-]+=[^=]", dep) else dep)
+    assert {_name(r) for r in declared} == {_name(r) for r in listed}
+    # and with the same version constraints
+    assert {_spec(r) for r in declared} == {_spec(r) for r in listed}
+
+
+def test_console_script_points_at_cli():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["bbert"] == "bbert.cli:main"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme and "make book" in readme
+    assert re.search(r"^\s*make test\b", ci, re.M)
+
+
+def test_cli_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+
+
+def test_cli_unknown_command_is_a_clear_error(capsys):
+    assert main(["pretrian"]) == 2
+    assert "unknown command 'pretrian'" in capsys.readouterr().err
+
+
+def test_every_cli_command_has_a_main():
+    import importlib
+
+    for module, _ in COMMANDS.values():
+        assert callable(getattr(importlib.import_module(module), "main", None)), module
+
+
+def test_resolve_scale(monkeypatch):
+    monkeypatch.setenv("BBERT_SCALE", "tiny")
+    assert utils.resolve_scale() == "tiny"
+    assert utils.resolve_scale("full") == "full"
+    monkeypatch.setenv("BBERT_SCALE", "auto")
+    assert utils.resolve_scale() == "tiny"  # no GPU here
+    with pytest.raises(ValueError, match="BBERT_SCALE"):
+        utils.resolve_scale("huge")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    utils.atomic_write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with utils.atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text().strip().startswith("{") and '"a": 1' in target.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_atomic_path_replaces_a_folder(tmp_path):
+    target = tmp_path / "ckpt"
+    for value in ("1", "2"):
+        with utils.atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "v.txt").write_text(value)
+    assert (target / "v.txt").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_require_hub_fails_fast_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(utils.HubUnavailableError, match="Offline alternative: use a local folder"):
+        utils.require_hub("loading 'bert-base-uncased'", "use a local folder")
+    assert time.perf_counter() - start < 1.0
+
+
+def test_bbert_console_script_runs():
+    exe = Path(sys.executable).with_name("bbert")
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "prepare" in out and "pretrain" in out
