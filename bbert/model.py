@@ -1,0 +1,454 @@
+"""The BERT masked-LM that the 24hBERT recipe trains, in one readable file.
+
+    BertConfig                       presets tiny .. large (large = the paper's 24 x 1024 x 16 shape)
+    BertModel                        embeddings -> N x BertLayer (pre- or post-LayerNorm) -> final LayerNorm
+    BertForMaskedLM                  + the MLM head, sparse: run only at the masked positions
+    BertForSequenceClassification    + pooler and classifier, for GLUE
+
+The speed-ups the paper relies on, each switchable for the model chapter to measure:
+- ``sparse_mlm_head``: the head transform and the vocabulary decoder run only on the ~15% of
+  positions that carry a label, instead of all of them;
+- fused QKV projection + ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU);
+- ``unpad``: pad tokens are dropped from every per-token op (projections, FFN, LayerNorms), as in
+  MosaicBERT; they are put back only around the attention product itself;
+- the vocabulary is padded to a multiple of 8 so the decoder matmul is tensor-core friendly.
+Mixed precision (bf16 autocast) and ``torch.compile`` are applied from outside, by the trainer.
+
+Chapter: ``notebooks/03_model.ipynb``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bbert.utils import atomic_path
+
+PRESETS = {
+    #         layers, hidden, heads
+    "tiny": (2, 128, 2),
+    "mini": (4, 256, 4),
+    "small": (4, 512, 8),
+    "medium": (8, 512, 8),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),  # 24hBERT, BERT-large shaped
+}
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class BertConfig:
+    """Shape and options of the model; defaults are the paper's (BERT-large, pre-LN, sparse head).
+
+    ``vocab_size`` is the tokenizer's; the embedding matrix has ``padded_vocab_size`` rows
+    (rounded up to ``pad_vocab_multiple``). ``type_vocab_size`` is 1 for our single-segment
+    pretraining (token_type_ids are then ignored); a transformers BERT brings 2.
+    Chapter: ``notebooks/03_model.ipynb``.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 0  # 0 -> 4 * hidden_size
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 1
+    pad_token_id: int = 0
+    pre_layernorm: bool = True  # pre-LN + a final LayerNorm (the paper); False = original BERT post-LN
+    embedding_layernorm: bool = True
+    hidden_act: str = "gelu"  # exact (erf) GELU, as BERT
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    sparse_mlm_head: bool = True
+    tie_word_embeddings: bool = True
+    unpad: bool = True
+    pad_vocab_multiple: int = 8
+
+    def __post_init__(self):
+        if not self.intermediate_size:
+            self.intermediate_size = 4 * self.hidden_size
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                             f"{self.num_attention_heads}; pick a head count that divides it")
+        if self.hidden_act != "gelu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; bbert uses exact 'gelu'")
+        if self.type_vocab_size < 1:
+            raise ValueError("type_vocab_size must be >= 1 (1 = single segment, token_type_ids ignored)")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "BertConfig":
+        """``BertConfig.from_preset("mini", vocab_size=8192)``; presets: tiny mini small medium base large."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        layers, hidden, heads = PRESETS[name]
+        return cls.from_dict(dict(num_hidden_layers=layers, hidden_size=hidden,
+                                  num_attention_heads=heads, **overrides))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"model_type", "architectures", "num_labels", "bbert_version"}
+        if unknown:
+            raise ValueError(f"unknown BertConfig field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- building blocks ----------------------------------------------------------------------
+
+
+@dataclass
+class Padding:
+    """Where the real tokens of a padded [B, L] batch are, to drop and restore pads (unpadding)."""
+
+    indices: torch.Tensor  # positions of the real tokens in the flattened [B * L]
+    batch: int
+    seqlen: int
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> "Padding":
+        B, L = attention_mask.shape
+        return cls(attention_mask.reshape(-1).nonzero().squeeze(1), B, L)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] -> [n_real, ...]"""
+        return x.reshape(self.batch * self.seqlen, *x.shape[2:]).index_select(0, self.indices)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[n_real, ...] -> [B, L, ...] with zeros at the pads."""
+        out = x.new_zeros(self.batch * self.seqlen, *x.shape[1:]).index_copy(0, self.indices, x)
+        return out.view(self.batch, self.seqlen, *x.shape[1:])
+
+
+class BertEmbeddings(nn.Module):
+    """Word + position (+ segment) embeddings, optional LayerNorm, dropout.
+
+    Chapter: ``notebooks/03_model.ipynb``.
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.layer_norm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+                           if config.embedding_layernorm else nn.Identity())
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, position_ids, token_type_ids=None):
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        if token_type_ids is None or self.token_type_embeddings.num_embeddings == 1:
+            x = x + self.token_type_embeddings.weight[0]  # single segment: a constant row
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.layer_norm(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: one fused QKV matmul, then PyTorch SDPA.
+
+    Works on unpadded tokens [n_real, H]: pads are restored only for the attention product.
+    Chapter: ``notebooks/03_model.ipynb``.
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x, attn_mask=None, padding: Padding | None = None):
+        qkv = self.qkv(x)
+        if padding is not None:
+            qkv = padding.pad(qkv)  # [n_real, 3H] -> [B, L, 3H]
+        B, L, _ = qkv.shape
+        q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout_p if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, L, -1)
+        if padding is not None:
+            y = padding.unpad(y)
+        return self.out(y)
+
+
+class FeedForward(nn.Module):
+    """Linear -> exact GELU -> Linear. Chapter: ``notebooks/03_model.ipynb``."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class BertLayer(nn.Module):
+    """One transformer block, pre-LN (``x + f(LN(x))``, the paper's) or post-LN (``LN(x + f(x))``).
+
+    Pre-LN keeps the residual path an identity, which is what lets the recipe use lr 1e-3
+    stably (Xiong et al. 2020). Chapter: ``notebooks/03_model.ipynb``.
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.pre_layernorm = config.pre_layernorm
+        self.attention = SelfAttention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn = FeedForward(config)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, attn_mask=None, padding: Padding | None = None):
+        if self.pre_layernorm:
+            x = x + self.dropout(self.attention(self.attention_norm(x), attn_mask, padding))
+            x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        else:
+            x = self.attention_norm(x + self.dropout(self.attention(x, attn_mask, padding)))
+            x = self.ffn_norm(x + self.dropout(self.ffn(x)))
+        return x
+
+
+# ---- saving and loading --------------------------------------------------------------------
+
+
+class _PretrainedMixin:
+    """save_pretrained / from_pretrained: ``config.json`` (model_type bbert) + ``model.safetensors``."""
+
+    config: BertConfig
+
+    def _extra_config(self) -> dict:
+        return {}
+
+    def save_pretrained(self, save_directory) -> Path:
+        """Write the model folder atomically. Chapter: ``notebooks/03_model.ipynb``."""
+        from safetensors.torch import save_file
+
+        save_directory = Path(save_directory)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        meta = {"model_type": "bbert", "architectures": [type(self).__name__],
+                **self.config.to_dict(), **self._extra_config()}
+        # Write both files into a temporary folder, then swap it in: no half-written model.
+        with atomic_path(save_directory) as tmp:
+            tmp.mkdir()
+            if save_directory.is_dir():  # keep what else lives there (e.g. the tokenizer)
+                for item in save_directory.iterdir():
+                    if item.name not in (CONFIG_NAME, WEIGHTS_NAME) and item.is_file():
+                        (tmp / item.name).write_bytes(item.read_bytes())
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        return save_directory
+
+    @classmethod
+    def from_pretrained(cls, model_directory, **kwargs):
+        """Load a bbert model folder. Loading a BertForMaskedLM folder into a classifier (or the
+        reverse) keeps the encoder and initialises the other head. Chapter: ``notebooks/03_model.ipynb``.
+        """
+        from safetensors.torch import load_file
+
+        folder = Path(model_directory)
+        cfg_file, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        if not cfg_file.is_file() or not weights.is_file():
+            raise FileNotFoundError(f"{folder} is not a bbert model folder: it needs {CONFIG_NAME} and "
+                                    f"{WEIGHTS_NAME}. For a transformers folder or a run dir use "
+                                    "bbert.hf.load_pretrained(path)")
+        meta = json.loads(cfg_file.read_text())
+        if meta.get("model_type") != "bbert":
+            raise ValueError(f"{cfg_file} has model_type {meta.get('model_type')!r}, not 'bbert'; "
+                             "use bbert.hf.load_pretrained(path) to import a transformers model")
+        config = BertConfig.from_dict(meta)
+        if cls is BertForSequenceClassification:
+            kwargs.setdefault("num_labels", meta.get("num_labels", 2))
+        model = cls(config, **kwargs)
+        state = load_file(str(weights))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        same_arch = type(model).__name__ in meta.get("architectures", [])
+        bad_missing = [k for k in missing if k.startswith("bert.") or same_arch]
+        bad_unexpected = [k for k in unexpected if k.startswith("bert.") or same_arch]
+        if bad_missing or bad_unexpected:
+            raise ValueError(f"{weights} does not match the config: missing {bad_missing[:5]}, "
+                             f"unexpected {bad_unexpected[:5]}")
+        return model
+
+
+# ---- the models ----------------------------------------------------------------------------
+
+
+class BertModel(nn.Module, _PretrainedMixin):
+    """The encoder: embeddings, N layers, and a final LayerNorm when pre-LN.
+
+    ``forward(input_ids, attention_mask=None, token_type_ids=None) -> hidden [B, L, H]``.
+    With ``config.unpad`` and a padded batch, every per-token op runs on the real tokens only.
+    Chapter: ``notebooks/03_model.ipynb``.
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.final_norm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+                           if config.pre_layernorm else nn.Identity())
+        self.apply(lambda m: init_weights(m, config.initializer_range))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        B, L = input_ids.shape
+        if L > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {L} > max_position_embeddings "
+                             f"{self.config.max_position_embeddings}; truncate the inputs")
+        position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # packed batch: no mask, the fastest attention kernel
+        attn_mask = padding = None
+        if attention_mask is not None:
+            attn_mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L], True = attend
+            if self.config.unpad:
+                padding = Padding.from_mask(attention_mask)
+                input_ids, position_ids = padding.unpad(input_ids), padding.unpad(position_ids)
+                if token_type_ids is not None:
+                    token_type_ids = padding.unpad(token_type_ids)
+        x = self.embeddings(input_ids, position_ids, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, attn_mask, padding)
+        x = self.final_norm(x)
+        return padding.pad(x) if padding is not None else x
+
+
+class MLMHead(nn.Module):
+    """The masked-LM head: dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings).
+
+    Chapter: ``notebooks/03_model.ipynb`` (the sparse MLM head).
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size))
+        self.decoder = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False))
+
+    def forward(self, x, decoder_weight):
+        x = self.layer_norm(F.gelu(self.dense(x)))
+        return F.linear(x, decoder_weight, self.bias)
+
+
+@dataclass
+class MaskedLMOutput:
+    """``loss`` (None without labels) and ``logits``: [B, L, V], or [n_masked, V] from the sparse head."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+@dataclass
+class SequenceClassifierOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class BertForMaskedLM(nn.Module, _PretrainedMixin):
+    """BERT with the MLM head. With ``config.sparse_mlm_head`` and labels, the head runs only at
+    the positions with a label (``labels != -100``) and ``logits`` is ``[n_masked, vocab_size]``;
+    otherwise ``[B, L, vocab_size]`` (the dense head, for comparison and for inference).
+
+    Chapter: ``notebooks/03_model.ipynb``.
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.mlm_head = MLMHead(config)
+        self.mlm_head.apply(lambda m: init_weights(m, config.initializer_range))
+
+    def decoder_weight(self) -> torch.Tensor:
+        if self.config.tie_word_embeddings:
+            return self.bert.embeddings.word_embeddings.weight
+        return self.mlm_head.decoder.weight
+
+    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None) -> MaskedLMOutput:
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        if labels is not None and self.config.sparse_mlm_head:
+            selected = labels != -100
+            hidden, labels = hidden[selected], labels[selected]  # [n_masked, H], [n_masked]
+        logits = self.mlm_head(hidden, self.decoder_weight())
+        logits = logits[..., : self.config.vocab_size]  # drop the alignment rows of the vocabulary
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                   ignore_index=-100)
+        return MaskedLMOutput(loss, logits)
+
+
+class BertForSequenceClassification(nn.Module, _PretrainedMixin):
+    """BERT + pooler (tanh dense on [CLS]) + classifier, for GLUE. ``num_labels == 1`` is
+    regression (MSE loss, STS-B). Chapter: ``notebooks/05_finetuning.ipynb``.
+    """
+
+    def __init__(self, config: BertConfig, num_labels: int = 2):
+        super().__init__()
+        self.config, self.num_labels = config, num_labels
+        self.bert = BertModel(config)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        for module in (self.pooler, self.classifier):
+            init_weights(module, config.initializer_range)
+
+    def _extra_config(self) -> dict:
+        return {"num_labels": self.num_labels}
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        pooled = torch.tanh(self.pooler(hidden[:, 0]))
+        logits = self.classifier(self.dropout(pooled)).float()
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1), labels.float())
+            else:
+                loss = F.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss, logits)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Parameter count (tied weights counted once). Chapter: ``notebooks/03_model.ipynb``."""
+    params = {id(p): p for p in model.parameters()}
+    if exclude_embeddings:
+        for m in model.modules():
+            if isinstance(m, nn.Embedding):
+                params.pop(id(m.weight), None)
+    return sum(p.numel() for p in params.values())
