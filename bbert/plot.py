@@ -5,6 +5,159 @@ Chapters: budget, model, pretraining, finetuning.
 from __future__ import annotations
 
 # ---- budget + pretraining chapters --------------------------------------------------
+# Chapters: notebooks/01_budget.ipynb, notebooks/04_pretraining.ipynb.
+
+
+def read_metrics(source, record_type: str | None = None) -> list[dict]:
+    """The records of a run's ``metrics.jsonl`` (a run dir or the file), optionally of one type.
+
+    A half-written last line (a run still going, or killed) is skipped.
+    Chapter: ``notebooks/04_pretraining.ipynb``.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path}: pass a run dir made by bbert pretrain")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record_type is None or record.get("type") == record_type:
+            records.append(record)
+    return records
+
+
+def _new_figure(ncols: int = 1, width: float = 6.4, height: float = 3.6):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    plt.close(fig)  # returned, not shown twice: a notebook displays it as the cell's value
+    return fig, list(axes[0])
+
+
+def plot_schedule(warmup_proportion: float = 0.06, time_budget_hours: float = 24.0, lr: float = 1e-3,
+                  run=None, ax=None):
+    """The time-based schedule: lr against elapsed hours; a run's logged lr on top when given.
+
+    Chapter: ``notebooks/04_pretraining.ipynb``.
+    """
+    import numpy as np
+
+    from bbert.optim import linear_warmup_decay
+
+    fig, (ax,) = _new_figure() if ax is None else (ax.figure, [ax])
+    fractions = np.linspace(0.0, 1.0, 501)
+    hours = fractions * time_budget_hours
+    ax.plot(hours, [lr * linear_warmup_decay(f, warmup_proportion) for f in fractions],
+            label=f"warm-up {warmup_proportion:.0%} of the budget, linear decay to 0")
+    if run is not None:
+        train = read_metrics(run, "train")
+        ax.plot([r["elapsed_seconds"] / 3600 for r in train], [r["lr"] for r in train], ".",
+                ms=4, label="lr logged by the run")
+    ax.axvline(warmup_proportion * time_budget_hours, color="grey", ls=":", lw=1)
+    ax.set_xlabel("elapsed wall-clock time (hours)")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"Time-based schedule, budget {time_budget_hours:g} h")
+    ax.legend(loc="upper right", fontsize="small")
+    return fig
+
+
+def plot_loss_curves(runs, labels=None, x: str = "minutes", ax=None):
+    """Training loss (thin) and validation loss (markers) of one or more runs.
+
+    ``runs``: a run dir / metrics file or a list of them. ``x``: ``"minutes"`` or ``"step"``.
+    Chapter: ``notebooks/04_pretraining.ipynb``.
+    """
+    if x not in ("minutes", "step"):
+        raise ValueError(f"x must be 'minutes' or 'step', got {x!r}")
+    runs = [runs] if not isinstance(runs, (list, tuple)) else list(runs)
+    labels = labels or [str(r).rstrip("/").split("/")[-1] for r in runs]
+    fig, (ax,) = _new_figure() if ax is None else (ax.figure, [ax])
+
+    def xs(records):
+        return [r["elapsed_seconds"] / 60 if x == "minutes" else r["step"] for r in records]
+
+    for run, label in zip(runs, labels):
+        train, val = read_metrics(run, "train"), read_metrics(run, "val")
+        line, = ax.plot(xs(train), [r["loss"] for r in train], lw=1, alpha=0.8, label=f"{label}: train")
+        if val:
+            ax.plot(xs(val), [r["val_loss"] for r in val], "o-", color=line.get_color(),
+                    ms=4, label=f"{label}: validation")
+    ax.set_xlabel("elapsed minutes" if x == "minutes" else "optimizer step")
+    ax.set_ylabel("MLM loss")
+    ax.set_title("Masked-LM loss")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_lr(run, ax=None):
+    """The learning rate a run logged, against elapsed minutes. Chapter: ``notebooks/04_pretraining.ipynb``."""
+    fig, (ax,) = _new_figure() if ax is None else (ax.figure, [ax])
+    train = read_metrics(run, "train")
+    ax.plot([r["elapsed_seconds"] / 60 for r in train], [r["lr"] for r in train], ".-", ms=3)
+    ax.set_xlabel("elapsed minutes")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Learning rate logged by the run")
+    return fig
+
+
+def plot_budget_plan(plan, reference=None):
+    """A plan beside a reference (default: the paper's run): steps over the budget, and cost.
+
+    Left: optimizer steps reached against hours. Right: GPU-hours and cost.
+    Chapter: ``notebooks/01_budget.ipynb``.
+    """
+    import numpy as np
+
+    from bbert.budget import paper_plan
+
+    reference = reference or paper_plan(plan.price_per_gpu_hour)
+    fig, (ax_steps, ax_cost) = _new_figure(ncols=2, width=10, height=3.8)
+    for p, name in ((plan, "this plan"), (reference, "paper (estimate)")):
+        hours = np.linspace(0, p.hours, 50)
+        steps = p.optimizer_steps * hours / p.hours
+        ax_steps.plot(hours, steps, label=f"{name}: {p.num_gpus} x {p.gpu}, {p.model}, batch {p.batch_size}")
+        ax_steps.annotate(f"{p.optimizer_steps:,.0f}", (p.hours, p.optimizer_steps), fontsize="small",
+                          xytext=(-5, 5), textcoords="offset points", ha="right")
+    ax_steps.set_xlabel("hours")
+    ax_steps.set_ylabel("optimizer steps")
+    ax_steps.set_title("Optimizer steps the budget buys")
+    ax_steps.legend(fontsize="small")
+    names = ["this plan", "paper"]
+    bars = ax_cost.bar(names, [plan.cost, reference.cost], color=["C0", "C1"])
+    ax_cost.bar_label(bars, labels=[f"${c:,.0f}\n{p.gpu_hours:,.0f} GPU-h"
+                                    for c, p in ((plan.cost, plan), (reference.cost, reference))],
+                      fontsize="small")
+    ax_cost.set_ylabel("cost ($)")
+    ax_cost.set_title(f"Cost at ${plan.price_per_gpu_hour:g} per GPU-hour")
+    ax_cost.margins(y=0.25)
+    return fig
+
+
+def plot_gpu_table(num_gpus: int = 8, hours: float = 24.0, model: str = "large", batch_size: int = 4096):
+    """Optimizer steps each known GPU buys in the same budget, with the paper's ~23k marked.
+
+    Chapter: ``notebooks/01_budget.ipynb``.
+    """
+    from bbert.budget import KNOWN_GPUS, PAPER_RUN, plan_budget
+
+    plans = [plan_budget(num_gpus, name, hours, model=model, batch_size=batch_size) for name in KNOWN_GPUS]
+    fig, (ax,) = _new_figure(width=7, height=4.2)
+    ax.barh([p.gpu for p in plans], [p.optimizer_steps for p in plans], color="C0")
+    ax.axvline(PAPER_RUN["optimizer_steps"], color="C1", ls="--",
+               label=f"paper: ~{PAPER_RUN['optimizer_steps']:,} steps (8 GPUs, 24 h)")
+    ax.set_xlabel("optimizer steps")
+    ax.set_title(f"{num_gpus} GPUs x {hours:g} h, {model}, batch {batch_size} (table throughput)")
+    ax.legend(fontsize="small", loc="lower right")
+    ax.invert_yaxis()
+    return fig
+
 
 # ---- model chapter ------------------------------------------------------------------
 
