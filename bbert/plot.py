@@ -128,7 +128,8 @@ def plot_budget_plan(plan, reference=None):
     ax_steps.set_xlabel("hours")
     ax_steps.set_ylabel("optimizer steps")
     ax_steps.set_title("Optimizer steps the budget buys")
-    ax_steps.legend(fontsize="small")
+    ax_steps.legend(fontsize="small", loc="lower right")
+    ax_steps.margins(y=0.15)
     names = ["this plan", "paper"]
     bars = ax_cost.bar(names, [plan.cost, reference.cost], color=["C0", "C1"])
     ax_cost.bar_label(bars, labels=[f"${c:,.0f}\n{p.gpu_hours:,.0f} GPU-h"
@@ -154,7 +155,7 @@ def plot_gpu_table(num_gpus: int = 8, hours: float = 24.0, model: str = "large",
                label=f"paper: ~{PAPER_RUN['optimizer_steps']:,} steps (8 GPUs, 24 h)")
     ax.set_xlabel("optimizer steps")
     ax.set_title(f"{num_gpus} GPUs x {hours:g} h, {model}, batch {batch_size} (table throughput)")
-    ax.legend(fontsize="small", loc="lower right")
+    ax.legend(fontsize="small", loc="upper right")
     ax.invert_yaxis()
     return fig
 
