@@ -99,8 +99,8 @@ class BertConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         layers, hidden, heads = PRESETS[name]
-        return cls.from_dict(dict(num_hidden_layers=layers, hidden_size=hidden,
-                                  num_attention_heads=heads, **overrides))
+        shape = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads)
+        return cls.from_dict({**shape, **overrides})
 
     @classmethod
     def from_dict(cls, d: dict) -> "BertConfig":

@@ -1,0 +1,279 @@
+"""Hugging Face interoperability: export bbert to transformers, import transformers BERTs.
+
+- A post-LN bbert model exports to ``transformers.BertForMaskedLM`` (the original BERT layout).
+- A pre-LN bbert model (the paper's) exports to ``RobertaPreLayerNormForMaskedLM``, the
+  architecture transformers has for pre-LayerNorm BERT-style encoders. RoBERTa numbers positions
+  from ``pad_token_id + 1``, so bbert's position table is placed at that offset.
+- ``load_pretrained(path)`` reads any of: a bbert model folder, a checkpoint or run dir, a
+  transformers BERT / RoBERTa-PreLayerNorm folder (or, online, a hub id such as bert-base-uncased).
+
+Command line: ``bbert export <model folder | checkpoint | run dir> --out DIR``.
+Chapter: ``notebooks/03_model.ipynb`` (interoperability) and ``notebooks/05_finetuning.ipynb``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from bbert.model import CONFIG_NAME, BertConfig, BertForMaskedLM
+from bbert.utils import atomic_path, require_hub
+
+HF_BERT, HF_PRELN = "bert", "roberta-prelayernorm"
+
+
+# ---- finding the model folder inside whatever we were given ---------------------------------
+
+
+def find_model_folder(path) -> Path:
+    """The model folder inside ``path``: the folder itself, ``model/``, ``final/`` (or
+    ``final/model``), or the newest ``checkpoints/*/model`` of a run dir.
+
+    Chapter: ``notebooks/04_pretraining.ipynb`` (run dirs).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a model folder, a checkpoint folder or a run dir")
+    for candidate in (path, path / "model", path / "final", path / "final" / "model"):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    checkpoints = sorted(path.glob("checkpoints/*/model/" + CONFIG_NAME),
+                         key=lambda p: (p.stat().st_mtime, str(p)))
+    if checkpoints:
+        return checkpoints[-1].parent
+    raise FileNotFoundError(
+        f"no model found in {path}: expected {CONFIG_NAME} there, in model/, in final/ or in "
+        "checkpoints/<name>/model/ (a run dir from `bbert pretrain`)")
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    for candidate in (folder, folder.parent / "tokenizer", folder.parent.parent / "tokenizer"):
+        if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.txt").is_file():
+            return AutoTokenizer.from_pretrained(str(candidate))
+    warnings.warn(f"no tokenizer found beside {folder}; returning tokenizer=None")
+    return None
+
+
+def load_pretrained(path) -> tuple[BertForMaskedLM, object]:
+    """Load ``(BertForMaskedLM, tokenizer)`` from a bbert model folder, a checkpoint or run dir,
+    a transformers BERT / BertForMaskedLM / RoBERTa-PreLayerNorm folder, or (online only) a
+    hub id. Chapter: ``notebooks/05_finetuning.ipynb``.
+    """
+    name = str(path)
+    if not Path(path).exists() and not name.startswith(("/", ".", "~")) and name.count("/") <= 1:
+        return _load_from_hub(name)  # no such folder: a hub id such as "bert-base-uncased"
+    folder = find_model_folder(path)
+    model_type = json.loads((folder / CONFIG_NAME).read_text()).get("model_type")
+    if model_type == "bbert":
+        model = BertForMaskedLM.from_pretrained(folder)
+    elif model_type in (HF_BERT, HF_PRELN):
+        model = import_from_transformers(folder)
+    else:
+        raise ValueError(f"{folder / CONFIG_NAME} has model_type {model_type!r}; bbert reads 'bbert', "
+                         f"'{HF_BERT}' and '{HF_PRELN}' folders")
+    return model, _load_tokenizer(folder)
+
+
+def _load_from_hub(name: str):
+    require_hub(f"no local folder {name!r} exists, so it was taken as a hub id; loading it", "download the model once elsewhere with "
+                f"`transformers.AutoModelForMaskedLM.from_pretrained({name!r}).save_pretrained(DIR)` "
+                "(and its tokenizer), copy DIR here and pass its path")
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    hf_model = AutoModelForMaskedLM.from_pretrained(name)
+    return import_from_transformers(hf_model), AutoTokenizer.from_pretrained(name)
+
+
+# ---- transformers -> bbert -----------------------------------------------------------------
+
+
+def import_from_transformers(source) -> BertForMaskedLM:
+    """Convert a transformers ``BertForMaskedLM``/``BertModel`` (post-LN) or
+    ``RobertaPreLayerNormForMaskedLM`` (pre-LN) -- a folder or a loaded model -- into bbert.
+
+    A folder without an MLM head (a plain ``BertModel``) gets a freshly initialised head.
+    Chapter: ``notebooks/05_finetuning.ipynb``.
+    """
+    if isinstance(source, (str, Path)):
+        from transformers import AutoConfig, AutoModelForMaskedLM
+
+        hf_config = AutoConfig.from_pretrained(str(source))
+        if hf_config.model_type not in (HF_BERT, HF_PRELN):
+            raise ValueError(f"{source}: model_type {hf_config.model_type!r} can't be imported; "
+                             f"bbert imports '{HF_BERT}' and '{HF_PRELN}'")
+        hf = AutoModelForMaskedLM.from_pretrained(str(source), attn_implementation="eager")
+    else:
+        hf = source
+    c = hf.config
+    pre_ln = c.model_type == HF_PRELN
+    if c.hidden_act != "gelu":
+        raise ValueError(f"hidden_act {c.hidden_act!r} is not supported; bbert uses exact 'gelu'")
+    offset = c.pad_token_id + 1 if pre_ln else 0  # RoBERTa positions start at pad_token_id + 1
+    config = BertConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings - offset, type_vocab_size=c.type_vocab_size,
+        pad_token_id=c.pad_token_id if c.pad_token_id is not None else 0, pre_layernorm=pre_ln,
+        embedding_layernorm=True, hidden_dropout_prob=c.hidden_dropout_prob,
+        attention_probs_dropout_prob=c.attention_probs_dropout_prob, layer_norm_eps=c.layer_norm_eps,
+        initializer_range=c.initializer_range, tie_word_embeddings=True)
+    sd = hf.state_dict()
+    model = BertForMaskedLM(config)
+    new = {}
+    for ours, theirs in _name_map(config).items():
+        if theirs in sd:
+            new[ours] = sd[theirs]
+    for i in range(config.num_hidden_layers):
+        q, k, v = (_layer_prefix(config, i) + f"attention.self.{n}" for n in ("query", "key", "value"))
+        for kind in ("weight", "bias"):
+            new[f"bert.layers.{i}.attention.qkv.{kind}"] = torch.cat(
+                [sd[f"{q}.{kind}"], sd[f"{k}.{kind}"], sd[f"{v}.{kind}"]])
+    pos = new["bert.embeddings.position_embeddings.weight"]
+    new["bert.embeddings.position_embeddings.weight"] = pos[offset:]
+    # Pad the vocabulary to padded_vocab_size (the extra rows are never predicted).
+    extra = config.padded_vocab_size - config.vocab_size
+    for key in ("bert.embeddings.word_embeddings.weight", "mlm_head.bias"):
+        if key in new and extra:
+            new[key] = torch.cat([new[key], new[key].new_zeros(extra, *new[key].shape[1:])])
+    missing, unexpected = model.load_state_dict(new, strict=False)
+    missing = [k for k in missing if not k.startswith("mlm_head.")]
+    if missing or unexpected:
+        raise ValueError(f"could not map the transformers weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def _layer_prefix(config: BertConfig, i: int) -> str:
+    return f"{'roberta_prelayernorm' if config.pre_layernorm else 'bert'}.encoder.layer.{i}."
+
+
+def _name_map(config: BertConfig) -> dict[str, str]:
+    """bbert parameter name -> transformers name (the fused QKV is handled apart)."""
+    if config.pre_layernorm:
+        root, head = "roberta_prelayernorm", "lm_head"
+        m = {"bert.final_norm.weight": f"{root}.LayerNorm.weight", "bert.final_norm.bias": f"{root}.LayerNorm.bias",
+             "mlm_head.dense.weight": f"{head}.dense.weight", "mlm_head.dense.bias": f"{head}.dense.bias",
+             "mlm_head.layer_norm.weight": f"{head}.layer_norm.weight",
+             "mlm_head.layer_norm.bias": f"{head}.layer_norm.bias", "mlm_head.bias": f"{head}.bias"}
+        norms = {"attention_norm": "attention.LayerNorm", "ffn_norm": "intermediate.LayerNorm"}
+    else:
+        root, head = "bert", "cls.predictions"
+        m = {"mlm_head.dense.weight": f"{head}.transform.dense.weight",
+             "mlm_head.dense.bias": f"{head}.transform.dense.bias",
+             "mlm_head.layer_norm.weight": f"{head}.transform.LayerNorm.weight",
+             "mlm_head.layer_norm.bias": f"{head}.transform.LayerNorm.bias", "mlm_head.bias": f"{head}.bias"}
+        norms = {"attention_norm": "attention.output.LayerNorm", "ffn_norm": "output.LayerNorm"}
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        m[f"bert.embeddings.{name}.weight"] = f"{root}.embeddings.{name}.weight"
+    for kind in ("weight", "bias"):
+        m[f"bert.embeddings.layer_norm.{kind}"] = f"{root}.embeddings.LayerNorm.{kind}"
+    for i in range(config.num_hidden_layers):
+        ours, theirs = f"bert.layers.{i}.", _layer_prefix(config, i)
+        layer = {"attention.out": "attention.output.dense", "ffn.fc1": "intermediate.dense",
+                 "ffn.fc2": "output.dense", **norms}
+        for a, b in layer.items():
+            for kind in ("weight", "bias"):
+                m[f"{ours}{a}.{kind}"] = f"{theirs}{b}.{kind}"
+    return m
+
+
+# ---- bbert -> transformers -----------------------------------------------------------------
+
+
+def to_transformers(model: BertForMaskedLM):
+    """The equivalent transformers model (in memory): ``BertForMaskedLM`` for post-LN,
+    ``RobertaPreLayerNormForMaskedLM`` for pre-LN. Chapter: ``notebooks/03_model.ipynb``.
+    """
+    import transformers
+
+    if not isinstance(model, BertForMaskedLM):
+        raise TypeError(f"export takes a bbert BertForMaskedLM, got {type(model).__name__}")
+    config = model.config
+    if not config.embedding_layernorm:
+        raise ValueError("transformers' BERT and RoBERTa always apply an embedding LayerNorm; a bbert "
+                         "model with embedding_layernorm=False can't be exported exactly")
+    if not config.tie_word_embeddings:
+        raise ValueError("export needs tie_word_embeddings=True (transformers ties the decoder)")
+    common = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                  num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+                  intermediate_size=config.intermediate_size, hidden_act="gelu",
+                  hidden_dropout_prob=config.hidden_dropout_prob,
+                  attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+                  type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps,
+                  initializer_range=config.initializer_range, pad_token_id=config.pad_token_id,
+                  tie_word_embeddings=True)
+    offset = config.pad_token_id + 1 if config.pre_layernorm else 0
+    if config.pre_layernorm:
+        hf_config = transformers.RobertaPreLayerNormConfig(
+            max_position_embeddings=config.max_position_embeddings + offset, **common)
+        hf = transformers.RobertaPreLayerNormForMaskedLM(hf_config)
+    else:
+        hf_config = transformers.BertConfig(max_position_embeddings=config.max_position_embeddings, **common)
+        hf = transformers.BertForMaskedLM(hf_config)
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    V = config.vocab_size
+    sd["bert.embeddings.word_embeddings.weight"] = sd["bert.embeddings.word_embeddings.weight"][:V]
+    sd["mlm_head.bias"] = sd["mlm_head.bias"][:V]
+    pos = sd["bert.embeddings.position_embeddings.weight"]
+    # RoBERTa looks up position pad_token_id + 1 + i for token i; rows below are never used by real tokens.
+    sd["bert.embeddings.position_embeddings.weight"] = torch.cat([pos.new_zeros(offset, pos.shape[1]), pos])
+    new = {theirs: sd[ours] for ours, theirs in _name_map(config).items()}
+    for i in range(config.num_hidden_layers):
+        prefix = _layer_prefix(config, i) + "attention.self."
+        for kind in ("weight", "bias"):
+            q, k, v = sd[f"bert.layers.{i}.attention.qkv.{kind}"].chunk(3)
+            new.update({f"{prefix}query.{kind}": q, f"{prefix}key.{kind}": k, f"{prefix}value.{kind}": v})
+    head = "lm_head" if config.pre_layernorm else "cls.predictions"
+    new[f"{head}.decoder.weight"] = new[f"{_root(config)}.embeddings.word_embeddings.weight"]
+    new[f"{head}.decoder.bias"] = new[f"{head}.bias"]
+    missing, unexpected = hf.load_state_dict(new, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"export mapping is incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return hf.eval()
+
+
+def _root(config: BertConfig) -> str:
+    return "roberta_prelayernorm" if config.pre_layernorm else "bert"
+
+
+def export_to_transformers(model: BertForMaskedLM, tokenizer, out_dir) -> Path:
+    """Write a folder that ``transformers.AutoModelForMaskedLM`` and ``AutoTokenizer`` load.
+
+    Written atomically: ``out_dir`` appears complete or not at all.
+    Chapter: ``notebooks/03_model.ipynb``.
+    """
+    if tokenizer is None:
+        raise ValueError("export needs the tokenizer, so that AutoTokenizer.from_pretrained(out_dir) works; "
+                         "load it with bbert.data.load_tokenizer(data_dir / 'tokenizer')")
+    hf = to_transformers(model)
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp:
+        hf.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``bbert export SRC --out DIR``. Chapter: ``notebooks/04_pretraining.ipynb``."""
+    parser = argparse.ArgumentParser(
+        prog="bbert export", description="Export a bbert model (folder, checkpoint or run dir) to a "
+        "transformers folder: post-LN -> BertForMaskedLM, pre-LN -> RobertaPreLayerNormForMaskedLM.")
+    parser.add_argument("source", help="a bbert model folder, a checkpoint folder or a run dir")
+    parser.add_argument("--out", required=True, help="the folder to write (replaced atomically)")
+    args = parser.parse_args(argv)
+    try:
+        folder = find_model_folder(args.source)
+        model, tokenizer = load_pretrained(folder)
+        out = export_to_transformers(model, tokenizer, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"bbert export: {e}", file=sys.stderr)
+        return 2
+    arch = "RobertaPreLayerNormForMaskedLM" if model.config.pre_layernorm else "BertForMaskedLM"
+    print(f"exported {folder} -> {out} ({arch}); load it with "
+          f"transformers.AutoModelForMaskedLM.from_pretrained({str(out)!r})")
+    return 0
