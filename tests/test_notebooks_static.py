@@ -1,0 +1,254 @@
+"""Fast checks of the book's sources, without executing anything.
+
+The slow end-to-end check (build with -W, open every page in Chromium) is tests/test_book.py.
+"""
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
+
+# The bib keys every chapter may cite (the engineers' shared list); no more, no fewer.
+BIB_KEYS = {
+    "izsak2021", "devlin2019", "liu2019roberta", "geiping2023cramming", "portes2023mosaicbert",
+    "warner2024modernbert", "you2020lamb", "xiong2020prelayernorm", "dao2022flashattention",
+    "loshchilov2019adamw", "wang2019glue", "zhu2015bookcorpus", "micikevicius2018mixed",
+    "rajbhandari2020zero",
+}
+CHAPTER_NOTEBOOKS = ["01_budget", "02_data", "03_model", "04_pretraining", "05_finetuning"]
+MAX_DEFINITION_LINES = 15  # a notebook may define small glue/plot helpers, not the real code
+
+CITE_ROLE = re.compile(r"(?<!`)\{cite(?::[a-z]+)?\}`([^`]*)`")
+TERM_ROLE = re.compile(r"(?<!`)\{term\}`([^`]*)`")
+HEADING = re.compile(r"^(#{1,6})\s+\S", re.M)
+
+
+def toc_files(node=TOC) -> list[str]:
+    """Every `file:` (and the `root:`) in _toc.yml, in reading order."""
+    files = []
+    if isinstance(node, dict):
+        for key in ("root", "file"):
+            if key in node:
+                files.append(node[key])
+        for value in node.values():
+            if isinstance(value, (list, dict)):
+                files += toc_files(value)
+    elif isinstance(node, list):
+        for item in node:
+            files += toc_files(item)
+    return files
+
+
+def toc_notebooks() -> list[Path]:
+    return [ROOT / f"{f}.ipynb" for f in toc_files() if f.startswith("notebooks/")]
+
+
+def load_notebook(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def source(cell: dict) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
+
+
+def python_source(cell: dict) -> str:
+    """A code cell's source with IPython magics and shell escapes blanked out, for ast."""
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line
+                     for line in source(cell).splitlines())
+
+
+def bib_keys() -> set[str]:
+    text = (ROOT / "book" / "references.bib").read_text(encoding="utf-8")
+    return set(re.findall(r"^@\w+\{\s*([^,\s]+)\s*,", text, re.M))
+
+
+def glossary_terms() -> set[str]:
+    text = (ROOT / "book" / "glossary.md").read_text(encoding="utf-8")
+    body = re.search(r"```\{glossary\}\n(.*?)\n```", text, re.S)
+    assert body, "book/glossary.md has no ```{glossary} block"
+    return {line.strip() for line in body.group(1).splitlines()
+            if line.strip() and not line.startswith((" ", "\t"))}
+
+
+def markdown_sources() -> dict[str, str]:
+    """name -> text for every prose page and every notebook markdown cell."""
+    texts = {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8") for p in (ROOT / "book").glob("*.md")}
+    for nb_path in toc_notebooks():
+        if nb_path.exists():
+            cells = load_notebook(nb_path)["cells"]
+            texts[str(nb_path.relative_to(ROOT))] = "\n\n".join(
+                source(c) for c in cells if c["cell_type"] == "markdown")
+    return texts
+
+
+# ---- the table of contents and the configuration ---------------------------------------------
+
+def test_toc_lists_every_chapter_in_order():
+    files = toc_files()
+    expected = (["book/intro"] + [f"notebooks/{n}" for n in CHAPTER_NOTEBOOKS]
+                + ["book/going_further", "book/glossary", "book/bibliography"])
+    assert files == expected, f"_toc.yml chapters are {files}, expected {expected}"
+
+
+@pytest.mark.parametrize("name", toc_files())
+def test_toc_entry_exists(name):
+    candidates = [ROOT / f"{name}{ext}" for ext in (".md", ".ipynb")]
+    assert any(p.exists() for p in candidates), (
+        f"_toc.yml lists {name!r} but neither {name}.md nor {name}.ipynb exists; "
+        "create the chapter or remove it from _toc.yml")
+
+
+def test_config_excludes_everything_that_is_not_a_chapter():
+    patterns = set(CONFIG["exclude_patterns"])
+    # Without these two, -W trips on .pytest_cache/README.md after pytest has run in the root.
+    assert {"**/.*", ".pytest_cache"} <= patterns
+    assert {"_build", "_work", ".venv", "README.md", "CONTRIBUTING.md", "tests", "benchmarks",
+            "bbert", "data", "book/vendor_js"} <= patterns
+
+
+def test_config_executes_notebooks_offline_with_a_generous_timeout():
+    execute = CONFIG["execute"]
+    assert execute["execute_notebooks"] == "force"
+    assert execute["timeout"] >= 600
+    assert execute.get("allow_errors", False) is False
+    assert CONFIG["bibtex_bibfiles"] == ["book/references.bib"]
+
+
+def test_widget_and_math_javascript_is_served_locally():
+    sphinx = CONFIG["sphinx"]["config"]
+    static = [ROOT / p for p in sphinx["html_static_path"]]
+    assert all(p.is_dir() and p.name != "_static" for p in static)
+    widgets_js = sphinx["nb_ipywidgets_js"]
+    assert set(widgets_js) == {"require.js", "embed-amd.js"}, "widget JS must not come from a CDN"
+    assert widgets_js["embed-amd.js"].get("data-jupyter-widgets-cdn-only")
+    for rel in [*widgets_js, sphinx["mathjax_path"]]:
+        assert not rel.startswith(("http:", "https:", "//")), f"{rel} would be fetched from the network"
+        found = [p / rel for p in static if (p / rel).is_file()]
+        assert found and found[0].stat().st_size > 10_000, f"{rel} is missing from {static}"
+
+
+# ---- the bibliography and the glossary -----------------------------------------------------
+
+def test_references_bib_has_exactly_the_shared_keys():
+    assert bib_keys() == BIB_KEYS
+
+
+def test_every_cited_key_is_in_references_bib():
+    known = bib_keys()
+    missing = {}
+    for name, text in markdown_sources().items():
+        for group in CITE_ROLE.findall(text):
+            for key in (k.strip() for k in group.split(",")):
+                if key not in known:
+                    missing.setdefault(name, []).append(key)
+    assert not missing, f"cited keys missing from book/references.bib: {missing}"
+
+
+def test_intro_cites_the_paper_for_its_numbers():
+    intro = (ROOT / "book" / "intro.md").read_text(encoding="utf-8")
+    for number in ["84.4/83.8", "90.6", "70.7", "57.7", "93.0", "87.5", "57.1", "82.0"]:
+        line = next((l for l in intro.splitlines() if number in l), None)
+        assert line is not None, f"the intro does not give the paper's score {number}"
+        assert "{cite}`izsak2021`" in line, f"the line with {number} does not cite izsak2021"
+
+
+def test_every_term_reference_is_in_the_glossary():
+    terms = {t.lower() for t in glossary_terms()}
+    assert {"mlm", "nsp", "wordpiece", "pre-ln", "sparse mlm head", "gradient accumulation",
+            "warm-up", "mfu", "zero", "mixed precision", "unpadding", "glue", "packing",
+            "dynamic masking", "static masking", "duplication factor", "time budget"} <= terms
+    missing = {}
+    for name, text in markdown_sources().items():
+        for ref in TERM_ROLE.findall(text):
+            target = re.search(r"<([^>]+)>\s*$", ref)
+            term = (target.group(1) if target else ref).strip().lower()
+            if term not in terms:
+                missing.setdefault(name, []).append(term)
+    assert not missing, f"{{term}} references to terms not in book/glossary.md: {missing}"
+
+
+# ---- each chapter notebook -----------------------------------------------------------------
+
+notebook_params = pytest.mark.parametrize(
+    "path", toc_notebooks(), ids=[p.stem for p in toc_notebooks()])
+
+
+@notebook_params
+def test_notebook_is_committed_without_outputs(path):
+    if not path.exists():
+        pytest.fail(f"{path.relative_to(ROOT)} is listed in _toc.yml but does not exist")
+    dirty = [i for i, c in enumerate(load_notebook(path)["cells"]) if c["cell_type"] == "code"
+             and (c.get("outputs") or c.get("execution_count") is not None)]
+    assert not dirty, (f"{path.name}: code cells {dirty} have outputs; clear them before committing "
+                       "(jupyter nbconvert --clear-output --inplace)")
+
+
+@notebook_params
+def test_notebook_opens_with_a_title_and_one_parameters_cell(path):
+    if not path.exists():
+        pytest.fail(f"{path.relative_to(ROOT)} is listed in _toc.yml but does not exist")
+    nb = load_notebook(path)
+    cells = nb["cells"]
+    assert cells[0]["cell_type"] == "markdown" and re.match(r"# \S", source(cells[0])), (
+        f"{path.name}: the first cell must be a markdown cell starting with '# Title'")
+    code = [c for c in cells if c["cell_type"] == "code"]
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert code and "parameters" in code[0].get("metadata", {}).get("tags", []), (
+        f"{path.name}: the first code cell must be tagged 'parameters'")
+    assert len(tagged) == 1, f"{path.name}: {len(tagged)} cells are tagged 'parameters', expected 1"
+    params = source(code[0])
+    assert "resolve_scale" in params and "SCALE" in params, (
+        f"{path.name}: the parameters cell must set SCALE = resolve_scale()")
+    assert "BBERT_WORK_DIR" in params, f"{path.name}: the parameters cell must set WORK_DIR from BBERT_WORK_DIR"
+    kernel = nb.get("metadata", {}).get("kernelspec", {}).get("name")
+    assert kernel == "python3", f"{path.name}: kernelspec is {kernel!r}; use 'python3' so a fresh clone runs it"
+
+
+@notebook_params
+def test_notebook_headings_never_skip_a_level(path):
+    # MyST (and so `jupyter-book build -W`) fails on a second H1 or on H1 -> H3 jumps.
+    if not path.exists():
+        pytest.fail(f"{path.relative_to(ROOT)} is listed in _toc.yml but does not exist")
+    levels = []
+    for cell in load_notebook(path)["cells"]:
+        if cell["cell_type"] == "markdown":
+            text = re.sub(r"```.*?```", "", source(cell), flags=re.S)  # no '#' comments in code blocks
+            levels += [len(h) for h in HEADING.findall(text)]
+    assert levels and levels[0] == 1 and levels.count(1) == 1, (
+        f"{path.name}: needs exactly one '# Title', first; heading levels are {levels}")
+    jumps = [(a, b) for a, b in zip(levels, levels[1:]) if b > a + 1]
+    assert not jumps, f"{path.name}: heading levels jump {jumps}; go one level deeper at a time"
+
+
+@notebook_params
+def test_notebook_imports_bbert_and_defines_no_real_code(path):
+    if not path.exists():
+        pytest.fail(f"{path.relative_to(ROOT)} is listed in _toc.yml but does not exist")
+    imports_bbert = False
+    too_big = []
+    for i, cell in enumerate(load_notebook(path)["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        try:
+            tree = ast.parse(python_source(cell))
+        except SyntaxError as e:
+            pytest.fail(f"{path.name}: code cell {i} is not valid Python: {e}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "bbert" for a in node.names):
+                imports_bbert = True
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "bbert":
+                imports_bbert = True
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_DEFINITION_LINES:
+                    too_big.append(f"cell {i}: {node.name} ({length} lines)")
+    assert imports_bbert, f"{path.name} never imports bbert"
+    assert not too_big, (f"{path.name} defines real code ({', '.join(too_big)}); "
+                         f"move it into the bbert package and call it from the notebook")
