@@ -1,0 +1,136 @@
+"""TrainConfig: presets, YAML, overrides, validation errors, the generated DeepSpeed config."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bbert.train import TrainConfig, build_parser, config_from_args
+
+
+def test_24hbert_preset_is_the_papers_run():
+    c = TrainConfig.from_preset("24hbert")
+    assert (c.model, c.max_seq_length, c.time_budget_hours) == ("large", 128, 24.0)
+    assert c.model_overrides["pre_layernorm"] is True and c.model_overrides["sparse_mlm_head"] is True
+    assert (c.optimizer, c.lr, c.betas, c.eps, c.weight_decay) == ("adamw", 1e-3, (0.9, 0.98), 1e-6, 0.01)
+    assert (c.schedule, c.warmup_proportion, c.max_grad_norm) == ("time", 0.06, 0.0)
+    assert (c.batch_size, c.micro_batch_size, c.precision, c.engine) == (4096, 32, "fp16", "deepspeed")
+    assert c.early_stop.enabled and (c.early_stop.after_minutes, c.early_stop.max_val_loss) == (180.0, 6.0)
+    assert c.validation_every_minutes and c.masking.mlm_probability == 0.15
+    assert (c.masking.mask_ratio, c.masking.random_ratio) == (0.8, 0.1)
+    mc = c.model_config(vocab_size=30522)
+    assert (mc.num_hidden_layers, mc.hidden_size, mc.num_attention_heads) == (24, 1024, 16)
+    assert mc.pre_layernorm and mc.sparse_mlm_head
+
+
+def test_24hbert_deepspeed_config_matches_the_paper_on_8_gpus():
+    c = TrainConfig.from_preset("24hbert")
+    ds = c.deepspeed_config(world_size=8)
+    assert ds["train_batch_size"] == 4096 == 32 * 8 * 16
+    assert ds["train_micro_batch_size_per_gpu"] == 32
+    assert ds["gradient_accumulation_steps"] == 16 == c.gradient_accumulation_steps(8)
+    assert ds["gradient_clipping"] == 0.0  # no clipping
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    assert not ds["bf16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 0
+    assert "optimizer" not in ds and "scheduler" not in ds  # bbert owns both
+    # on one GPU the same batch takes 128 micro-batches
+    assert c.deepspeed_config(world_size=1)["gradient_accumulation_steps"] == 128
+
+
+def test_24hbert_optimizer_has_the_papers_adamw_settings():
+    from bbert.optim import build_optimizer
+    from bbert.model import BertForMaskedLM
+
+    c = TrainConfig.from_preset("24hbert", model="tiny", model_overrides={})
+    opt = build_optimizer(BertForMaskedLM(c.model_config(128)), c.optimizer, c.lr, c.betas, c.eps, c.weight_decay)
+    assert isinstance(opt, torch.optim.AdamW)
+    g = opt.param_groups[0]
+    assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (1e-3, (0.9, 0.98), 1e-6, 0.01)
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_tiny_cpu_preset_runs_on_this_cpu():
+    c = TrainConfig.from_preset("tiny-cpu")
+    c.validate(world_size=1, check_data=False)
+    assert c.engine == "torch" and c.precision in ("bf16", "fp32")
+    assert c.time_budget_seconds <= 180
+
+
+def test_yaml_round_trip(tmp_path):
+    c = TrainConfig.from_preset("tiny-cpu").with_overrides(["lr=5e-4", "model.hidden_size=96"])
+    path = c.to_yaml(tmp_path / "run.yaml")
+    assert not list(tmp_path.glob(".tmp-*"))  # written atomically
+    back = TrainConfig.from_yaml(path)
+    assert back == c and back.betas == (0.9, 0.98) and isinstance(back.betas, tuple)
+    assert back.model_overrides == {"hidden_size": 96} and back.lr == 5e-4
+
+
+def test_overrides_parse_values_and_nested_fields():
+    c = TrainConfig.from_preset("tiny-cpu").with_overrides(
+        ["lr=2e-3", "betas=[0.9, 0.999]", "early_stop.enabled=true", "early_stop.after_minutes=1",
+         "masking.mlm_probability=0.2", "max_steps=null", "model=mini", "checkpoint_fractions=[0.1]"])
+    assert c.lr == 2e-3 and c.betas == (0.9, 0.999)
+    assert c.early_stop.enabled and c.early_stop.after_minutes == 1.0
+    assert isinstance(c.early_stop.after_minutes, float)
+    assert c.masking.mlm_probability == 0.2 and c.max_steps is None and c.model == "mini"
+    assert c.checkpoint_fractions == [0.1]
+
+
+def test_unknown_fields_are_named_with_a_suggestion(tmp_path):
+    with pytest.raises(ValueError, match="Did you mean 'lr'"):
+        TrainConfig.from_preset("tiny-cpu").with_overrides(["lrr=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        TrainConfig.from_preset("tiny-cpu").with_overrides(["lr"])
+    (tmp_path / "bad.yaml").write_text("batch_sise: 8\n")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig.from_yaml(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="unknown training preset"):
+        TrainConfig.from_preset("bert-huge")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_size": 30, "micro_batch_size": 4}, r"not divisible by micro_batch_size x world_size"),
+    ({"warmup_proportion": 1.0}, r"warmup_proportion must be in \[0, 1\)"),
+    ({"warmup_proportion": -0.1}, r"warmup_proportion must be in \[0, 1\)"),
+    ({"time_budget_hours": 0}, r"time_budget_hours must be > 0"),
+    ({"schedule": "step", "max_steps": None}, r"set max_steps"),
+    ({"engine": "jax"}, r"engine='jax' is not one of"),
+    ({"zero_stage": 2}, r"zero_stage=2 needs engine='deepspeed'"),
+    ({"keep_last_checkpoints": 0}, r"keep_last_checkpoints must be >= 1"),
+    ({"checkpoint_fractions": [0.5, 1.0]}, r"checkpoint_fractions must lie in \(0, 1\)"),
+    ({"model": "gigantic"}, r"unknown preset 'gigantic'"),
+    ({"early_stop": {"enabled": True}, "validation_every_minutes": None}, r"early_stop needs validation"),
+])
+def test_validation_errors_say_what_to_change(overrides, message):
+    c = TrainConfig.from_preset("tiny-cpu", **overrides)
+    with pytest.raises(ValueError, match=message):
+        c.validate(world_size=1, check_data=False)
+
+
+def test_batch_must_divide_by_world_size():
+    c = TrainConfig.from_preset("tiny-cpu", batch_size=32, micro_batch_size=16)
+    c.validate(world_size=2, check_data=False)
+    with pytest.raises(ValueError, match="16 x 3 = 48"):
+        c.validate(world_size=3, check_data=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is fine on a GPU")
+def test_fp16_on_cpu_is_refused():
+    with pytest.raises(ValueError, match="fp16.*needs a CUDA GPU.*bf16"):
+        TrainConfig.from_preset("24hbert", engine="torch").validate(8, check_data=False)
+
+
+def test_missing_data_dir_names_the_fix(tmp_path):
+    c = TrainConfig.from_preset("tiny-cpu", data_dir=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"no manifest.json.*bbert prepare --out"):
+        c.validate(world_size=1)
+
+
+def test_cli_arguments_build_the_config(tmp_path):
+    args = build_parser().parse_args(["--preset", "tiny-cpu", "--data-dir", "d:ir/x", "--run-dir", "r",
+                                      "--set", "lr=3e-4", "--set", "model.num_hidden_layers=1", "--local_rank=0"])
+    c = config_from_args(args)
+    assert c.data_dir == "d:ir/x" and c.run_dir == "r" and c.lr == 3e-4
+    assert c.model_overrides == {"num_hidden_layers": 1} and args.resume == "auto"
+    assert build_parser().parse_args(["--resume"]).resume is True
+    assert build_parser().parse_args(["--no-resume"]).resume is False
