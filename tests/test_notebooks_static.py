@@ -252,3 +252,46 @@ def test_notebook_imports_bbert_and_defines_no_real_code(path):
     assert imports_bbert, f"{path.name} never imports bbert"
     assert not too_big, (f"{path.name} defines real code ({', '.join(too_big)}); "
                          f"move it into the bbert package and call it from the notebook")
+
+
+# ---- the prose names real options ------------------------------------------------------------
+
+def test_options_named_in_the_prose_exist():
+    """Every `BertConfig(...)`, `TrainConfig(...)` and `MaskingConfig(...)` keyword in book/*.md is a
+    real field, so the going-further and introduction chapters cannot drift from the code."""
+    import dataclasses
+
+    from bbert.data import MaskingConfig
+    from bbert.model import BertConfig
+    from bbert.train import TrainConfig
+
+    classes = {"BertConfig": BertConfig, "TrainConfig": TrainConfig, "MaskingConfig": MaskingConfig}
+    fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in classes.items()}
+    checked, wrong = 0, []
+    for page in sorted((ROOT / "book").glob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        snippets = re.findall(r"`([^`\n]*Config(?:\.from_preset)?\([^`\n]*)`", text)
+        snippets += re.findall(r"```python\n(.*?)```", text, re.S)
+        for snippet in snippets:
+            try:
+                tree = ast.parse(snippet.replace("...", "None"))
+            except SyntaxError:
+                wrong.append(f"{page.name}: cannot parse {snippet!r}")
+                continue
+            for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+                func = call.func
+                name = func.value.id if (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                                         and func.attr == "from_preset") else getattr(func, "id", None)
+                if name not in fields:
+                    continue
+                for kw in call.keywords:
+                    checked += 1
+                    if kw.arg not in fields[name]:
+                        wrong.append(f"{page.name}: {name} has no field {kw.arg!r}")
+                    if kw.arg == "model_overrides" and isinstance(kw.value, ast.Dict):
+                        for key in kw.value.keys:
+                            checked += 1
+                            if key.value not in fields["BertConfig"]:
+                                wrong.append(f"{page.name}: BertConfig has no field {key.value!r}")
+    assert checked >= 10, f"only {checked} option names found in book/*.md; is the pattern still right?"
+    assert not wrong, "\n".join(wrong)
