@@ -173,6 +173,12 @@ def reports(html_dir, chromium) -> dict:
     return out
 
 
+def report_for(reports: dict, chapter: str) -> dict:
+    if chapter not in reports:
+        pytest.fail(f"{chapter}: no HTML page was built for it")
+    return reports[chapter]
+
+
 def test_every_chapter_page_is_built(html_dir):
     missing = [c for c in CHAPTERS if not page_path(html_dir, c).exists()]
     assert not missing, f"no HTML page for {missing} in {html_dir}"
@@ -181,7 +187,7 @@ def test_every_chapter_page_is_built(html_dir):
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_page_shows_its_figures(reports, chapter):
-    report = reports[chapter]
+    report = report_for(reports, chapter)
     assert report["title"].strip(), f"{chapter}: the page has no title"
     broken = [im["src"] for im in report["images"] if not (im["width"] > 0 and im["height"] > 0)]
     assert not broken, f"{chapter}: images that did not load: {broken}"
@@ -195,7 +201,7 @@ def test_page_shows_its_figures(reports, chapter):
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_page_has_no_error_output(reports, chapter):
-    report = reports[chapter]
+    report = report_for(reports, chapter)
     assert not report["tracebacks"], f"{chapter}: error output: {report['tracebacks'][:2]}"
     # Progress bars and warnings write to stderr, which is fine; a traceback or an exception is not.
     bad = [text for text in report["stderr"]
@@ -209,7 +215,7 @@ def test_page_has_no_error_output(reports, chapter):
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_sidebar_lists_every_chapter(reports, html_dir, chapter):
     # A page links itself as "#", which resolved against the probe copy names the probe.
-    hrefs = [h.replace(".bbert-check.html", ".html") for h in reports[chapter]["toc"]]
+    hrefs = [h.replace(".bbert-check.html", ".html") for h in report_for(reports, chapter)["toc"]]
     listed = {Path(unquote(re.sub(r"[#?].*$", "", h.removeprefix("file://")))).resolve() for h in hrefs}
     expected = {page_path(html_dir, c).resolve() for c in CHAPTERS}
     # The root page is reached through the book title, and may also be in the list.
