@@ -1,0 +1,129 @@
+"""The PyTorch side: a distributed-aware, deterministic, resumable dataset over the shards.
+
+Sample order: epoch ``e`` shuffles all samples with a seed-derived permutation; rank ``r`` of
+``W`` takes positions ``r, r + W, r + 2W, ...`` of it, and every rank stops after the same
+number of full micro-batches (the uneven tail of the epoch is dropped, the same on all ranks).
+``start_sample`` counts the global samples already consumed, so resuming needs no re-reading.
+Chapter: notebooks/02_data.ipynb.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from bbert.data.masking import IGNORE_INDEX, MaskingConfig, Masker
+from bbert.data.shards import DataDirError, load_manifest, shard_array
+
+_SHUFFLE_STREAM = 1  # domain tag of the epoch permutation's random numbers
+
+
+class PretrainingDataset(torch.utils.data.IterableDataset):
+    """Masked-LM samples from a data dir: dicts of int64 tensors ``input_ids``,
+    ``attention_mask`` and ``labels`` (each ``[max_seq_length]``, labels -100 where not predicted).
+
+    Dynamic masking (the default) masks at load time as a pure function of
+    (seed, epoch, sample index); a data dir prepared with static masking serves its stored
+    masked copies instead. ``micro_batch_size`` only sets how the epoch's tail is dropped.
+    Chapter: notebooks/02_data.ipynb.
+    """
+
+    def __init__(self, data_dir, split: str = "train", rank: int = 0, world_size: int = 1,
+                 seed: int = 0, start_sample: int = 0, masking: MaskingConfig | None = None,
+                 micro_batch_size: int = 1, infinite: bool = True, shuffle: bool | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if start_sample < 0 or start_sample % (world_size * micro_batch_size):
+            raise ValueError(f"start_sample={start_sample} must be a non-negative multiple of "
+                             f"world_size * micro_batch_size = {world_size * micro_batch_size} "
+                             "(it counts global samples already consumed)")
+        self.data_dir = Path(data_dir)
+        self.manifest = load_manifest(data_dir)
+        if split not in self.manifest["splits"]:
+            raise DataDirError(f"{data_dir} has no split {split!r}; it has {list(self.manifest['splits'])}")
+        self.split, self.rank, self.world_size, self.seed = split, rank, world_size, seed
+        self.start_sample, self.micro_batch_size, self.infinite = start_sample, micro_batch_size, infinite
+        self.shuffle = (split == "train") if shuffle is None else shuffle
+        self.static = self.manifest["masking"] == "static"
+        shards = self.manifest["splits"][split]["shards"]
+        self.num_samples = sum(s["num_samples"] for s in shards)
+        global_batch = world_size * micro_batch_size
+        self.batches_per_epoch = self.num_samples // global_batch
+        if self.batches_per_epoch == 0:
+            raise DataDirError(f"split {split!r} of {data_dir} has {self.num_samples} samples, fewer than "
+                               f"one global batch ({world_size} ranks x {micro_batch_size}); prepare "
+                               "more text, raise --val-fraction, or use a smaller micro-batch")
+        self.samples_per_epoch = self.batches_per_epoch * global_batch  # global, all ranks together
+        self._shards = shards
+        self._offsets = np.cumsum([0] + [s["num_samples"] for s in shards])
+        self._arrays: dict[int, np.memmap] = {}
+        self._labels: dict[int, np.memmap] = {}
+        self.masker = None
+        if not self.static:
+            from bbert.data.tokenizer import load_tokenizer
+
+            self.masker = Masker.from_tokenizer(load_tokenizer(self.data_dir / "tokenizer"),
+                                                masking or MaskingConfig())
+        self.pad_id = self.manifest["special_ids"]["pad"]
+
+    def __len__(self) -> int:
+        """Samples this rank yields per epoch."""
+        return self.samples_per_epoch // self.world_size
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The global sample order of ``epoch`` (identity when not shuffling)."""
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        return np.random.default_rng([_SHUFFLE_STREAM, self.seed, epoch]).permutation(self.num_samples)
+
+    def sample(self, index: int, epoch: int = 0) -> dict[str, torch.Tensor]:
+        """Global sample ``index`` as the model sees it in ``epoch``."""
+        shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        row = index - self._offsets[shard]
+        if shard not in self._arrays:
+            self._arrays[shard] = shard_array(self.data_dir, self.manifest, self._shards[shard])
+            if self.static:
+                self._labels[shard] = shard_array(self.data_dir, self.manifest, self._shards[shard],
+                                                  "labels_file")
+        ids = np.asarray(self._arrays[shard][row])
+        if self.static:
+            input_ids = ids.astype(np.int64)
+            labels = self._labels[shard][row].astype(np.int64)
+            labels[labels == self.pad_id] = IGNORE_INDEX
+        else:
+            input_ids, labels = self.masker(ids, self.seed, epoch, index)
+        return {"input_ids": torch.from_numpy(input_ids),
+                "attention_mask": torch.from_numpy((ids != self.pad_id).astype(np.int64)),
+                "labels": torch.from_numpy(labels)}
+
+    def indices(self) -> Iterator[tuple[int, int]]:
+        """``(epoch, global sample index)`` pairs this rank yields, from ``start_sample`` on."""
+        epoch, offset = divmod(self.start_sample, self.samples_per_epoch)
+        while True:
+            order = self.permutation(epoch)
+            for position in range(offset + self.rank, self.samples_per_epoch, self.world_size):
+                yield epoch, int(order[position])
+            if not self.infinite:
+                return
+            epoch, offset = epoch + 1, 0
+
+    def __iter__(self):
+        for epoch, index in self.indices():
+            yield self.sample(index, epoch)
+
+
+def build_pretraining_loader(data_dir, split: str, micro_batch_size: int, rank: int = 0,
+                             world_size: int = 1, seed: int = 0, start_sample: int = 0,
+                             masking: MaskingConfig | None = None, infinite: bool = True,
+                             shuffle: bool | None = None) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` of micro-batches (``[B, L]`` int64 tensors) over :class:`PretrainingDataset`.
+
+    Every rank gets the same number of batches per epoch; with ``infinite=False`` it stops
+    after one epoch (the rest of the epoch when resuming). Chapter: notebooks/02_data.ipynb.
+    """
+    dataset = PretrainingDataset(data_dir, split, rank, world_size, seed, start_sample, masking,
+                                 micro_batch_size, infinite, shuffle)
+    # One process: masking costs microseconds a sample, far below a training step.
+    return torch.utils.data.DataLoader(dataset, batch_size=micro_batch_size, num_workers=0)

@@ -1,0 +1,287 @@
+"""Corpus readers, cleaning and the document-level train/validation split.
+
+Every reader yields documents as plain strings; a document is the unit that the
+train/validation split keeps whole. Chapter: notebooks/02_data.ipynb.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from bbert.utils import require_hub
+
+FORMATS = ("auto", "text", "jsonl", "books", "wikiextractor", "hf")
+TEXT_UNITS = ("paragraph", "line", "file")
+TEXT_SUFFIXES = (".txt", ".text", ".jsonl", ".json", ".txt.gz", ".jsonl.gz")
+_WIKI_FILE = re.compile(r"^wiki_\d+(\.gz)?$")
+_DOC_TAG = re.compile(r"<doc\b[^>]*>(.*?)</doc>", re.S)
+
+
+class CorpusError(ValueError):
+    """Raised for input that can't be turned into documents (empty, no text files, bad JSON)."""
+
+
+@dataclass
+class ReadStats:
+    """Counts of what happened to the input, reported in the manifest. Chapter: notebooks/02_data.ipynb."""
+
+    files: int = 0
+    documents_read: int = 0
+    documents_kept: int = 0
+    empty: int = 0
+    too_short: int = 0
+    long_documents_split: int = 0
+    invalid_utf8: int = 0
+    characters: int = 0
+    by_split: dict = field(default_factory=lambda: {"train": 0, "val": 0})
+
+
+def sample_corpus_path() -> Path:
+    """The embedded sample corpus (gzip'd JSONL with text/source/title), installed with the package.
+
+    Chapter: notebooks/02_data.ipynb.
+    """
+    path = Path(str(resources.files("bbert.data") / "corpus" / "sample.jsonl.gz"))
+    if not path.exists():
+        raise FileNotFoundError(f"the embedded corpus is missing at {path}; reinstall bbert "
+                                "(`pip install -e .`) or rebuild it with tools/build_corpus.py")
+    return path
+
+
+def read_sample_corpus(source: str | None = None) -> list[dict]:
+    """The embedded corpus as a list of ``{"text", "source", "title"}`` dicts.
+
+    ``source`` keeps one source only (``kjv``, ``python_docs`` or ``wordnet``).
+    Chapter: notebooks/02_data.ipynb.
+    """
+    with gzip.open(sample_corpus_path(), "rt", encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f]
+    return [d for d in docs if source is None or d["source"] == source]
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _decode(raw: bytes, stats: ReadStats) -> str:
+    # Invalid bytes become U+FFFD rather than dropping the document; the count is reported.
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.invalid_utf8 += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def read_text_file(path: Path, unit: str = "paragraph", stats: ReadStats | None = None) -> Iterator[str]:
+    """Documents from a plain-text file: one per blank-line-separated block, per line, or per file.
+
+    Chapter: notebooks/02_data.ipynb.
+    """
+    if unit not in TEXT_UNITS:
+        raise CorpusError(f"text unit must be one of {TEXT_UNITS}, got {unit!r}")
+    stats = stats or ReadStats()
+    with _open_binary(path) as f:
+        if unit == "file":
+            yield _decode(f.read(), stats)
+            return
+        block: list[str] = []
+        for raw in f:
+            line = _decode(raw, stats)
+            if unit == "line":
+                yield line
+            elif line.strip():
+                block.append(line)
+            elif block:
+                yield "".join(block)
+                block = []
+        if block:
+            yield "".join(block)
+
+
+def read_jsonl(path: Path, text_field: str = "text", stats: ReadStats | None = None) -> Iterator[str]:
+    """Documents from a JSONL file (optionally gzip'd): the ``text_field`` of each line.
+
+    Chapter: notebooks/02_data.ipynb.
+    """
+    stats = stats or ReadStats()
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(_decode(raw, stats))
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path}:{lineno} is not valid JSON ({e.msg}); "
+                                  "JSONL needs one JSON object per line") from None
+            if not isinstance(record, dict) or text_field not in record:
+                keys = list(record) if isinstance(record, dict) else type(record).__name__
+                raise CorpusError(f"{path}:{lineno} has no field {text_field!r} (found {keys}); "
+                                  "pass --text-field NAME")
+            yield str(record[text_field] or "")
+
+
+def read_wikiextractor(path: Path, stats: ReadStats | None = None) -> Iterator[str]:
+    """Documents from one WikiExtractor output file: the body of each ``<doc ...>...</doc>`` block.
+
+    The first line of a block is the article title, which is dropped. Chapter: notebooks/02_data.ipynb.
+    """
+    stats = stats or ReadStats()
+    with _open_binary(path) as f:
+        text = _decode(f.read(), stats)
+    for match in _DOC_TAG.finditer(text):
+        body = match.group(1).strip()
+        yield body.split("\n", 1)[1] if "\n" in body else ""
+
+
+def read_hf_dataset(name: str, config: str | None = None, split: str = "train",
+                    text_field: str = "text") -> Iterator[str]:
+    """Documents from a Hugging Face dataset on the hub, streamed (e.g. ``wikimedia/wikipedia``).
+
+    Fails at once when offline, naming the local readers instead. Chapter: notebooks/02_data.ipynb.
+    """
+    require_hub(f"the dataset {name!r}",
+                "download it once elsewhere and pass local files: JSONL (--format jsonl), "
+                "plain text, a folder of .txt books (--format books) or WikiExtractor output")
+    import datasets
+
+    for record in datasets.load_dataset(name, config, split=split, streaming=True):
+        yield str(record[text_field] or "")
+
+
+def _detect_format(path: Path) -> str:
+    name = path.name
+    if name.endswith((".jsonl", ".json", ".jsonl.gz")):
+        return "jsonl"
+    if _WIKI_FILE.match(name):
+        return "wikiextractor"
+    with _open_binary(path) as f:
+        head = f.read(64).lstrip()
+    return "wikiextractor" if head.startswith(b"<doc") else "text"
+
+
+def _files_in(folder: Path, fmt: str) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and (p.name.endswith(TEXT_SUFFIXES) or _WIKI_FILE.match(p.name)))
+    if fmt == "books":
+        files = [p for p in files if p.name.endswith((".txt", ".txt.gz"))]
+    if not files:
+        raise CorpusError(f"folder {folder} holds no text files (looked for *.txt, *.jsonl, *.jsonl.gz "
+                          "and WikiExtractor wiki_NN files); point at the files themselves or "
+                          "give the right folder")
+    return files
+
+
+def read_documents(inputs: Iterable[str | Path], fmt: str = "auto", text_field: str = "text",
+                   text_unit: str = "paragraph", hf_split: str = "train",
+                   stats: ReadStats | None = None) -> Iterator[str]:
+    """Raw documents from files, folders or ``hf:NAME[:CONFIG]`` hub datasets.
+
+    ``fmt`` is ``auto`` (by file name and content), ``text``, ``jsonl``, ``books`` (one
+    document per .txt file), ``wikiextractor`` or ``hf``. Chapter: notebooks/02_data.ipynb.
+    """
+    if fmt not in FORMATS:
+        raise CorpusError(f"format must be one of {FORMATS}, got {fmt!r}")
+    stats = stats if stats is not None else ReadStats()
+    inputs = list(inputs)
+    if not inputs:
+        raise CorpusError("no input given; pass files, folders or hf:NAME, or use sample_corpus_path()")
+    for item in inputs:
+        item_str = str(item)
+        if fmt == "hf" or item_str.startswith("hf:"):
+            name, _, config = item_str.removeprefix("hf:").partition(":")
+            yield from read_hf_dataset(name, config or None, hf_split, text_field)
+            continue
+        path = Path(item)
+        if not path.exists():
+            raise CorpusError(f"input {path} does not exist")
+        for file in _files_in(path, fmt) if path.is_dir() else [path]:
+            stats.files += 1
+            kind = _detect_format(file) if fmt == "auto" else fmt
+            if kind == "jsonl":
+                yield from read_jsonl(file, text_field, stats)
+            elif kind == "wikiextractor":
+                yield from read_wikiextractor(file, stats)
+            elif kind == "books":
+                yield from read_text_file(file, "file", stats)
+            else:
+                yield from read_text_file(file, text_unit, stats)
+
+
+def clean_text(text: str) -> str:
+    """Normalise whitespace: every run of spaces, tabs and newlines becomes one space.
+
+    BERT's pre-tokenizer splits on any whitespace, so nothing the model sees is lost.
+    Chapter: notebooks/02_data.ipynb.
+    """
+    return " ".join(text.split())
+
+
+def split_long_document(text: str, max_chars: int) -> list[str]:
+    """Cut a document longer than ``max_chars`` at whitespace, so one huge line can't exhaust memory.
+
+    Chapter: notebooks/02_data.ipynb.
+    """
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(start + max_chars, len(text))
+        if end < len(text):
+            cut = text.rfind(" ", start + max_chars // 2, end)
+            end = cut + 1 if cut > 0 else end
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def is_validation(text: str, val_fraction: float, seed: int = 0) -> bool:
+    """Deterministic document-level split: a keyed hash of the text decides, so a document
+    (and any exact duplicate of it) lands in exactly one split. Chapter: notebooks/02_data.ipynb.
+    """
+    if val_fraction <= 0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
+                             key=seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2**64
+
+
+def iter_clean_documents(raw_docs: Iterable[str], *, min_chars: int = 20, max_chars: int = 1_000_000,
+                         val_fraction: float = 0.01, seed: int = 0, max_documents: int | None = None,
+                         max_bytes: int | None = None,
+                         stats: ReadStats | None = None) -> Iterator[tuple[str, str]]:
+    """Yield ``(split, cleaned_text)``: drops empty and too-short documents, splits huge ones,
+    and assigns each document to ``train`` or ``val``. ``max_documents``/``max_bytes`` take a
+    slice of the input. Chapter: notebooks/02_data.ipynb.
+    """
+    stats = stats if stats is not None else ReadStats()
+    for raw in raw_docs:
+        if max_documents is not None and stats.documents_kept >= max_documents:
+            return
+        if max_bytes is not None and stats.characters >= max_bytes:
+            return
+        stats.documents_read += 1
+        if not raw or raw.isspace():
+            stats.empty += 1
+            continue
+        split = "val" if is_validation(raw, val_fraction, seed) else "train"
+        pieces = split_long_document(raw, max_chars)
+        stats.long_documents_split += len(pieces) > 1
+        kept = False
+        for piece in pieces:
+            text = clean_text(piece)
+            if len(text) < min_chars:
+                continue
+            kept = True
+            stats.characters += len(text)
+            stats.by_split[split] += 1
+            yield split, text
+        if kept:
+            stats.documents_kept += 1
+        else:
+            stats.too_short += 1

@@ -1,0 +1,449 @@
+"""Tests of bbert.data: corpus, readers, tokenizer, packing, shards, masking, loader, prepare CLI."""
+from __future__ import annotations
+
+import gzip
+import importlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bbert.data import (CorpusError, DataDirError, IGNORE_INDEX, Masker, MaskingConfig, Packer,
+                        PrepareConfig, PretrainingDataset, ReadStats, TokenizerError,
+                        build_pretraining_loader, check_tokenizer, choose_dtype, clean_text,
+                        is_validation, load_manifest, load_tokenizer, prepare, read_documents,
+                        read_sample_corpus, sample_corpus_path, train_tokenizer, verify_shards)
+from bbert.data.readers import iter_clean_documents
+from bbert.utils import HubUnavailableError
+
+SMALL = dict(max_documents=300, vocab_size=2048, val_fraction=0.05, progress=False)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "small"
+    prepare(PrepareConfig(out=str(out), **SMALL))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data_dir):
+    return load_tokenizer(data_dir / "tokenizer")
+
+
+def tree_state(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- embedded corpus
+def test_embedded_corpus_is_small_real_prose_with_sources_and_licence():
+    path = sample_corpus_path()
+    assert path.exists() and path.stat().st_size < 10 * 2**20
+    docs = read_sample_corpus()
+    assert {d["source"] for d in docs} == {"kjv", "python_docs", "wordnet"}
+    assert sum(len(d["text"]) for d in docs) > 10_000_000
+    assert all(d["text"].strip() and d["title"] for d in docs)
+    assert "In the beginning God created the heaven and the earth." in docs[0]["text"]
+    assert len(read_sample_corpus("wordnet")) < len(docs)
+    licence = (path.parent / "SOURCE.md").read_text()
+    assert "Public domain" in licence and "PSF" in licence and "WordNet 3.0" in licence
+
+
+# ---------------------------------------------------------------- readers
+def test_text_reader_paragraphs_lines_and_books(tmp_path):
+    (tmp_path / "a.txt").write_text("First para\nstill first.\n\n\nSecond para.\n")
+    assert list(read_documents([tmp_path / "a.txt"])) == ["First para\nstill first.\n", "Second para.\n"]
+    assert len(list(read_documents([tmp_path / "a.txt"], text_unit="line"))) == 5
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "b1.txt").write_text("Book one.\n\nMore of book one.")
+    (books / "b2.txt").write_text("Book two.")
+    (books / "notes.md").write_text("not a book")
+    assert list(read_documents([books], fmt="books")) == ["Book one.\n\nMore of book one.", "Book two."]
+
+
+def test_jsonl_reader_gzip_and_text_field(tmp_path):
+    path = tmp_path / "c.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps({"body": "hello there"}) + "\n\n" + json.dumps({"body": "again"}) + "\n")
+    assert list(read_documents([path], text_field="body")) == ["hello there", "again"]
+    with pytest.raises(CorpusError, match="no field 'text'.*--text-field"):
+        list(read_documents([path]))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(CorpusError, match="bad.jsonl:2 is not valid JSON"):
+        list(read_documents([bad]))
+
+
+def test_wikiextractor_reader(tmp_path):
+    folder = tmp_path / "AA"
+    folder.mkdir()
+    (folder / "wiki_00").write_text(
+        '<doc id="1" url="u" title="Anarchism">\nAnarchism\n\nAnarchism is a political philosophy.\n</doc>\n'
+        '<doc id="2" url="u" title="Autism">\nAutism\n\nAutism is a condition.\n</doc>\n')
+    docs = [clean_text(d) for d in read_documents([tmp_path])]
+    assert docs == ["Anarchism is a political philosophy.", "Autism is a condition."]
+
+
+def test_folder_without_text_files_is_a_clear_error(tmp_path):
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    with pytest.raises(CorpusError, match="holds no text files"):
+        list(read_documents([tmp_path]))
+    with pytest.raises(CorpusError, match="does not exist"):
+        list(read_documents([tmp_path / "missing.txt"]))
+
+
+def test_hub_dataset_fails_fast_offline_naming_the_local_alternative(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(HubUnavailableError, match="Offline alternative: .*JSONL"):
+        list(read_documents(["hf:wikimedia/wikipedia:20231101.en"]))
+    with pytest.raises(HubUnavailableError, match="train one on your corpus"):
+        load_tokenizer("bert-large-uncased")
+    assert time.perf_counter() - started < 5
+
+
+def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9 au lait is served here\n\nplain ascii paragraph\n".encode("latin-1"))
+    stats = ReadStats()
+    docs = list(read_documents([path], stats=stats))
+    assert stats.invalid_utf8 == 1
+    assert docs[0].startswith("caf\ufffd au lait") and docs[1] == "plain ascii paragraph\n"
+
+
+# ---------------------------------------------------------------- cleaning and split
+def test_cleaning_drops_empty_and_short_and_normalises_whitespace():
+    stats = ReadStats()
+    raw = ["  Hello \t world,\n\n  this is   long enough. ", "", "   \n", "tiny", "x" * 30]
+    out = list(iter_clean_documents(raw, min_chars=20, val_fraction=0, stats=stats))
+    assert out == [("train", "Hello world, this is long enough."), ("train", "x" * 30)]
+    assert (stats.empty, stats.too_short, stats.documents_kept) == (2, 1, 2)
+
+
+def test_split_is_deterministic_document_level_and_close_to_fraction():
+    texts = [d["text"] for d in read_sample_corpus()]
+    val = [is_validation(t, 0.1, seed=3) for t in texts]
+    assert val == [is_validation(t, 0.1, seed=3) for t in texts]
+    assert 0.07 < np.mean(val) < 0.13
+    assert val != [is_validation(t, 0.1, seed=4) for t in texts]
+    # Every piece of a document cut for length stays in that document's split.
+    long_doc = " ".join(["word"] * 5000)
+    splits = {s for s, _ in iter_clean_documents([long_doc], max_chars=1000, val_fraction=0.5, seed=1)}
+    assert len(splits) == 1
+
+
+def test_a_single_50mb_line_is_cut_not_fatal(tmp_path):
+    path = tmp_path / "huge.txt"
+    with open(path, "w") as f:
+        f.write("start " + "x" * (50 * 2**20) + " end\n")
+    stats = ReadStats()
+    pieces = list(iter_clean_documents(read_documents([path], stats=stats), max_chars=1_000_000,
+                                       val_fraction=0, stats=stats))
+    assert stats.long_documents_split == 1 and stats.documents_kept == 1
+    assert len(pieces) == 53 and max(len(t) for _, t in pieces) <= 1_000_000
+    assert sum(len(t) for _, t in pieces) == 50 * 2**20 + len("start  end")  # nothing lost
+
+
+# ---------------------------------------------------------------- tokenizer
+def test_trained_tokenizer_round_trips_through_autotokenizer(tmp_path, tokenizer, data_dir):
+    from transformers import AutoTokenizer
+
+    texts = [d["text"] for d in read_sample_corpus("kjv")[:200]]
+    tok = train_tokenizer(texts, vocab_size=1500)
+    trained = len(tok)
+    assert 1000 < trained <= 1500
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert len(loaded) == trained
+    enc = loaded("And God said, Let there be light.")["input_ids"]
+    assert enc[0] == loaded.cls_token_id and enc[-1] == loaded.sep_token_id
+    # The data dir's tokenizer too: real text gives almost no [UNK].
+    unseen = read_sample_corpus("kjv")[1000:1030]  # chapters the data dir's tokenizer never saw
+    ids = tokenizer(" ".join(d["text"] for d in unseen))["input_ids"]
+    assert len(tokenizer) == load_manifest(data_dir)["vocab_size"]
+    assert np.mean(np.array(ids) == tokenizer.unk_token_id) < 0.01
+
+
+def test_five_token_vocabulary_mistake_is_caught(tmp_path, tokenizer):
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))) + "\n")
+    broken = BertTokenizerFast(vocab_file=str(vocab))
+    with pytest.raises(TokenizerError, match="only .* tokens"):
+        check_tokenizer(broken)
+
+
+# ---------------------------------------------------------------- packing and shards
+def test_packer_round_trips_the_stream_and_pads_only_the_last_sample():
+    packer = Packer(8, cls_id=2, sep_id=3, pad_id=0, dtype=np.uint16)
+    docs = [[10, 11, 12], [13] * 7, [14, 15]]
+    full = np.concatenate([packer.add(docs[:2]), packer.add(docs[2:]), packer.finish()])
+    assert full.shape == (3, 8) and (full[:, 0] == 2).all() and (full[:, -1] == 3).all()
+    stream = full[:, 1:-1].ravel()
+    expected = [t for d in docs for t in d + [3]]
+    assert stream[:len(expected)].tolist() == expected and (stream[len(expected):] == 0).all()
+    assert packer.real_tokens == 2 * 8 + 5  # the last sample: [CLS] 14 15 [SEP] [SEP]
+
+
+def test_manifest_shards_dtype_and_packing_efficiency(data_dir, tokenizer):
+    m = load_manifest(data_dir)
+    assert m["dtype"] == "uint16" and m["max_seq_length"] == 128 and m["masking"] == "dynamic"
+    assert m["special_ids"]["cls"] == tokenizer.cls_token_id and m["vocab_size"] == len(tokenizer)
+    assert m["packing_efficiency"] >= 0.98
+    assert m["bytes_per_token"] <= 2.1
+    assert m["stats"]["documents_kept"] == 300 and m["args"]["max_documents"] == 300
+    for split in ("train", "val"):
+        assert m["splits"][split]["num_samples"] > 0
+    shard = m["splits"]["train"]["shards"][0]
+    arr = np.fromfile(data_dir / shard["file"], dtype=np.uint16).reshape(-1, 128)
+    assert len(arr) == shard["num_samples"] == m["splits"]["train"]["num_samples"]
+    assert (arr[:, 0] == tokenizer.cls_token_id).all() and arr.max() < len(tokenizer)
+    assert (arr[:-1] != tokenizer.pad_token_id).all()  # padding only in the last sample
+    assert verify_shards(data_dir, m) == []
+    # The stored tokens are the tokenizer's: decode the first sample back to corpus text.
+    first = tokenizer.decode(arr[0, 1:20].tolist())
+    assert first.startswith("in the beginning god created the heaven and the earth")
+
+
+def test_vocabulary_too_big_for_dtype(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from bbert.data.tokenizer import wrap_tokenizer
+
+    with pytest.raises(ValueError, match="does not fit in uint16"):
+        choose_dtype(70_000, "uint16")
+    assert choose_dtype(70_000) == np.uint32 and choose_dtype(65_536) == np.uint16
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(70_000)]
+    backend = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wrap_tokenizer(backend).save_pretrained(tmp_path / "bigtok")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(" ".join(f"w{(i * 7919 + j) % 70000}" for j in range(50))
+                                  for i in range(40)))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="70,005 tokens does not fit in uint16"):
+        prepare(PrepareConfig([str(corpus)], str(out), tokenizer=str(tmp_path / "bigtok"),
+                              dtype="uint16", progress=False, val_fraction=0))
+    assert not out.exists()
+    m = prepare(PrepareConfig([str(corpus)], str(out), tokenizer=str(tmp_path / "bigtok"),
+                              progress=False, val_fraction=0))
+    arr = np.fromfile(out / "train-00000.bin", dtype=np.uint32)
+    assert m["dtype"] == "uint32" and arr.max() >= 65_536
+
+
+# ---------------------------------------------------------------- prepare: re-runs and bad input
+def test_rerun_skips_and_repairs_and_interruption_leaves_no_fake_shard(tmp_path, monkeypatch, data_dir):
+    out = tmp_path / "d"
+    cfg = PrepareConfig(out=str(out), samples_per_shard=400, tokenizer=str(data_dir / "tokenizer"),
+                        **{**SMALL, "max_documents": 120})
+    m1 = prepare(cfg)
+    assert len(m1["splits"]["train"]["shards"]) >= 2
+    before = tree_state(out)
+    assert prepare(cfg) == m1 and tree_state(out) == before  # verified, nothing rewritten
+
+    shards = [s["file"] for s in m1["splits"]["train"]["shards"]]
+    (out / shards[1]).write_bytes(b"corrupt")
+    (out / shards[0]).unlink()
+    assert sorted(verify_shards(out, m1)) == sorted(shards[:2])
+    m2 = prepare(cfg)
+    assert m2["splits"] == m1["splits"] and verify_shards(out, m2) == []
+    assert m2["shards_skipped"] == len(shards) + 1 - 2  # all but the two repaired (val included)
+
+    # Kill the run while it writes the second shard: no partial shard under its final name.
+    prep = importlib.import_module("bbert.data.prepare")  # the module, not the function
+
+    real_write = prep.write_shard
+    calls = []
+
+    def dying_write(path, array):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(path, array)
+
+    monkeypatch.setattr(prep, "write_shard", dying_write)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        prepare(PrepareConfig(**{**cfg.__dict__, "out": str(fresh)}))
+    assert sorted(p.name for p in fresh.glob("*.bin")) == ["train-00000.bin"]
+    with pytest.raises(DataDirError, match="unfinished"):
+        load_manifest(fresh)
+    monkeypatch.setattr(prep, "write_shard", real_write)
+    m3 = prepare(PrepareConfig(**{**cfg.__dict__, "out": str(fresh)}))
+    assert m3["splits"] == m1["splits"] and m3["shards_skipped"] == 1
+
+
+def test_other_tokenizer_or_arguments_in_existing_dir_is_refused_untouched(tmp_path, data_dir):
+    out = tmp_path / "d"
+    cfg = PrepareConfig(out=str(out), **{**SMALL, "max_documents": 60})
+    prepare(cfg)
+    before = tree_state(out)
+    with pytest.raises(DataDirError, match="another tokenizer .differing: tokenizer"):
+        prepare(PrepareConfig(**{**cfg.__dict__, "tokenizer": str(data_dir / "tokenizer")}))
+    # Same arguments, but the tokenizer folder's content changed since.
+    tok_dir = tmp_path / "tok"
+    cfg_tok = PrepareConfig(**{**cfg.__dict__, "out": str(tmp_path / "d2"), "tokenizer": str(tok_dir)})
+    load_tokenizer(data_dir / "tokenizer").save_pretrained(tok_dir)
+    prepare(cfg_tok)
+    load_tokenizer(out / "tokenizer").save_pretrained(tok_dir)
+    with pytest.raises(DataDirError, match="another tokenizer .fingerprint"):
+        prepare(cfg_tok)
+    with pytest.raises(DataDirError, match="differing: max_seq_length"):
+        prepare(PrepareConfig(**{**cfg.__dict__, "max_seq_length": 64}))
+    assert tree_state(out) == before
+    m = prepare(PrepareConfig(**{**cfg.__dict__, "max_seq_length": 64, "overwrite": True}))
+    assert m["max_seq_length"] == 64 and load_manifest(out)["max_seq_length"] == 64
+
+
+def test_empty_input_is_a_clear_error_and_writes_nothing(tmp_path, data_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    for i, tok in enumerate((None, str(data_dir / "tokenizer"))):
+        out = tmp_path / f"out-{i}"
+        with pytest.raises(CorpusError, match="no usable documents in .*empty.txt: 0 read"):
+            prepare(PrepareConfig([str(empty)], str(out), tokenizer=tok, progress=False))
+        assert not out.exists()
+
+
+def test_cli_prepare_and_bad_input_exit_codes(tmp_path, capsys):
+    from bbert.cli import main
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": d["text"]}) for d in read_sample_corpus("wordnet")[:40]))
+    out = tmp_path / "cli"
+    assert main(["prepare", str(corpus), "--out", str(out), "--vocab-size", "1000", "--quiet",
+                 "--val-fraction", "0.1"]) == 0
+    assert "packing efficiency" in capsys.readouterr().out
+    assert load_manifest(out)["vocab_size"] <= 1000
+    assert main(["prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- masking
+def _mask_many(tokenizer, samples, config, n=600):
+    masker = Masker.from_tokenizer(tokenizer, config)
+    special = np.isin(samples[:n], tokenizer.all_special_ids)
+    out = [masker(s, seed=0, epoch=0, index=i) for i, s in enumerate(samples[:n])]
+    return np.stack([o[0] for o in out]), np.stack([o[1] for o in out]), special
+
+
+def test_dynamic_masking_statistics(data_dir, tokenizer):
+    samples = np.fromfile(data_dir / "train-00000.bin", dtype=np.uint16).reshape(-1, 128).astype(np.int64)
+    inputs, labels, special = _mask_many(tokenizer, samples, MaskingConfig())
+    original = samples[:len(inputs)]
+    predicted = labels != IGNORE_INDEX
+    assert not (predicted & special).any() and (inputs[special] == original[special]).all()
+    assert abs(predicted.sum() / (~special).sum() - 0.15) < 0.005
+    assert (labels[predicted] == original[predicted]).all()
+    assert (inputs[~predicted] == original[~predicted]).all()  # nothing else is touched
+    as_mask = (inputs[predicted] == tokenizer.mask_token_id).mean()
+    kept = (inputs[predicted] == original[predicted]).mean()
+    replaced = 1 - as_mask - kept
+    assert abs(as_mask - 0.8) < 0.02 and abs(kept - 0.1) < 0.02 and abs(replaced - 0.1) < 0.02
+    assert not np.isin(inputs[predicted & (inputs != original) & (inputs != tokenizer.mask_token_id)],
+                       tokenizer.all_special_ids).any()
+
+
+def test_whole_word_masking_masks_whole_words(data_dir, tokenizer):
+    samples = np.fromfile(data_dir / "train-00000.bin", dtype=np.uint16).reshape(-1, 128).astype(np.int64)
+    inputs, labels, special = _mask_many(tokenizer, samples, MaskingConfig(whole_word_masking=True), n=300)
+    predicted = labels != IGNORE_INDEX
+    continuation = np.vectorize(lambda t: t.startswith("##"))(
+        np.array(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))))[samples[:300]]
+    assert continuation.any()
+    # A ## piece is predicted exactly when the token before it is (same word).
+    pairs = continuation[:, 1:] & ~special[:, :-1]
+    assert (predicted[:, 1:][pairs] == predicted[:, :-1][pairs]).all()
+    assert abs(predicted.sum() / (~special).sum() - 0.15) < 0.01
+
+
+def test_static_masking_materialises_duplicates(tmp_path, data_dir):
+    out = tmp_path / "static"
+    small = {**SMALL, "max_documents": 40, "tokenizer": str(data_dir / "tokenizer")}
+    m = prepare(PrepareConfig(out=str(out), masking="static", duplication_factor=3, **small))
+    dyn = prepare(PrepareConfig(out=str(tmp_path / "dyn"), **small))
+    n = dyn["splits"]["train"]["num_samples"]
+    assert m["splits"]["train"]["num_samples"] == 3 * n and m["static_masking"]["duplication_factor"] == 3
+    ds = PretrainingDataset(out, "train", shuffle=False, infinite=False)
+    plain = np.fromfile(tmp_path / "dyn" / "train-00000.bin", dtype=np.uint16).reshape(-1, 128)
+    items = [ds.sample(i) for i in (0, n, 2 * n)]  # the three copies of sample 0
+    for item in items:
+        predicted = item["labels"] != IGNORE_INDEX
+        assert 0.1 < predicted.float().mean() < 0.2
+        assert (item["labels"][predicted].numpy() == plain[0][predicted.numpy()]).all()
+    assert not torch.equal(items[0]["labels"], items[1]["labels"])  # copies differ
+    assert m["bytes_per_token"] > 2 * 3 * 2  # ids + labels, three times
+
+
+# ---------------------------------------------------------------- loader
+def _batches(data_dir, **kw):
+    return [{k: v.clone() for k, v in b.items()} for b in build_pretraining_loader(data_dir, "train", **kw)]
+
+
+def test_loader_shapes_and_determinism(data_dir):
+    a = _batches(data_dir, micro_batch_size=8, infinite=False, seed=5)
+    b = _batches(data_dir, micro_batch_size=8, infinite=False, seed=5)
+    c = _batches(data_dir, micro_batch_size=8, infinite=False, seed=6)
+    assert a[0]["input_ids"].shape == (8, 128) and a[0]["input_ids"].dtype == torch.int64
+    assert set(a[0]) == {"input_ids", "attention_mask", "labels"}
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x) and len(a) == len(b)
+    assert not torch.equal(a[0]["input_ids"], c[0]["input_ids"])
+    n = load_manifest(data_dir)["splits"]["train"]["num_samples"]
+    assert len(a) == n // 8
+    # Masks differ between epochs of the same sample, and are a pure function of (seed, epoch, index).
+    ds = PretrainingDataset(data_dir, "train", seed=5)
+    assert torch.equal(ds.sample(7, epoch=1)["labels"], ds.sample(7, epoch=1)["labels"])
+    assert not torch.equal(ds.sample(7, epoch=0)["labels"], ds.sample(7, epoch=1)["labels"])
+
+
+def test_ranks_are_disjoint_with_equal_batch_counts(data_dir):
+    world, batch = 3, 5
+    per_rank = []
+    for rank in range(world):
+        ds = PretrainingDataset(data_dir, "train", rank, world, seed=1, micro_batch_size=batch, infinite=False)
+        per_rank.append([i for _, i in ds.indices()])
+        loader = build_pretraining_loader(data_dir, "train", batch, rank, world, seed=1, infinite=False)
+        assert sum(1 for _ in loader) == ds.batches_per_epoch
+    n = load_manifest(data_dir)["splits"]["train"]["num_samples"]
+    assert {len(r) for r in per_rank} == {n // (world * batch) * batch}
+    seen = [i for r in per_rank for i in r]
+    assert len(seen) == len(set(seen))  # disjoint
+    # The same global batches whatever the rank layout: 1 rank x 15 == 3 ranks x 5.
+    one = [i for _, i in PretrainingDataset(data_dir, "train", seed=1, micro_batch_size=15,
+                                            infinite=False).indices()]
+    assert sorted(one[:15]) == sorted(r[k] for r in per_rank for k in range(5))
+    # Validation is served in order and can be read once.
+    val = build_pretraining_loader(data_dir, "val", 4, infinite=False)
+    assert sum(len(b["input_ids"]) for b in val) == load_manifest(data_dir)["splits"]["val"]["num_samples"] // 4 * 4
+
+
+def test_resume_from_sample_offset_matches_uninterrupted_run(data_dir):
+    world, batch = 2, 4
+    ds = PretrainingDataset(data_dir, "train", 0, world, micro_batch_size=batch)
+    spe = ds.samples_per_epoch
+    start = spe - 3 * world * batch  # three global batches before the end of epoch 0
+    for rank in range(world):
+        full = build_pretraining_loader(data_dir, "train", batch, rank, world, seed=2)
+        it = iter(full)
+        reference = [next(it) for _ in range(spe // (world * batch) + 3)]
+        resumed = build_pretraining_loader(data_dir, "train", batch, rank, world, seed=2, start_sample=start)
+        it = iter(resumed)
+        for expected in reference[start // (world * batch):]:  # crosses into epoch 1
+            got = next(it)
+            assert all(torch.equal(got[k], expected[k]) for k in got)
+    with pytest.raises(ValueError, match="multiple of"):
+        PretrainingDataset(data_dir, "train", 0, world, start_sample=3, micro_batch_size=batch)
+
+
+def test_dataset_errors_on_missing_or_tiny_data(tmp_path, data_dir):
+    with pytest.raises(DataDirError, match="bbert prepare --out"):
+        PretrainingDataset(tmp_path)
+    with pytest.raises(DataDirError, match="fewer than one global batch"):
+        PretrainingDataset(data_dir, "val", micro_batch_size=10**6)
