@@ -1,0 +1,176 @@
+"""The training loop in one process: schedule, budget stop, checkpoints, NaN and early stop, signals."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+import bbert.train as train_module
+from bbert.model import BertForMaskedLM
+from bbert.optim import TimeBasedSchedule
+from bbert.train import TrainConfig, latest_checkpoint, list_checkpoints, main, pretrain, read_metrics
+
+from helpers_train import PYTHON, REPO, make_data_dir, records, subprocess_env, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_data_dir(tmp_path_factory.mktemp("train") / "data")
+
+
+def test_time_schedule_for_a_budget_of_minutes_and_stop_at_the_budget(data_dir, tmp_path):
+    # 3-minute budget, each step counts 18 s: 10 steps; warm-up 20% = 36 s = 2 steps
+    config = tiny_config(data_dir, tmp_path / "run", warmup_proportion=0.2, debug={"step_time_seconds": 18.0})
+    run_dir = pretrain(config)
+    train = records(run_dir, "train")
+    schedule = TimeBasedSchedule(1e-3, 0.05, 0.2)
+    assert [r["step"] for r in train] == list(range(1, 11))
+    assert [r["elapsed_seconds"] for r in train] == [18.0 * k for k in range(1, 11)]
+    # the lr of step k is the schedule at the clock when the step starts: 18 (k - 1) seconds
+    for r in train:
+        assert r["lr"] == pytest.approx(schedule.lr_at(r["elapsed_seconds"] - 18.0), abs=1e-12)
+        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["seq_per_s"] > 0
+    lrs = [r["lr"] for r in train]
+    assert lrs[:3] == pytest.approx([0.0, 0.5e-3, 1e-3])  # linear warm-up over 36 s
+    # then a straight line to zero at 180 s, as the paper's schedule for 24 h
+    for r in train[2:]:
+        t = r["elapsed_seconds"] - 18.0
+        assert r["lr"] == pytest.approx(1e-3 * (180.0 - t) / (180.0 - 36.0), rel=1e-9)
+    assert train[-1]["budget_fraction"] == pytest.approx(1.0)
+    assert train[-1]["loss"] < train[0]["loss"]
+    end = records(run_dir, "end")
+    assert end == [{"type": "end", "reason": "budget", "step": 10, "elapsed_seconds": 180.0}]
+    # checkpoints: each minute (72 s, 126 s, 180 s), the 0.5 marker (90 s); keep the last 2 periodic
+    names = [r["name"] for r in records(run_dir, "checkpoint")]
+    assert names == ["step-0000004", "marker-0.5", "step-0000007", "step-0000010"]
+    assert sorted(p.name for _, p in list_checkpoints(run_dir)) == ["marker-0.5", "step-0000007", "step-0000010"]
+    assert [r["step"] for r in records(run_dir, "val")] == [4, 7, 10]
+    final = BertForMaskedLM.from_pretrained(run_dir / "final" / "model")
+    last = BertForMaskedLM.from_pretrained(run_dir / "checkpoints" / "step-0000010" / "model")
+    for a, b in zip(final.state_dict().values(), last.state_dict().values()):
+        assert torch.equal(a, b)
+    assert (run_dir / "final" / "model" / "tokenizer.json").is_file()
+    assert TrainConfig.from_yaml(run_dir / "config.yaml") == config
+    # running it again finds the run complete and changes nothing
+    before = (run_dir / "metrics.jsonl").read_text()
+    pretrain(config)
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_real_clock_stops_at_the_budget(data_dir, tmp_path):
+    config = tiny_config(data_dir, tmp_path / "run", time_budget_hours=6 / 3600, debug={},
+                         validation_every_minutes=None, checkpoint_every_minutes=None, checkpoint_fractions=[])
+    start = time.monotonic()
+    run_dir = pretrain(config)
+    wall = time.monotonic() - start
+    train, end = records(run_dir, "train"), records(run_dir, "end")[0]
+    steps = [train[0]["elapsed_seconds"]] + [b["elapsed_seconds"] - a["elapsed_seconds"]
+                                             for a, b in zip(train, train[1:])]
+    assert end["reason"] == "budget" and end["step"] == len(train) >= 2
+    # it stops at the first step that ends past the budget, not one step later
+    assert 6.0 <= end["elapsed_seconds"] <= 6.0 + max(steps)
+    assert train[-2]["elapsed_seconds"] < 6.0
+    assert wall >= 6.0
+    assert train[-1]["lr"] < 1e-3 * 0.2  # near the end of the linear decay
+    assert (run_dir / "final" / "model" / "model.safetensors").is_file()
+
+
+def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    config = tiny_config(data_dir, tmp_path / "run", checkpoint_fractions=[],
+                         debug={"step_time_seconds": 30.0, "nan_at_step": 4})
+    config.to_yaml(tmp_path / "run.yaml")
+    assert main(["--config", str(tmp_path / "run.yaml")]) == 1  # exit code 1 on NaN
+    run_dir = tmp_path / "run"
+    assert records(run_dir, "end") == [{"type": "end", "reason": "nan", "step": 3, "elapsed_seconds": 90.0}]
+    assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3]
+    assert latest_checkpoint(run_dir).name == "step-0000002"
+    assert not (run_dir / "final").exists()
+    good = BertForMaskedLM.from_pretrained(latest_checkpoint(run_dir) / "model")
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+
+
+def test_early_stop_after_t_minutes_when_validation_loss_is_too_high(data_dir, tmp_path):
+    # validation every 24 s; the threshold (loss 1.0, never reached) only counts after 1 minute
+    config = tiny_config(data_dir, tmp_path / "run", validation_every_minutes=0.4, checkpoint_fractions=[],
+                         early_stop={"enabled": True, "after_minutes": 1.0, "max_val_loss": 1.0},
+                         debug={"step_time_seconds": 12.0})
+    run_dir = pretrain(config)
+    assert [r["step"] for r in records(run_dir, "val")] == [2, 4, 6]
+    end = records(run_dir, "end")[0]
+    assert (end["reason"], end["step"]) == ("early_stop", 6)
+    assert (run_dir / "final" / "model").is_dir()
+
+
+def test_a_failed_save_leaves_the_last_good_checkpoint_and_resume_goes_on(data_dir, tmp_path, monkeypatch):
+    config = tiny_config(data_dir, tmp_path / "run", checkpoint_fractions=[], validation_every_minutes=None,
+                         debug={"step_time_seconds": 30.0})
+    real = train_module.atomic_write_json
+    calls = {"n": 0}
+
+    def dies_on_second_checkpoint(path, obj):
+        if path.name == "budget.json":
+            calls["n"] += 1
+            if calls["n"] == 2:  # inside the second checkpoint's atomic folder, after the weights
+                assert any(p.name.startswith(".tmp-step-0000004") for p in path.parents)
+                raise OSError("disk full (simulated)")
+        return real(path, obj)
+
+    monkeypatch.setattr(train_module, "atomic_write_json", dies_on_second_checkpoint)
+    with pytest.raises(OSError, match="simulated"):
+        pretrain(config)
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002"]  # no half-written step-4
+    # a SIGKILL leaves its temporary folder behind: resume must not take it for a checkpoint
+    (ckpts / ".tmp-step-0000004-x" / "step-0000004").mkdir(parents=True)
+    assert latest_checkpoint(run_dir).name == "step-0000002"
+    BertForMaskedLM.from_pretrained(ckpts / "step-0000002" / "model")
+
+    monkeypatch.setattr(train_module, "atomic_write_json", real)
+    pretrain(config)  # same config: resumes from step 2 by itself
+    history = read_metrics(run_dir)
+    starts = [r for r in history if r["type"] == "start"]
+    assert [(s["step"], s["resumed"]) for s in starts] == [(0, False), (2, True)]
+    assert [r["step"] for r in history if r["type"] == "train"] == list(range(1, 7))
+    assert records(run_dir, "end")[0]["reason"] == "budget"
+
+
+def test_resume_refuses_a_changed_config_unless_asked(data_dir, tmp_path):
+    config = tiny_config(data_dir, tmp_path / "run", max_steps=3, checkpoint_fractions=[],
+                         validation_every_minutes=None, debug={"step_time_seconds": 12.0})
+    pretrain(config)
+    changed = config.with_overrides(["lr=5e-4", "max_steps=5"])
+    with pytest.raises(ValueError, match=r"different config \(changed: lr, max_steps\).*--resume"):
+        pretrain(changed)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        pretrain(config, resume=False)
+    pretrain(changed, resume=True)
+    train = records(tmp_path / "run", "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
+    assert records(tmp_path / "run", "end")[-1]["reason"] == "max_steps"
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(data_dir, tmp_path):
+    config = tiny_config(data_dir, tmp_path / "run", time_budget_hours=1.0, checkpoint_every_minutes=None,
+                         validation_every_minutes=None, checkpoint_fractions=[],
+                         debug={"step_time_seconds": 1.0, "sleep_seconds_per_step": 0.2})
+    config.to_yaml(tmp_path / "run.yaml")
+    proc = subprocess.Popen([PYTHON, "-m", "bbert.train", "--config", str(tmp_path / "run.yaml")], cwd=REPO,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.is_file() and '"train"' in metrics.read_text()):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "[bbert]" in out and "% of budget" in out  # progress lines when stdout is not a TTY
+    end = records(tmp_path / "run", "end")[0]
+    assert end["reason"] == "interrupted"
+    assert latest_checkpoint(tmp_path / "run").name == f"step-{end['step']:07d}"
+    assert json.loads((latest_checkpoint(tmp_path / "run") / "budget.json").read_text())["step"] == end["step"]
