@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -269,9 +270,20 @@ def prepare(config: PrepareConfig) -> dict:
     started = time.perf_counter()
     bar = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not config.progress)
 
-    def flush(texts: list[str], splits: list[str]):
+    def batches():
+        texts, splits, chars = [], [], 0
+        for split, text in docs:
+            texts.append(text)
+            splits.append(split)
+            chars += len(text)
+            if chars >= config.encode_batch_chars:
+                yield texts, splits
+                texts, splits, chars = [], [], 0
+        if texts:
+            yield texts, splits
+
+    def pack(encodings, splits):
         nonlocal corpus_tokens
-        encodings = backend.encode_batch(texts, add_special_tokens=False)
         for split in SPLITS:
             token_lists = [e.ids for e, s in zip(encodings, splits) if s == split]
             writers[split].add(packers[split].add(token_lists))
@@ -280,16 +292,19 @@ def prepare(config: PrepareConfig) -> dict:
             bar.update(n)
         bar.set_postfix(docs=stats.documents_kept, refresh=False)
 
-    texts, splits, chars = [], [], 0
-    for split, text in docs:
-        texts.append(text)
-        splits.append(split)
-        chars += len(text)
-        if chars >= config.encode_batch_chars:
-            flush(texts, splits)
-            texts, splits, chars = [], [], 0
-    if texts:
-        flush(texts, splits)
+    # encode_batch runs in Rust on all cores without the GIL; meanwhile this thread reads the
+    # next batch and packs the previous one, so the Python work hides behind the tokenizer.
+    # encode_batch_fast skips the character offsets, which packing never needs.
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        previous = None
+        for texts, splits in batches():
+            future = pool.submit(encode, texts, add_special_tokens=False)
+            if previous is not None:
+                pack(previous[0].result(), previous[1])
+            previous = (future, splits)
+        if previous is not None:
+            pack(previous[0].result(), previous[1])
     for split in SPLITS:
         writers[split].add(packers[split].finish(), final=True)
     bar.close()
