@@ -322,7 +322,10 @@ def _read_records(path: Path) -> list[dict]:
     if suffix not in (".tsv", ".csv", ".txt"):
         raise ValueError(f"{path}: unknown file type {suffix!r}; use .tsv, .csv or .jsonl")
     with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f, delimiter="," if suffix == ".csv" else "\t"))
+        if suffix == ".csv":
+            return list(csv.DictReader(f))
+        # TSV as GLUE writes it: no quoting, so a sentence may start with a quote mark
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
 def load_custom_task(train_file: str | os.PathLike, dev_file: str | os.PathLike,
@@ -376,6 +379,52 @@ def load_task(task: str, glue_dir: str | os.PathLike | None = None, hub: bool = 
         raise ValueError("say where GLUE comes from: glue_dir=<glue_data folder> (offline) "
                          "or hub=True (needs the Hugging Face hub)")
     return load_glue_dir(task, glue_dir)
+
+
+def make_corpus_source_task(out_dir: str | os.PathLike, train_per_source: int = 200,
+                            eval_per_source: int = 60, seed: int = 0, min_words: int = 6,
+                            max_words: int = 40) -> TaskData:
+    """A learnable offline task from the shipped corpus: which source is a sentence from?
+
+    Three classes (``kjv``, ``python_docs``, ``wordnet``), balanced, so chance is 1/3. Train,
+    dev and test sentences come from *different documents*, so a model can't score by
+    remembering a document. Writes ``train.tsv``/``dev.tsv``/``test.tsv`` (columns ``index``,
+    ``sentence``, ``source``; the test file has no labels) into ``out_dir`` and loads them as a
+    custom task. Deterministic for a given seed, so re-running rewrites the same files.
+    Chapter: notebooks/05_finetuning.ipynb
+    """
+    import random
+    import re
+
+    from bbert.data.readers import read_sample_corpus
+
+    rng = random.Random(seed)
+    by_source: dict[str, list[str]] = {}
+    for doc in read_sample_corpus():
+        by_source.setdefault(doc["source"], []).append(doc["text"])
+    sizes = {"train": train_per_source, "dev": eval_per_source, "test": eval_per_source}
+    rows: dict[str, list[tuple[str, str]]] = {split: [] for split in sizes}
+    for source in sorted(by_source):
+        docs = by_source[source][:]
+        rng.shuffle(docs)
+        cut1, cut2 = int(0.7 * len(docs)), int(0.85 * len(docs))
+        for split, part in (("train", docs[:cut1]), ("dev", docs[cut1:cut2]), ("test", docs[cut2:])):
+            sentences = [s.strip() for d in part for s in re.split(r"(?<=[.!?;])\s+|\n+", d)
+                         if min_words <= len(s.split()) <= max_words]
+            if len(sentences) < sizes[split]:
+                raise ValueError(f"only {len(sentences)} {split} sentences from {source}; "
+                                 f"ask for fewer than {sizes[split]} per source")
+            rows[split] += [(s, source) for s in rng.sample(sentences, sizes[split])]
+    out_dir = Path(out_dir)
+    for split, items in rows.items():
+        rng.shuffle(items)
+        header = "index\tsentence" + ("" if split == "test" else "\tsource")
+        lines = [header] + [f"{i}\t{' '.join(s.split())}" + ("" if split == "test" else f"\t{src}")
+                            for i, (s, src) in enumerate(items)]
+        atomic_write_text(out_dir / f"{split}.tsv", "\n".join(lines) + "\n")
+    return load_custom_task(out_dir / "train.tsv", out_dir / "dev.tsv", ["sentence"], "source",
+                            test_file=out_dir / "test.tsv", name="corpus-source",
+                            labels=sorted(by_source), index_column="index")
 
 
 # ---- metrics --------------------------------------------------------------------------
@@ -473,6 +522,30 @@ def _encode(examples: list[dict], tokenizer, max_seq_length: int, with_types: bo
     return [{k: enc[k][i] for k in keys if k in enc} for i in range(len(examples))]
 
 
+def _max_length(model, config: FinetuneConfig) -> int:
+    # never longer than the position table the model was pretrained with
+    return min(config.max_seq_length, model.bert.config.max_position_embeddings)
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator,
+                           mega_batches: int = 50) -> list[list[int]]:
+    """Shuffle, sort by length within chunks of ``mega_batches`` batches, then shuffle the batches.
+
+    Batches hold similar lengths (little padding) but come in random order: feeding them
+    shortest-to-longest would also feed them sorted by whatever length correlates with (often
+    the label). Chapter: notebooks/05_finetuning.ipynb
+    """
+    import torch
+
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    chunk = batch_size * mega_batches
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: lengths[i])
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def _uses_token_types(model) -> bool:
     # The recipe pretrains one segment; a model without a second type embedding gets none.
     return int(getattr(model.bert.config, "type_vocab_size", 0) or 0) >= 2
@@ -488,7 +561,7 @@ def predict(model, tokenizer, examples: list[dict], config: FinetuneConfig | Non
 
     config = config or FinetuneConfig()
     device = next(model.parameters()).device
-    features = _encode(examples, tokenizer, config.max_seq_length, _uses_token_types(model))
+    features = _encode(examples, tokenizer, _max_length(model, config), _uses_token_types(model))
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     out: list = [None] * len(features)
@@ -507,7 +580,7 @@ def predict(model, tokenizer, examples: list[dict], config: FinetuneConfig | Non
 def _forward(model, batch: dict):
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 token_type_ids=batch.get("token_type_ids"), labels=batch.get("labels"))
-    return out[0], out[1]
+    return out.loss, out.logits
 
 
 def _want_bf16(config: FinetuneConfig, device) -> bool:
@@ -570,10 +643,8 @@ def finetune(model_path: str | os.PathLike, data: TaskData, config: FinetuneConf
     Chapter: notebooks/05_finetuning.ipynb
     """
     import torch
-    from torch.utils.data import DataLoader, RandomSampler
     from tqdm.auto import tqdm
     from transformers import DataCollatorWithPadding
-    from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from bbert.optim import StepBasedSchedule, build_optimizer, set_lr
 
@@ -590,19 +661,21 @@ def finetune(model_path: str | os.PathLike, data: TaskData, config: FinetuneConf
     train = data.splits["train"]
     if config.max_train_examples:
         train = train[:config.max_train_examples]
-    features = _encode(train, tokenizer, config.max_seq_length, _uses_token_types(model))
+    features = _encode(train, tokenizer, _max_length(model, config), _uses_token_types(model))
     for f, e in zip(features, train):
         f["labels"] = e["label"]
     generator = torch.Generator().manual_seed(config.seed)
-    if config.length_grouping:
-        # shuffle, then sort within mega-batches of 50 batches: similar lengths, less padding
-        sampler = LengthGroupedSampler(config.batch_size, lengths=[len(f["input_ids"]) for f in features],
-                                       generator=generator)
-    else:
-        sampler = RandomSampler(features, generator=generator)
-    loader = DataLoader(features, batch_size=config.batch_size, sampler=sampler,
-                        collate_fn=DataCollatorWithPadding(tokenizer, return_tensors="pt"))
-    total_steps = max(1, config.num_epochs * len(loader))
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+    def epoch_batches():
+        if config.length_grouping:
+            return length_grouped_batches([len(f["input_ids"]) for f in features],
+                                          config.batch_size, generator)
+        order = torch.randperm(len(features), generator=generator).tolist()
+        return [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+
+    steps_per_epoch = math.ceil(len(features) / config.batch_size)
+    total_steps = max(1, config.num_epochs * steps_per_epoch)
     schedule = StepBasedSchedule(config.learning_rate, total_steps, config.warmup_proportion)
     optimizer = build_optimizer(model, "adamw", config.learning_rate, betas=config.betas,
                                 eps=config.eps, weight_decay=config.weight_decay)
@@ -615,8 +688,8 @@ def finetune(model_path: str | os.PathLike, data: TaskData, config: FinetuneConf
     for epoch in range(1, config.num_epochs + 1):
         model.train()
         losses = []
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for ids in epoch_batches():
+            batch = {k: v.to(device) for k, v in collate([features[i] for i in ids]).items()}
             if spec.is_regression:
                 batch["labels"] = batch["labels"].float()
             set_lr(optimizer, schedule.lr_at(step))
