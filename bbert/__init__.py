@@ -1,3 +1,47 @@
-"""bbert: budget BERT pretraining, the 24hBERT recipe as a course book and a package."""
+"""bbert: budget BERT pretraining, the 24hBERT recipe as a course book and a package.
+
+The public API, loaded lazily so that ``import bbert`` stays quick:
+
+    bbert.prepare / PrepareConfig      raw text -> data dir            (notebooks/02_data.ipynb)
+    bbert.BertConfig / BertForMaskedLM the model                        (notebooks/03_model.ipynb)
+    bbert.TrainConfig / pretrain       the time-budgeted run            (notebooks/04_pretraining.ipynb)
+    bbert.launch                       start a run from a notebook cell (notebooks/04_pretraining.ipynb)
+    bbert.plan_budget                  what a budget buys               (notebooks/01_budget.ipynb)
+    bbert.finetune / grid_search       GLUE                             (notebooks/05_finetuning.ipynb)
+"""
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "PrepareConfig": "bbert.data", "prepare": "bbert.data", "load_manifest": "bbert.data",
+    "load_tokenizer": "bbert.data", "sample_corpus_path": "bbert.data",
+    "MaskingConfig": "bbert.data", "build_pretraining_loader": "bbert.data",
+    "BertConfig": "bbert.model", "BertModel": "bbert.model", "BertForMaskedLM": "bbert.model",
+    "BertForSequenceClassification": "bbert.model",
+    "load_pretrained": "bbert.hf", "export_to_transformers": "bbert.hf",
+    "build_optimizer": "bbert.optim", "TimeBasedSchedule": "bbert.optim",
+    "TrainConfig": "bbert.train", "pretrain": "bbert.train",
+    "launch": "bbert.launch", "build_launch_command": "bbert.launch",
+    "plan_budget": "bbert.budget", "BudgetPlan": "bbert.budget",
+    "FinetuneConfig": "bbert.glue", "GridConfig": "bbert.glue", "finetune": "bbert.glue",
+    "grid_search": "bbert.glue", "load_task": "bbert.glue",
+    "resolve_scale": "bbert.utils", "set_seed": "bbert.utils",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bbert' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    # Importing bbert.launch binds the submodule as bbert.launch; the function wins.
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
