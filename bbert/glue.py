@@ -453,10 +453,12 @@ def compute_metrics(metrics: Sequence[str], predictions, references) -> dict[str
         elif m == "f1":
             binary = set(np.unique(refs)) | set(np.unique(preds)) <= {0, 1}
             out[m] = float(f1_score(refs, preds, average="binary" if binary else "macro"))
-        elif m == "pearson":
-            out[m] = float(pearsonr(preds, refs)[0])
-        elif m == "spearman":
-            out[m] = float(spearmanr(preds, refs)[0])
+        elif m in ("pearson", "spearman"):
+            # constant predictions have no correlation: 0, as scikit-learn's Matthews gives
+            if np.ptp(preds) == 0 or np.ptp(refs) == 0:
+                out[m] = 0.0
+            else:
+                out[m] = float((pearsonr if m == "pearson" else spearmanr)(preds, refs)[0])
         else:
             raise ValueError(f"unknown metric {m!r}")
     return out

@@ -134,6 +134,10 @@ def test_metrics_match_hand_computed_values():
     assert m == pytest.approx({"pearson": 9 / math.sqrt(84), "spearman": 1.0})
     # one swapped pair of 4: rho = 1 - 6*2 / (4*15) = 0.8
     assert glue.compute_metrics(["spearman"], [1, 3, 2, 4], [1, 2, 3, 4])["spearman"] == pytest.approx(0.8)
+    # a constant prediction correlates with nothing (0, not NaN, so medians stay defined)
+    assert glue.compute_metrics(["pearson", "spearman"], [2.0, 2.0, 2.0], [1.0, 2.0, 4.0]) == {
+        "pearson": 0.0, "spearman": 0.0}
+    assert glue.compute_metrics(["matthews_corr"], [1, 1, 1, 1], [1, 0, 1, 0])["matthews_corr"] == 0.0
     with pytest.raises(ValueError, match="same length"):
         glue.compute_metrics(["accuracy"], [1, 0], [1])
 
@@ -260,50 +264,26 @@ def test_cli_rejects_missing_source(capsys):
 
 # ---- end to end: a tiny pretrained checkpoint, finetuned on a learnable offline task ----
 
-def _pretrain_tiny_checkpoint(folder: Path, seconds: float = 20.0) -> Path:
-    """A tiny BERT pretrained with a few MLM steps on the shipped corpus (bbert.model + bbert.data)."""
-    import numpy as np
-    import time
+def _pretrain_tiny_checkpoint(work: Path, seconds: float = 30.0) -> Path:
+    """A tiny BERT pretrained for ``seconds`` on the shipped corpus with bbert.data + bbert.train."""
+    from bbert.data import PrepareConfig, prepare
+    from bbert.train import TrainConfig, pretrain, read_metrics
 
-    import torch
-
-    from bbert.data.masking import Masker, MaskingConfig
-    from bbert.data.readers import read_sample_corpus
-    from bbert.data.tokenizer import train_tokenizer
-    from bbert.model import BertConfig, BertForMaskedLM
-    from bbert.optim import build_optimizer
-
-    torch.manual_seed(0)
-    texts = [d["text"] for d in read_sample_corpus()]
-    tok = train_tokenizer(texts[::4], vocab_size=2048, max_seq_length=64)
-    config = BertConfig.from_preset("tiny", vocab_size=len(tok), max_position_embeddings=64)
-    model = BertForMaskedLM(config)
-    masker = Masker.from_tokenizer(tok, MaskingConfig())
-    ids = tok(texts, truncation=True, max_length=64, padding="max_length")["input_ids"]
-    ids = np.array(ids)
-    opt = build_optimizer(model, lr=1e-3)
-    model.train()
-    start, step, first = time.time(), 0, None
-    while time.time() - start < seconds:
-        rows = np.random.default_rng(step).choice(len(ids), 32, replace=False)
-        pairs = [masker(ids[r], seed=0, epoch=0, index=int(r)) for r in rows]
-        inp = torch.tensor(np.stack([p[0] for p in pairs]))
-        labels = torch.tensor(np.stack([p[1] for p in pairs]))
-        loss = model(inp, attention_mask=(inp != tok.pad_token_id).long(), labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        first = first if first is not None else loss.item()
-        step += 1
-    assert loss.item() < first  # it did learn something
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    prepare(PrepareConfig(out=str(work / "data"), vocab_size=4096, max_bytes=1_000_000,
+                          val_fraction=0.03, progress=False))
+    config = TrainConfig.from_preset(
+        "tiny-cpu", data_dir=str(work / "data"), run_dir=str(work / "run"),
+        time_budget_hours=seconds / 3600, validation_every_minutes=None,
+        checkpoint_every_minutes=None, checkpoint_fractions=[], log_every_steps=5)
+    run_dir = pretrain(config, resume=False)
+    losses = [r["loss"] for r in read_metrics(run_dir) if r["type"] == "train"]
+    assert losses[-1] < losses[0] - 1.0  # it did learn something
+    return Path(run_dir)
 
 
 @pytest.mark.slow
 def test_tiny_finetune_scores_clearly_above_chance(tmp_path):
-    ckpt = _pretrain_tiny_checkpoint(tmp_path / "tiny-model")
+    ckpt = _pretrain_tiny_checkpoint(tmp_path / "pretraining")  # a run dir: final/ is read
     data = glue.make_corpus_source_task(tmp_path / "task", train_per_source=150, eval_per_source=50)
     # a tiny model wants a higher lr than BERT's grid; one seed (selection is tested above)
     config = glue.FinetuneConfig(batch_size=16, progress=False)
@@ -332,3 +312,19 @@ def test_tiny_finetune_scores_clearly_above_chance(tmp_path):
     with zipfile.ZipFile(report["submission"]) as zf:
         assert zf.namelist() == ["corpus-source.tsv"]
     assert "| corpus-source | accuracy |" in Path(report["table"]["md"]).read_text()
+    # the command line on the GLUE-format fixtures: a grid, its table, a submission; then a
+    # re-run that finds every run finished and trains nothing
+    out = tmp_path / "cli"
+    argv = [str(ckpt), "--out", str(out), "--glue-dir", str(GLUE_DIR), "--tasks", "RTE,STS-B",
+            "--lrs", "1e-3", "--batch-sizes", "4", "--epochs", "1", "--seeds", "0,1",
+            "--no-save-models", "--model-name", "tiny"]
+    assert glue.main(argv) == 0
+    table = list(csv.DictReader(open(out / "results-tiny.csv")))
+    assert [r["task"] for r in table] == ["RTE", "STS-B"] and table[0]["seeds"] == "2"
+    with zipfile.ZipFile(out / "submission.zip") as zf:
+        assert sorted(zf.namelist()) == ["RTE.tsv", "STS-B.tsv"]
+        assert zf.read("RTE.tsv").decode().splitlines()[1].split("\t")[1] in glue.get_task("rte").labels
+    assert not (out / "runs" / "rte" / "lr0.001-bs4-ep1" / "0" / "best_model").exists()
+    stamp = (out / "runs" / "rte" / "lr0.001-bs4-ep1" / "0" / "result.json").stat().st_mtime_ns
+    assert glue.main(argv) == 0
+    assert (out / "runs" / "rte" / "lr0.001-bs4-ep1" / "0" / "result.json").stat().st_mtime_ns == stamp
