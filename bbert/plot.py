@@ -163,3 +163,78 @@ def plot_gpu_table(num_gpus: int = 8, hours: float = 24.0, model: str = "large",
 # ---- model chapter ------------------------------------------------------------------
 
 # ---- finetuning chapter -------------------------------------------------------------
+# Chapter: notebooks/05_finetuning.ipynb.
+
+
+def plot_finetune_history(result: dict, ax=None):
+    """Training loss and dev score per epoch of one finetuning run (a ``result.json`` dict).
+
+    The marked epoch is the one kept (best dev score). Chapter: ``notebooks/05_finetuning.ipynb``.
+    """
+    fig, (ax,) = _new_figure() if ax is None else (ax.figure, [ax])
+    history = result["history"]
+    epochs = [h["epoch"] for h in history]
+    split = next(iter(history[0]["dev"]))
+    metric = result["main_metric"]
+    scores = [h["dev"][split][metric] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], marker="o", color="tab:gray", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss")
+    ax.set_xticks(epochs)
+    right = ax.twinx()
+    right.plot(epochs, scores, marker="s", color="tab:blue", label=f"dev {metric}")
+    right.plot([result["best_epoch"]], [result["score"]], marker="*", markersize=16, color="tab:orange",
+               linestyle="none", label="kept (best epoch)")
+    right.set_ylabel(f"dev {metric}")
+    lines = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center right")
+    ax.set_title(f"{result['display']}: {result['config']}, seed {result['seed']}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_grid_search(results: list[dict], best: str | None = None, ax=None):
+    """Every run of a grid: one dot per seed, a bar at each configuration's median.
+
+    ``best`` (from ``bbert.glue.select_best``) is highlighted: the reported number is its median,
+    not the single best dot. Chapter: ``notebooks/05_finetuning.ipynb``.
+    """
+    import statistics
+
+    fig, (ax,) = _new_figure(width=7.5) if ax is None else (ax.figure, [ax])
+    configs = sorted({r["config"] for r in results}, key=lambda c: [r["config"] for r in results].index(c))
+    for x, config in enumerate(configs):
+        scores = [r["score"] for r in results if r["config"] == config]
+        color = "tab:orange" if config == best else "tab:blue"
+        ax.scatter([x] * len(scores), scores, color=color, alpha=0.6, zorder=3)
+        ax.hlines(statistics.median(scores), x - 0.3, x + 0.3, color=color, linewidth=3, zorder=4)
+    ax.set_xticks(range(len(configs)))
+    ax.set_xticklabels(configs, rotation=30, ha="right")
+    ax.set_ylabel(f"dev {results[0].get('main_metric', 'score')}")
+    ax.set_title("grid search: seeds (dots) and their median (bar); orange = chosen")
+    fig.tight_layout()
+    return fig
+
+
+def plot_glue_scores(scores: dict, title: str = "GLUE"):
+    """Grouped bars: ``scores[model][task]`` (x100), one group per task, one bar per model.
+
+    Chapter: ``notebooks/05_finetuning.ipynb``.
+    """
+    fig, (ax,) = _new_figure(width=9.0)
+    tasks = list(dict.fromkeys(t for per_task in scores.values() for t in per_task))
+    width = 0.8 / max(1, len(scores))
+    for i, (label, per_task) in enumerate(scores.items()):
+        xs = [t + i * width for t in range(len(tasks))]
+        values = [per_task.get(task, float("nan")) for task in tasks]
+        bars = ax.bar(xs, values, width=width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))])
+    ax.set_xticklabels(tasks)
+    ax.set_ylabel("score (x100)")
+    ax.set_ylim(0, 118)
+    ax.set_title(title)
+    ax.legend(loc="upper center", ncol=len(scores), fontsize=8)
+    fig.tight_layout()
+    return fig
