@@ -237,6 +237,24 @@ def to_transformers(model: BertForMaskedLM):
     return hf.eval()
 
 
+def transformers_baseline(config: BertConfig, attn_implementation: str = "sdpa"):
+    """A freshly initialised ``transformers.BertForMaskedLM`` of the same shape as ``config``:
+    the model a user would otherwise pick, which the benchmark and the model chapter time bbert
+    against. Chapter: ``notebooks/03_model.ipynb``.
+    """
+    import transformers
+
+    hf_config = transformers.BertConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+        max_position_embeddings=config.max_position_embeddings, hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_probs_dropout_prob, attn_implementation=attn_implementation)
+    model = transformers.BertForMaskedLM(hf_config)
+    if model.config._attn_implementation != attn_implementation:
+        raise RuntimeError(f"transformers did not take attn_implementation={attn_implementation!r}")
+    return model
+
+
 def _root(config: BertConfig) -> str:
     return "roberta_prelayernorm" if config.pre_layernorm else "bert"
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -452,3 +453,90 @@ def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
             if isinstance(m, nn.Embedding):
                 params.pop(id(m.weight), None)
     return sum(p.numel() for p in params.values())
+
+
+# ---- measuring a training step (the benchmark and the model chapter) -----------------------
+
+
+def random_mlm_batch(batch_size: int, seq_len: int, vocab_size: int, mlm_probability: float = 0.15,
+                     lengths=None, seed: int = 0) -> dict:
+    """A synthetic masked-LM batch: ``input_ids``, ``attention_mask``, ``labels`` (-100 = not predicted).
+
+    Packed (every position real) unless ``lengths`` gives each row's number of real tokens.
+    Chapter: ``notebooks/03_model.ipynb``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, vocab_size, (batch_size, seq_len), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    if lengths is not None:
+        attention_mask = (torch.arange(seq_len)[None, :] < torch.as_tensor(lengths)[:, None]).long()
+        input_ids = input_ids * attention_mask  # pad id 0
+    selected = (torch.rand(batch_size, seq_len, generator=g) < mlm_probability) & attention_mask.bool()
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
+               amp_dtype: torch.dtype | None = torch.bfloat16) -> float:
+    """One optimisation step: forward under autocast, backward, optimizer step. Returns the loss.
+
+    Works for bbert and for transformers models (both take input_ids/attention_mask/labels).
+    Chapter: ``notebooks/03_model.ipynb``.
+    """
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()  # .item() waits for the device, so a timed step is a finished step
+
+
+def compare_throughput(runners: dict, batch: dict, rounds: int = 3, steps: int = 1, warmup: int = 1,
+                       amp_dtype: torch.dtype | None = torch.bfloat16, progress: bool = True) -> dict:
+    """Training throughput (sequences/s) of several ``name -> (model, optimizer)`` on one batch.
+
+    The runners alternate, in reversed order every other round, after ``warmup`` steps each, so
+    that a machine whose load changes (others' jobs, turbo, heat) slows them alike; only
+    ratios measured this way mean much on a shared machine. Returns ``{"seq_s": {name: ...},
+    "seconds": {name: [per-step seconds of each round]}}``. Chapter: ``notebooks/03_model.ipynb``.
+    """
+    from tqdm.auto import tqdm
+
+    names = list(runners)
+    batch_size = batch["input_ids"].shape[0]
+    bar = tqdm(total=len(names) * (warmup + rounds * steps), desc="train steps", disable=not progress,
+               leave=False)
+    runners = {name: (tuple(r) + (amp_dtype,))[:3] for name, r in runners.items()}
+    for model, optimizer, dtype in runners.values():
+        model.train()
+        for _ in range(warmup):
+            train_step(model, optimizer, batch, dtype)
+            bar.update()
+    seconds = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            model, optimizer, dtype = runners[name]
+            start = time.perf_counter()
+            for _ in range(steps):
+                train_step(model, optimizer, batch, dtype)
+                bar.update()
+            seconds[name].append((time.perf_counter() - start) / steps)
+    bar.close()
+    seq_s = {name: batch_size * len(s) / sum(s) for name, s in seconds.items()}
+    return {"seq_s": seq_s, "seconds": seconds}
+
+
+def layer_grad_norms(model: BertForMaskedLM, batch: dict) -> list[float]:
+    """The gradient norm of each encoder layer's parameters after one backward pass of the MLM loss.
+
+    At initialisation, post-LN gradients grow towards the output layers while pre-LN ones stay
+    level (Xiong et al. 2020): why pre-LN tolerates the recipe's high learning rate.
+    Chapter: ``notebooks/03_model.ipynb``.
+    """
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    norms = [torch.sqrt(sum((p.grad.float() ** 2).sum() for p in layer.parameters())).item()
+             for layer in model.bert.layers]
+    model.zero_grad(set_to_none=True)
+    return norms

@@ -161,6 +161,54 @@ def plot_gpu_table(num_gpus: int = 8, hours: float = 24.0, model: str = "large",
 
 
 # ---- model chapter ------------------------------------------------------------------
+# Chapter: notebooks/03_model.ipynb.
+
+
+def plot_speedups(speedups: dict, mfu: dict | None = None, title: str = "training step, this machine"):
+    """Bar chart of measured speed-ups (x times a baseline), and the MFU of each model when given.
+
+    ``speedups``: ``{label: ratio}``; ``mfu``: ``{label: fraction of the bf16 matmul peak}``.
+    Chapter: ``notebooks/03_model.ipynb``.
+    """
+    fig, axes = _new_figure(ncols=2 if mfu else 1, width=11 if mfu else 6.4,
+                            height=0.5 + 0.45 * max(len(speedups), 3))
+    ax = axes[0]
+    labels = list(speedups)[::-1]
+    values = [speedups[k] for k in labels]
+    bars = ax.barh(labels, values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.bar_label(bars, labels=[f"{v:.2f}x" for v in values], padding=3)
+    ax.set_xlim(0, max(values) * 1.25)
+    ax.set_xlabel("speed-up (throughput ratio, measured alternately)")
+    ax.set_title(title)
+    if mfu:
+        ax = axes[1]
+        labels = list(mfu)[::-1]
+        values = [100 * mfu[k] for k in labels]
+        bars = ax.barh(labels, values, color="tab:blue")
+        ax.bar_label(bars, labels=[f"{v:.0f}%" for v in values], padding=3)
+        ax.set_xlim(0, max(100, max(values) * 1.2))
+        ax.set_xlabel("MFU: % of the measured bf16 torch.mm peak")
+        ax.set_title("model FLOPs utilisation")
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_grad_norms(norms: dict, ax=None):
+    """Gradient norm of each layer's weights at initialisation, one line per model (pre- vs post-LN).
+
+    Chapter: ``notebooks/03_model.ipynb``.
+    """
+    fig, (ax,) = _new_figure() if ax is None else (ax.figure, [ax])
+    for label, values in norms.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("gradient norm (log scale)")
+    ax.set_title("gradients at initialisation")
+    ax.legend()
+    fig.tight_layout()
+    return fig
 
 # ---- finetuning chapter -------------------------------------------------------------
 # Chapter: notebooks/05_finetuning.ipynb.

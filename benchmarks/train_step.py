@@ -1,0 +1,114 @@
+"""Training-step throughput of bbert against transformers.BertForMaskedLM of the same shape.
+
+    .venv/bin/python benchmarks/train_step.py            # mini and base, packed 8 x 128 batches
+    .venv/bin/python benchmarks/train_step.py --quick    # fewer rounds
+    .venv/bin/python benchmarks/train_step.py --padded   # + unpadding on vs off on a padded batch
+
+A step is forward + backward + optimizer step on the same batch of packed 128-token sequences with
+15% of positions masked. Each model runs at the best settings it offers on this device:
+- transformers: attn_implementation="sdpa", bf16 autocast, fused AdamW;
+- bbert: its defaults (sparse MLM head, fused QKV + SDPA, unpadding), bf16 autocast, fused AdamW.
+The two alternate (ABBA...) within one run after a warm-up, so that the machine's load, which
+others share, hits both alike. MFU counts only the FLOPs each model really computes (bbert's
+head runs at the masked positions only) against the bf16 and fp32 torch.mm peaks measured in
+this same run. Method explained in notebooks/03_model.ipynb.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from bbert.budget import matmul_peak_flops, training_flops_per_sequence
+from bbert.model import BertConfig, BertForMaskedLM, compare_throughput, random_mlm_batch
+from bbert.hf import transformers_baseline
+from bbert.optim import build_optimizer
+
+VOCAB = 30522  # bert-base-uncased's vocabulary
+
+
+def build_bbert(preset: str, **overrides):
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig.from_preset(preset, vocab_size=VOCAB, **overrides))
+    return model, build_optimizer(model)
+
+
+def build_transformers(preset: str):
+    torch.manual_seed(0)
+    model = transformers_baseline(BertConfig.from_preset(preset, vocab_size=VOCAB), attn_implementation="sdpa")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6,
+                                  weight_decay=0.01, fused=True)
+    return model, optimizer
+
+
+def ratio_summary(result: dict, a: str, b: str) -> str:
+    # Total throughput ratio, plus the median of per-round ratios (robust to one noisy round).
+    per_round = [tb / ta for ta, tb in zip(result["seconds"][a], result["seconds"][b])]
+    return (f"{result['seq_s'][a] / result['seq_s'][b]:.2f}x "
+            f"(median of rounds {statistics.median(per_round):.2f}x)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["mini", "base"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=2, help="steps per model per round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--padded", action="store_true", help="also measure unpadding on a padded batch")
+    parser.add_argument("--compile", action="store_true", help="also time bbert under torch.compile")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 1 step (a smoke run)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps, args.warmup = 2, 1, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} x {args.seq_len}")
+    peak_seconds = 0.3 if args.quick else 1.0
+    peaks = {"bf16": matmul_peak_flops(torch.bfloat16, min_seconds=peak_seconds),
+             "fp32": matmul_peak_flops(torch.float32, min_seconds=peak_seconds)}
+    batch = random_mlm_batch(args.batch_size, args.seq_len, VOCAB, seed=0)
+    masked = float((batch["labels"] != -100).float().mean())
+    results = []
+    for preset in args.presets:
+        runners = {"bbert": build_bbert(preset), "transformers": build_transformers(preset)}
+        if args.compile:
+            model, optimizer = build_bbert(preset)
+            runners["bbert+compile"] = (torch.compile(model), optimizer)
+        r = compare_throughput(runners, batch, args.rounds, args.steps, args.warmup)
+        config = runners["bbert"][0].config
+        sparse = {"bbert": True, "transformers": False, "bbert+compile": True}
+        print(f"\n[{preset}] {config.num_hidden_layers} layers, hidden {config.hidden_size}")
+        for name in runners:
+            flops = training_flops_per_sequence(runners[name][0].config, args.seq_len, masked, sparse[name])
+            achieved = flops * r["seq_s"][name]
+            print(f"  {name:<13} {r['seq_s'][name]:7.2f} seq/s  {achieved / 1e9:6.1f} GFLOP/s  "
+                  f"MFU {achieved / peaks['bf16']:5.1%} of bf16 peak, {achieved / peaks['fp32']:5.1%} of fp32 peak")
+        print(f"  ratio bbert / transformers: {ratio_summary(r, 'bbert', 'transformers')}")
+        if args.compile:
+            print(f"  ratio bbert+compile / transformers: {ratio_summary(r, 'bbert+compile', 'transformers')}")
+        results.append((preset, r["seq_s"]["bbert"] / r["seq_s"]["transformers"]))
+        del runners
+    if args.padded:
+        # Finetuning-like batch: lengths spread between a quarter and all of seq_len.
+        lengths = torch.linspace(args.seq_len // 4, args.seq_len, args.batch_size).long()
+        padded = random_mlm_batch(args.batch_size, args.seq_len, VOCAB, lengths=lengths, seed=1)
+        preset = args.presets[-1]
+        runners = {"unpad": build_bbert(preset, unpad=True), "padded": build_bbert(preset, unpad=False)}
+        r = compare_throughput(runners, padded, args.rounds, args.steps, args.warmup)
+        fill = padded["attention_mask"].float().mean().item()
+        print(f"\n[{preset}, padded batch, {fill:.0%} real tokens] unpad {r['seq_s']['unpad']:.2f} seq/s, "
+              f"padded {r['seq_s']['padded']:.2f} seq/s: unpadding {ratio_summary(r, 'unpad', 'padded')}")
+    print(f"\nmatmul peaks measured in this run: bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, "
+          f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s")
+    print("summary: " + ", ".join(f"{p} {ratio:.2f}x" for p, ratio in results) + " (bbert / transformers)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
