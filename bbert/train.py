@@ -843,6 +843,7 @@ class Trainer:
         self.markers_done: list[float] = []
         self.last_saved_step = -1
         self.end_reason: str | None = None
+        self.pending_rng: dict | None = None
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
 
@@ -926,6 +927,8 @@ class Trainer:
                                           world_size=dist.world_size, seed=cfg.seed, start_sample=self.samples,
                                           masking=cfg.masking, infinite=True)
         batches = iter(loader)
+        if self.pending_rng is not None:
+            _set_rng(self.pending_rng, dist.device)
         reason = None
         self.engine.train()
         with _Stop() as stop:
@@ -1116,8 +1119,8 @@ class Trainer:
         self.last_saved_step = self.step
         self.end_reason = record.get("end_reason")
         rng_file = folder / "rng" / f"rank-{self.dist.rank:05d}.pt"
-        if rng_file.is_file():
-            _set_rng(torch.load(rng_file, weights_only=False), self.dist.device)
+        if rng_file.is_file():  # restored just before the first step (building loaders draws from it)
+            self.pending_rng = torch.load(rng_file, weights_only=False)
 
     def _prune_checkpoints(self) -> None:
         # keep the last k periodic checkpoints; never the markers; never the newest
