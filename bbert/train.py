@@ -844,6 +844,7 @@ class Trainer:
         self.last_saved_step = -1
         self.end_reason: str | None = None
         self.pending_rng: dict | None = None
+        self.last_val_step = -1
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
 
@@ -975,6 +976,13 @@ class Trainer:
         self._finish(log, reason)
         return self.run_dir
 
+    def _validate(self, log: MetricsLog) -> float:
+        val_loss = self.evaluate()
+        self.last_val_step = self.step
+        log.write({"type": "val", "step": self.step, "elapsed_seconds": self.elapsed, "val_loss": val_loss})
+        log.message(f"step {self.step}: validation loss {val_loss:.4f}")
+        return val_loss
+
     def _finished_before(self) -> bool:
         cfg = self.config
         if self.end_reason == "early_stop":
@@ -990,9 +998,7 @@ class Trainer:
         if self.elapsed >= self.next_validation:
             interval = cfg.validation_every_minutes * 60.0
             self.next_validation = (math.floor(self.elapsed / interval) + 1) * interval
-            val_loss = self.evaluate()
-            log.write({"type": "val", "step": self.step, "elapsed_seconds": self.elapsed, "val_loss": val_loss})
-            log.message(f"step {self.step}: validation loss {val_loss:.4f}")
+            val_loss = self._validate(log)
             es = cfg.early_stop
             if es.enabled and self.elapsed >= es.after_minutes * 60.0 and not val_loss <= es.max_val_loss:
                 log.message(f"early stop: validation loss {val_loss:.4f} > {es.max_val_loss} "
@@ -1018,6 +1024,9 @@ class Trainer:
         return reason
 
     def _finish(self, log: MetricsLog, reason: str) -> None:
+        if reason in ("budget", "max_steps") and self.config.validation_every_minutes is not None \
+                and self.last_val_step != self.step:
+            self._validate(log)  # the run's final validation loss
         if reason != "nan":
             self.end_reason = reason
             if self.last_saved_step != self.step or not (self.run_dir / "checkpoints" / f"step-{self.step:07d}").exists():
