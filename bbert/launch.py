@@ -100,11 +100,13 @@ def resolve_launcher(config, num_gpus: int, launcher: str = "auto") -> str:
 
 def build_launch_command(config, num_gpus: int | None = None, launcher: str = "auto",
                          hostfile=None, master_addr: str | None = None, master_port: int | None = None,
-                         config_path=None) -> list[str]:
-    """The command that runs ``config``: a list of strings for ``subprocess`` (``shlex.join`` to print).
+                         config_path=None, resume: bool | None = None) -> list[str]:
+    """The command that runs ``config``: a list of strings for ``subprocess`` (:func:`format_command` to print).
 
     ``num_gpus`` is per node (default: the GPUs here, at least 1; on CPU, the number of
-    processes). ``config_path`` defaults to ``run_dir/config.yaml``.
+    processes). ``config_path`` defaults to ``run_dir/config.yaml``. ``resume``: None lets the
+    trainer continue a run dir with the same config by itself, True continues even if the
+    config changed (``--resume``), False refuses to continue (``--no-resume``).
     Chapter: ``notebooks/04_pretraining.ipynb``.
     """
     num_gpus = _default_num_gpus() if num_gpus is None else int(num_gpus)
@@ -113,6 +115,8 @@ def build_launch_command(config, num_gpus: int | None = None, launcher: str = "a
     launcher = resolve_launcher(config, num_gpus, launcher)
     config_path = str(config_path or Path(config.run_dir) / "config.yaml")
     train_args = ["--config", config_path]
+    if resume is not None:
+        train_args.append("--resume" if resume else "--no-resume")
     port = str(master_port or free_port())
     if hostfile is not None and launcher != "deepspeed":
         raise ValueError(f"a hostfile (several nodes) needs launcher='deepspeed', not {launcher!r}")
@@ -138,6 +142,15 @@ def build_launch_command(config, num_gpus: int | None = None, launcher: str = "a
     cmd += ["--num_gpus", str(num_gpus), "--master_port", port, "--no_local_rank",
             "--module", "bbert.train", *train_args]
     return cmd
+
+
+def format_command(cmd: list[str]) -> str:
+    """The command as one would type it: launchers that live beside this Python (the active
+    environment) by their bare name. Chapter: ``notebooks/04_pretraining.ipynb``."""
+    first = Path(cmd[0])
+    if first.parent == Path(sys.executable).parent:
+        first = Path("python" if cmd[0] == sys.executable else first.name)
+    return shlex.join([str(first), *cmd[1:]])
 
 
 def world_size_of(num_gpus: int, hostfile=None) -> int:
@@ -225,13 +238,14 @@ class _Progress:
 def launch(config, num_gpus: int | None = None, launcher: str = "auto", hostfile=None,
            master_addr: str | None = None, master_port: int | None = None, progress: bool = True,
            echo: bool | None = None, env: dict | None = None, stop_timeout: float = 600.0,
-           tail_lines: int = 40) -> Path:
+           tail_lines: int = 40, resume: bool | None = None) -> Path:
     """Run ``config`` (a :class:`bbert.train.TrainConfig`) in a subprocess; return its run dir.
 
     Prints the shell command first, then shows the budget consumed and the latest loss live.
     ``echo`` (default: on in a terminal, off in a notebook) also prints the run's own output.
     On KeyboardInterrupt the run gets SIGINT, saves a checkpoint and stops (resume it by
-    launching the same config again); a second interrupt kills it. If the run fails, raises
+    launching the same config again; ``resume`` as in :func:`build_launch_command`); a second
+    interrupt kills it. If the run fails, raises
     :class:`LaunchError` with the tail of its output (all of it is in ``run_dir/launch.log``).
     Chapter: ``notebooks/04_pretraining.ipynb``.
     """
@@ -241,8 +255,9 @@ def launch(config, num_gpus: int | None = None, launcher: str = "auto", hostfile
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     config.to_yaml(config_path)
-    cmd = build_launch_command(config, num_gpus, launcher, hostfile, master_addr, master_port, config_path)
-    print("$ " + shlex.join(cmd), flush=True)
+    cmd = build_launch_command(config, num_gpus, launcher, hostfile, master_addr, master_port, config_path,
+                               resume)
+    print("$ " + format_command(cmd), flush=True)
 
     notebook = _in_notebook()
     echo = (not notebook) if echo is None else echo
@@ -285,7 +300,8 @@ def launch(config, num_gpus: int | None = None, launcher: str = "auto", hostfile
     code = child.returncode
     if code != 0 and not (interrupted and end_record and end_record.get("reason") == "interrupted"):
         last = "\n".join(tail)
-        raise LaunchError(f"the training process exited with code {code}.\n"
+        ended = f" (run ended: {end_record.get('reason')})" if end_record else ""
+        raise LaunchError(f"the training process exited with code {code}{ended}.\n"
                           f"command: {shlex.join(cmd)}\nfull output: {log_path}\n"
                           f"last {len(tail)} lines:\n{last}")
     if end_record:

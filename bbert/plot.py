@@ -9,28 +9,21 @@ from __future__ import annotations
 
 
 def read_metrics(source, record_type: str | None = None) -> list[dict]:
-    """The records of a run's ``metrics.jsonl`` (a run dir or the file), optionally of one type.
+    """The records of a run (a run dir or its ``metrics.jsonl``), optionally of one type.
 
-    A half-written last line (a run still going, or killed) is skipped.
-    Chapter: ``notebooks/04_pretraining.ipynb``.
+    One clean history, as ``bbert.train.read_metrics`` gives it: after a resume, the records a
+    killed run wrote past its last checkpoint are left out. Chapter: ``notebooks/04_pretraining.ipynb``.
     """
-    import json
     from pathlib import Path
 
-    path = Path(source)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics file at {path}: pass a run dir made by bbert pretrain")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record_type is None or record.get("type") == record_type:
-            records.append(record)
-    return records
+    from bbert.train import read_metrics as run_history
+
+    run_dir = Path(source)
+    if run_dir.name == "metrics.jsonl":
+        run_dir = run_dir.parent
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: pass a run dir made by bbert pretrain")
+    return [r for r in run_history(run_dir) if record_type is None or r.get("type") == record_type]
 
 
 def _new_figure(ncols: int = 1, width: float = 6.4, height: float = 3.6):
@@ -52,18 +45,19 @@ def plot_schedule(warmup_proportion: float = 0.06, time_budget_hours: float = 24
     from bbert.optim import linear_warmup_decay
 
     fig, (ax,) = _new_figure() if ax is None else (ax.figure, [ax])
+    unit, per_hour = ("hours", 1.0) if time_budget_hours >= 2 else ("minutes", 60.0)
     fractions = np.linspace(0.0, 1.0, 501)
-    hours = fractions * time_budget_hours
-    ax.plot(hours, [lr * linear_warmup_decay(f, warmup_proportion) for f in fractions],
+    ax.plot(fractions * time_budget_hours * per_hour,
+            [lr * linear_warmup_decay(f, warmup_proportion) for f in fractions],
             label=f"warm-up {warmup_proportion:.0%} of the budget, linear decay to 0")
     if run is not None:
         train = read_metrics(run, "train")
-        ax.plot([r["elapsed_seconds"] / 3600 for r in train], [r["lr"] for r in train], ".",
-                ms=4, label="lr logged by the run")
-    ax.axvline(warmup_proportion * time_budget_hours, color="grey", ls=":", lw=1)
-    ax.set_xlabel("elapsed wall-clock time (hours)")
+        ax.plot([r["elapsed_seconds"] / 3600 * per_hour for r in train], [r["lr"] for r in train], ".",
+                ms=4, label="lr logged by the run (at each step's end)")
+    ax.axvline(warmup_proportion * time_budget_hours * per_hour, color="grey", ls=":", lw=1)
+    ax.set_xlabel(f"elapsed wall-clock time ({unit})")
     ax.set_ylabel("learning rate")
-    ax.set_title(f"Time-based schedule, budget {time_budget_hours:g} h")
+    ax.set_title(f"Time-based schedule, budget {time_budget_hours * per_hour:g} {unit}")
     ax.legend(loc="upper right", fontsize="small")
     return fig
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bbert.launch import LaunchError, build_launch_command, hostfile_slots, launch, world_size_of
+from bbert.launch import (LaunchError, build_launch_command, format_command, hostfile_slots, launch,
+                          world_size_of)
 from bbert.train import TrainConfig
 
 
@@ -47,6 +48,7 @@ def test_24hbert_command_is_the_papers_8_gpu_deepspeed_run(tmp_path):
     assert "--module bbert.train" in text
     assert cmd[-2:] == ["--config", str(tmp_path / "run" / "config.yaml")]
     assert "--hostfile" not in cmd
+    assert format_command(cmd).startswith("deepspeed --num_gpus 8 ")
     # 8 GPUs x micro-batch 32 x 16 accumulation steps = the paper's batch of 4096
     assert config.gradient_accumulation_steps(8) == 16
     ds = config.deepspeed_config(8)
@@ -65,6 +67,8 @@ def test_torchrun_and_python_commands(tmp_path):
     assert "-m bbert.train --config" in text
     single = build_launch_command(config, num_gpus=1)
     assert single[1:4] == ["-m", "bbert.train", "--config"]
+    assert build_launch_command(config, num_gpus=1, resume=True)[-1] == "--resume"
+    assert build_launch_command(config, num_gpus=1, resume=False)[-1] == "--no-resume"
     with pytest.raises(ValueError, match="torchrun"):
         build_launch_command(config, num_gpus=2, launcher="python")
     with pytest.raises(ValueError, match="launcher must be one of"):
@@ -108,7 +112,7 @@ def test_launch_runs_a_tiny_run_to_completion(tmp_path, data_dir, capsys):
     run_dir = launch(tiny_config(data_dir, tmp_path / "run"), num_gpus=1)
     assert run_dir == tmp_path / "run"
     out = capsys.readouterr().out
-    assert out.startswith("$ ") and "-m bbert.train --config" in out.splitlines()[0]
+    assert out.startswith("$ python -m bbert.train --config ")
     end = records(run_dir, "end")
     assert end and end[-1]["reason"] == "budget"
     train = records(run_dir, "train")
@@ -117,6 +121,15 @@ def test_launch_runs_a_tiny_run_to_completion(tmp_path, data_dir, capsys):
     assert (run_dir / "config.yaml").is_file()
     assert TrainConfig.from_yaml(run_dir / "config.yaml").time_budget_hours == pytest.approx(0.004)
     assert "run ended (budget)" in (run_dir / "launch.log").read_text()
+    # the pretraining chapter's figures read this run
+    from bbert import plot
+
+    fig = plot.plot_loss_curves(run_dir)
+    assert len(fig.axes[0].lines[0].get_xdata()) == len(train)
+    fig = plot.plot_schedule(0.06, 0.004, lr=1e-3, run=run_dir)
+    logged = fig.axes[0].lines[1]
+    assert list(logged.get_ydata()) == [r["lr"] for r in train]
+    assert fig.axes[0].get_xlabel().endswith("(minutes)")
 
 
 def test_interrupt_saves_a_checkpoint_and_returns(tmp_path, data_dir):
