@@ -856,7 +856,6 @@ class Trainer:
 
     def _resume_point(self, resume: bool | str) -> Path | None:
         ckpt = latest_checkpoint(self.run_dir)
-        saved_cfg = self.run_dir / "config.yaml"
         if resume is False:
             if ckpt is not None:
                 raise ValueError(f"run dir {self.run_dir} already holds checkpoints; resume it (--resume) "
@@ -867,6 +866,9 @@ class Trainer:
                 raise ValueError(f"--resume given but {self.run_dir} has no finished checkpoint; "
                                  "drop --resume to start a new run")
             return None
+        # compare with the config the checkpoint was written under (run_dir/config.yaml may
+        # already hold the new one, e.g. written by bbert.launch)
+        saved_cfg = ckpt / "config.yaml"
         if resume == "auto" and saved_cfg.is_file():
             ignore = {"run_dir", "data_dir"}
             old = {k: v for k, v in yaml.safe_load(saved_cfg.read_text()).items() if k not in ignore}
@@ -1109,6 +1111,7 @@ class Trainer:
         torch.save(rng, folder / "rng" / f"rank-{dist.rank:05d}.pt")
         dist.barrier()
         if dist.is_main:
+            self.config.to_yaml(folder / "config.yaml")
             model_dir = folder / "model"
             self.engine.model_for_saving().save_pretrained(model_dir)
             self.tokenizer.save_pretrained(str(model_dir))

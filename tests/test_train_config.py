@@ -134,3 +134,21 @@ def test_cli_arguments_build_the_config(tmp_path):
     assert c.model_overrides == {"num_hidden_layers": 1} and args.resume == "auto"
     assert build_parser().parse_args(["--resume"]).resume is True
     assert build_parser().parse_args(["--no-resume"]).resume is False
+
+
+def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
+    from bbert.train import main
+
+    assert main(["--preset", "tiny-cpu", "--data-dir", str(tmp_path / "none"), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "bbert pretrain: error:" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing started, nothing written
+    assert main(["--preset", "tiny-cpu", "--set", "batch_size=33"]) == 2
+    assert "not divisible" in capsys.readouterr().err
+
+
+def test_print_config_shows_the_deepspeed_config(capsys):
+    from bbert.train import main
+
+    assert main(["--preset", "24hbert", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "time_budget_hours: 24.0" in out and '"train_batch_size": 4096' in out
