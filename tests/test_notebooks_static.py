@@ -119,6 +119,8 @@ def test_config_executes_notebooks_offline_with_a_generous_timeout():
     assert execute["timeout"] >= 600
     assert execute.get("allow_errors", False) is False
     assert CONFIG["bibtex_bibfiles"] == ["book/references.bib"]
+    # Markdown tables that cells display (IPython.display.Markdown) need GFM, not CommonMark.
+    assert CONFIG["sphinx"]["config"]["nb_render_markdown_format"] in ("gfm", "myst")
 
 
 def test_widget_and_math_javascript_is_served_locally():
