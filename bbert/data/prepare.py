@@ -346,6 +346,7 @@ def _remove_stale_shards(out: Path, manifest: dict):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The options of ``bbert prepare``. Chapter: notebooks/02_data.ipynb."""
     d = PrepareConfig()
     p = argparse.ArgumentParser(prog="bbert prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="*", help="text/JSONL files, folders, or hf:NAME[:CONFIG]; "

@@ -24,7 +24,10 @@ _DOC_TAG = re.compile(r"<doc\b[^>]*>(.*?)</doc>", re.S)
 
 
 class CorpusError(ValueError):
-    """Raised for input that can't be turned into documents (empty, no text files, bad JSON)."""
+    """Raised for input that can't be turned into documents (empty, no text files, bad JSON).
+
+    Chapter: notebooks/02_data.ipynb.
+    """
 
 
 @dataclass

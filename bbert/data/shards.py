@@ -16,7 +16,10 @@ FORMAT_VERSION = 1
 
 
 class DataDirError(ValueError):
-    """Raised when a data dir is incomplete, corrupt, or was made with other settings."""
+    """Raised when a data dir is incomplete, corrupt, or was made with other settings.
+
+    Chapter: notebooks/02_data.ipynb.
+    """
 
 
 def choose_dtype(vocab_size: int, dtype: str = "auto") -> np.dtype:
@@ -110,6 +113,7 @@ def write_shard(path: Path, array: np.ndarray) -> tuple[str, bool]:
 
 
 def manifest_path(data_dir: str | Path) -> Path:
+    """Where a data dir keeps its manifest. Chapter: notebooks/02_data.ipynb."""
     return Path(data_dir) / "manifest.json"
 
 

@@ -14,7 +14,10 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 class TokenizerError(ValueError):
-    """Raised when a tokenizer can't be used (too small a vocabulary, missing special tokens)."""
+    """Raised when a tokenizer can't be used (too small a vocabulary, missing special tokens).
+
+    Chapter: notebooks/02_data.ipynb.
+    """
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 30522, lowercase: bool = True,
