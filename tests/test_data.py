@@ -397,6 +397,9 @@ def test_loader_shapes_and_determinism(data_dir):
     assert not torch.equal(a[0]["input_ids"], c[0]["input_ids"])
     n = load_manifest(data_dir)["splits"]["train"]["num_samples"]
     assert len(a) == n // 8
+    # Background workers give exactly the same batches, in the same order.
+    workers = _batches(data_dir, micro_batch_size=8, infinite=False, seed=5, num_workers=2)
+    assert len(workers) == len(a) and all(torch.equal(x[k], y[k]) for x, y in zip(a, workers) for k in x)
     # Masks differ between epochs of the same sample, and are a pure function of (seed, epoch, index).
     ds = PretrainingDataset(data_dir, "train", seed=5)
     assert torch.equal(ds.sample(7, epoch=1)["labels"], ds.sample(7, epoch=1)["labels"])

@@ -110,20 +110,28 @@ class PretrainingDataset(torch.utils.data.IterableDataset):
             epoch, offset = epoch + 1, 0
 
     def __iter__(self):
-        for epoch, index in self.indices():
-            yield self.sample(index, epoch)
+        # With DataLoader workers, worker w builds micro-batches w, w + n, w + 2n, ... and the
+        # DataLoader takes them round-robin, so the batches arrive in the same order as with none.
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for position, (epoch, index) in enumerate(self.indices()):
+            if (position // self.micro_batch_size) % workers == worker:
+                yield self.sample(index, epoch)
 
 
 def build_pretraining_loader(data_dir, split: str, micro_batch_size: int, rank: int = 0,
                              world_size: int = 1, seed: int = 0, start_sample: int = 0,
                              masking: MaskingConfig | None = None, infinite: bool = True,
-                             shuffle: bool | None = None) -> torch.utils.data.DataLoader:
+                             shuffle: bool | None = None, num_workers: int = 0,
+                             pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A ``DataLoader`` of micro-batches (``[B, L]`` int64 tensors) over :class:`PretrainingDataset`.
 
     Every rank gets the same number of batches per epoch; with ``infinite=False`` it stops
-    after one epoch (the rest of the epoch when resuming). Chapter: notebooks/02_data.ipynb.
+    after one epoch (the rest of the epoch when resuming). ``num_workers`` > 0 masks in
+    background processes (for fast GPUs) and yields exactly the same batches.
+    Chapter: notebooks/02_data.ipynb.
     """
     dataset = PretrainingDataset(data_dir, split, rank, world_size, seed, start_sample, masking,
                                  micro_batch_size, infinite, shuffle)
-    # One process: masking costs microseconds a sample, far below a training step.
-    return torch.utils.data.DataLoader(dataset, batch_size=micro_batch_size, num_workers=0)
+    return torch.utils.data.DataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,
+                                       pin_memory=pin_memory, persistent_workers=False)
