@@ -19,7 +19,7 @@ Chapter: ``notebooks/03_model.ipynb``.
 from __future__ import annotations
 
 import json
-import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -319,12 +319,15 @@ class BertModel(nn.Module, _PretrainedMixin):
             raise ValueError(f"sequence length {L} > max_position_embeddings "
                              f"{self.config.max_position_embeddings}; truncate the inputs")
         position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
-        if attention_mask is not None and bool(attention_mask.all()):
+        # Both checks below depend on the data; under torch.compile keep static shapes instead
+        # (the mask goes to SDPA, pads are kept), so the graph doesn't break at every step.
+        compiling = torch.compiler.is_compiling()
+        if attention_mask is not None and not compiling and bool(attention_mask.all()):
             attention_mask = None  # packed batch: no mask, the fastest attention kernel
         attn_mask = padding = None
         if attention_mask is not None:
             attn_mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L], True = attend
-            if self.config.unpad:
+            if self.config.unpad and not compiling:
                 padding = Padding.from_mask(attention_mask)
                 input_ids, position_ids = padding.unpad(input_ids), padding.unpad(position_ids)
                 if token_type_ids is not None:
@@ -493,16 +496,26 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
 
 
 def compare_throughput(runners: dict, batch: dict, rounds: int = 3, steps: int = 1, warmup: int = 1,
-                       amp_dtype: torch.dtype | None = torch.bfloat16, progress: bool = True) -> dict:
+                       amp_dtype: torch.dtype | None = torch.bfloat16, progress: bool = True,
+                       clock: str = "wall") -> dict:
     """Training throughput (sequences/s) of several ``name -> (model, optimizer)`` on one batch.
 
     The runners alternate, in reversed order every other round, after ``warmup`` steps each, so
     that a machine whose load changes (others' jobs, turbo, heat) slows them alike; only
-    ratios measured this way mean much on a shared machine. Returns ``{"seq_s": {name: ...},
+    ratios measured this way mean much on a shared machine. Throughput is from each runner's
+    median round. ``clock="thread"`` (CPU only) runs torch on one thread and times that thread's
+    CPU time: on a machine shared with other jobs, wall-clock time measures the neighbours as much
+    as the model, CPU time barely. Returns ``{"seq_s": {name: ...},
     "seconds": {name: [per-step seconds of each round]}}``. Chapter: ``notebooks/03_model.ipynb``.
     """
     from tqdm.auto import tqdm
 
+    if clock not in ("wall", "thread"):
+        raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
+    threads = torch.get_num_threads()
+    if clock == "thread":
+        torch.set_num_threads(1)  # all the work then runs on this thread, which thread_time sees
+    now = time.thread_time if clock == "thread" else time.perf_counter
     names = list(runners)
     batch_size = batch["input_ids"].shape[0]
     bar = tqdm(total=len(names) * (warmup + rounds * steps), desc="train steps", disable=not progress,
@@ -517,13 +530,15 @@ def compare_throughput(runners: dict, batch: dict, rounds: int = 3, steps: int =
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
             model, optimizer, dtype = runners[name]
-            start = time.perf_counter()
+            start = now()
             for _ in range(steps):
                 train_step(model, optimizer, batch, dtype)
                 bar.update()
-            seconds[name].append((time.perf_counter() - start) / steps)
+            seconds[name].append((now() - start) / steps)
     bar.close()
-    seq_s = {name: batch_size * len(s) / sum(s) for name, s in seconds.items()}
+    torch.set_num_threads(threads)
+    # The median step: one round disturbed by another job does not move it.
+    seq_s = {name: batch_size / statistics.median(s) for name, s in seconds.items()}
     return {"seq_s": seq_s, "seconds": seconds}
 
 
@@ -540,3 +555,23 @@ def layer_grad_norms(model: BertForMaskedLM, batch: dict) -> list[float]:
              for layer in model.bert.layers]
     model.zero_grad(set_to_none=True)
     return norms
+
+
+def matmul_peak_flops_one_thread(dtype: torch.dtype = torch.bfloat16, n: int = 2048,
+                                 min_seconds: float = 0.5) -> float:
+    """FLOP/s of a large ``torch.mm`` on one CPU thread, timed in that thread's CPU time: the peak
+    to hold ``compare_throughput(clock="thread")`` against (``bbert.budget.matmul_peak_flops``
+    is its wall-clock, all-threads twin). Chapter: ``notebooks/03_model.ipynb``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.mm(a, b)  # warm-up
+        reps, start = 0, time.thread_time()
+        while reps < 2 or time.thread_time() - start < min_seconds:
+            torch.mm(a, b)
+            reps += 1
+        return 2.0 * n ** 3 * reps / (time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)

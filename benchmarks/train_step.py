@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/train_step.py            # mini and base, packed 8 x 128 batches
     .venv/bin/python benchmarks/train_step.py --quick    # fewer rounds
     .venv/bin/python benchmarks/train_step.py --padded   # + unpadding on vs off on a padded batch
+    .venv/bin/python benchmarks/train_step.py --clock thread   # one thread's CPU time (busy machine)
 
 A step is forward + backward + optimizer step on the same batch of packed 128-token sequences with
 15% of positions masked. Each model runs at the best settings it offers on this device:
@@ -22,7 +23,8 @@ import time
 import torch
 
 from bbert.budget import matmul_peak_flops, training_flops_per_sequence
-from bbert.model import BertConfig, BertForMaskedLM, compare_throughput, random_mlm_batch
+from bbert.model import (BertConfig, BertForMaskedLM, compare_throughput, matmul_peak_flops_one_thread,
+                         random_mlm_batch)
 from bbert.hf import transformers_baseline
 from bbert.optim import build_optimizer
 
@@ -61,6 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--padded", action="store_true", help="also measure unpadding on a padded batch")
     parser.add_argument("--compile", action="store_true", help="also time bbert under torch.compile")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                        help="wall clock (default), or one thread's CPU time: steadier on a shared machine")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 step (a smoke run)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -70,8 +74,13 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} x {args.seq_len}")
     peak_seconds = 0.3 if args.quick else 1.0
-    peaks = {"bf16": matmul_peak_flops(torch.bfloat16, min_seconds=peak_seconds),
-             "fp32": matmul_peak_flops(torch.float32, min_seconds=peak_seconds)}
+    if args.clock == "thread":  # everything on one thread, in its CPU time
+        print("clock: one thread's CPU time (seq/s = sequences per CPU-second of one core)")
+        peaks = {"bf16": matmul_peak_flops_one_thread(torch.bfloat16, min_seconds=peak_seconds),
+                 "fp32": matmul_peak_flops_one_thread(torch.float32, min_seconds=peak_seconds)}
+    else:
+        peaks = {"bf16": matmul_peak_flops(torch.bfloat16, min_seconds=peak_seconds),
+                 "fp32": matmul_peak_flops(torch.float32, min_seconds=peak_seconds)}
     batch = random_mlm_batch(args.batch_size, args.seq_len, VOCAB, seed=0)
     masked = float((batch["labels"] != -100).float().mean())
     results = []
@@ -80,7 +89,7 @@ def main(argv=None) -> int:
         if args.compile:
             model, optimizer = build_bbert(preset)
             runners["bbert+compile"] = (torch.compile(model), optimizer)
-        r = compare_throughput(runners, batch, args.rounds, args.steps, args.warmup)
+        r = compare_throughput(runners, batch, args.rounds, args.steps, args.warmup, clock=args.clock)
         config = runners["bbert"][0].config
         sparse = {"bbert": True, "transformers": False, "bbert+compile": True}
         print(f"\n[{preset}] {config.num_hidden_layers} layers, hidden {config.hidden_size}")
@@ -100,7 +109,7 @@ def main(argv=None) -> int:
         padded = random_mlm_batch(args.batch_size, args.seq_len, VOCAB, lengths=lengths, seed=1)
         preset = args.presets[-1]
         runners = {"unpad": build_bbert(preset, unpad=True), "padded": build_bbert(preset, unpad=False)}
-        r = compare_throughput(runners, padded, args.rounds, args.steps, args.warmup)
+        r = compare_throughput(runners, padded, args.rounds, args.steps, args.warmup, clock=args.clock)
         fill = padded["attention_mask"].float().mean().item()
         print(f"\n[{preset}, padded batch, {fill:.0%} real tokens] unpad {r['seq_s']['unpad']:.2f} seq/s, "
               f"padded {r['seq_s']['padded']:.2f} seq/s: unpadding {ratio_summary(r, 'unpad', 'padded')}")
