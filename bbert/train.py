@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import difflib
 import json
@@ -272,7 +271,11 @@ class TrainConfig:
         choice("precision", self.precision, PRECISIONS)
         choice("schedule", self.schedule, SCHEDULES)
         choice("optimizer", self.optimizer, OPTIMIZERS)
-        choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
+        if self.zero_stage == 3:
+            # ZeRO-3 partitions the weights themselves; bbert's checkpoints and mid-run
+            # validation assume whole weights on every rank (tested up to ZeRO-2)
+            raise ValueError("zero_stage=3 is not supported by bbert.train: use 0 (the paper's), 1 or 2")
+        choice("zero_stage", self.zero_stage, (0, 1, 2))
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if self.micro_batch_size < 1 or self.batch_size < 1:
@@ -581,8 +584,9 @@ class TorchEngine:
     def train(self, mode: bool = True) -> None:
         self.raw_model.train(mode)
 
-    def model_for_saving(self) -> BertForMaskedLM:
-        return self.raw_model
+    def full_state_dict(self) -> dict | None:
+        """The model's weights on rank 0 (None elsewhere); called on every rank."""
+        return {k: v.detach() for k, v in self.raw_model.state_dict().items()} if self.dist.is_main else None
 
     def save_state(self, folder: Path) -> None:
         if self.dist.is_main:
@@ -646,12 +650,15 @@ class DeepSpeedEngine:
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
-    def model_for_saving(self) -> BertForMaskedLM:
-        # bf16/fp16 modules are saved as fp32 copies; the exact fp32 master weights live in
-        # the DeepSpeed checkpoint beside it.
-        if self.config.precision == "fp32":
-            return self.raw_model
-        return copy.deepcopy(self.raw_model).float()
+    def full_state_dict(self) -> dict | None:
+        """fp32 weights on rank 0 (None elsewhere); called on every rank.
+
+        bf16/fp16 weights are widened to fp32; the exact fp32 master weights live in the
+        DeepSpeed checkpoint beside the model folder.
+        """
+        if not self.dist.is_main:
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in self.raw_model.state_dict().items()}
 
     def save_state(self, folder: Path) -> None:
         # every rank writes its own ZeRO shards
@@ -757,8 +764,9 @@ def device_peak_flops(device: torch.device, precision: str) -> float | None:
         for key, gpu in budget.KNOWN_GPUS.items():
             if key in name:
                 return gpu.peak_tflops * 1e12
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return budget.matmul_peak_flops(dtype, n=1024, device=device.type, min_seconds=0.3)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    n = 8192 if device.type == "cuda" else 1024  # a GPU needs big matrices to reach its peak
+    return budget.matmul_peak_flops(dtype, n=n, device=device.type, min_seconds=0.3)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
@@ -1110,12 +1118,20 @@ class Trainer:
         (folder / "rng").mkdir(exist_ok=True)
         torch.save(rng, folder / "rng" / f"rank-{dist.rank:05d}.pt")
         dist.barrier()
+        self._save_model(folder / "model")
         if dist.is_main:
             self.config.to_yaml(folder / "config.yaml")
-            model_dir = folder / "model"
-            self.engine.model_for_saving().save_pretrained(model_dir)
-            self.tokenizer.save_pretrained(str(model_dir))
             atomic_write_json(folder / "budget.json", self._budget_record())  # written last: marks it complete
+
+    def _save_model(self, model_dir: Path) -> None:
+        """A bbert model folder plus the tokenizer (collective; rank 0 writes)."""
+        state = self.engine.full_state_dict()
+        if self.dist.is_main:
+            with torch.device("meta"):  # no memory, no init: the weights come from ``state``
+                model = BertForMaskedLM(self.model_config)
+            model.load_state_dict(state, assign=True)
+            model.save_pretrained(model_dir)
+            self.tokenizer.save_pretrained(str(model_dir))
 
     def _load_checkpoint(self, folder: Path) -> None:
         record = json.loads((folder / "budget.json").read_text())
@@ -1143,8 +1159,7 @@ class Trainer:
     def _save_final(self) -> None:
         if self.dist.is_main:
             with atomic_path(self.run_dir / "final") as tmp:
-                self.engine.model_for_saving().save_pretrained(tmp / "model")
-                self.tokenizer.save_pretrained(str(tmp / "model"))
+                self._save_model(tmp / "model")
                 atomic_write_json(tmp / "budget.json", self._budget_record())
         self.dist.barrier()
 

@@ -96,6 +96,7 @@ def test_unknown_fields_are_named_with_a_suggestion(tmp_path):
     ({"schedule": "step", "max_steps": None}, r"set max_steps"),
     ({"engine": "jax"}, r"engine='jax' is not one of"),
     ({"zero_stage": 2}, r"zero_stage=2 needs engine='deepspeed'"),
+    ({"engine": "deepspeed", "zero_stage": 3}, r"zero_stage=3 is not supported.*use 0"),
     ({"keep_last_checkpoints": 0}, r"keep_last_checkpoints must be >= 1"),
     ({"checkpoint_fractions": [0.5, 1.0]}, r"checkpoint_fractions must lie in \(0, 1\)"),
     ({"model": "gigantic"}, r"unknown preset 'gigantic'"),
