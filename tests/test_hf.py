@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 
 from bbert import hf
 from bbert.cli import main as cli_main
+from bbert.data.tokenizer import wrap_tokenizer
 from bbert.model import BertConfig, BertForMaskedLM
 from bbert.utils import HubUnavailableError
 
@@ -17,6 +18,7 @@ WORDS = "the a cat dog sat on mat budget bert train hour gpu".split()
 
 
 def make_tokenizer():
+    # A small WordPiece vocabulary wrapped the way bbert.data wraps the tokenizers it trains.
     vocab = {t: i for i, t in enumerate(SPECIAL + WORDS + list("abcdefghijklmnopqrstuvwxyz"))}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -24,10 +26,7 @@ def make_tokenizer():
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]",
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    return wrap_tokenizer(tok)
 
 
 def tiny_model(pre_layernorm, **kw):
@@ -68,7 +67,7 @@ def test_export_round_trip_matches_logits(tmp_path, pre_layernorm, arch):
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(ids, mask, token_type_ids=types).logits[real], ours[real],
                                    atol=1e-5, rtol=1e-5)
-    assert back_tok("the cat")["input_ids"] == tok("the cat")["input_ids"]
+    assert back_tok("the cat")["input_ids"] == tok("the cat")["input_ids"] == [2, 5, 7, 3]
 
 
 def test_import_transformers_bert_folder(tmp_path):

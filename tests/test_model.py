@@ -266,3 +266,38 @@ def test_compile_smoke():
     loss.backward()
     assert loss.item() == pytest.approx(eager.item(), abs=1e-4)
     assert model.bert.layers[0].ffn.fc1.weight.grad is not None
+
+
+def test_random_mlm_batch_masks_only_real_tokens():
+    from bbert.model import random_mlm_batch
+
+    b = random_mlm_batch(4, 64, V, lengths=[64, 40, 10, 1], seed=3)
+    assert b["attention_mask"].sum(1).tolist() == [64, 40, 10, 1]
+    assert torch.all(b["input_ids"][b["attention_mask"] == 0] == 0)  # pads are pad id 0
+    assert torch.all(b["labels"][b["attention_mask"] == 0] == -100)
+    selected = b["labels"] != -100
+    torch.testing.assert_close(b["labels"][selected], b["input_ids"][selected])
+    packed = random_mlm_batch(16, 128, V)
+    assert packed["attention_mask"].all()
+    assert 0.12 < (packed["labels"] != -100).float().mean().item() < 0.18
+
+
+def test_compare_throughput_alternates_and_reports_every_runner():
+    from bbert.model import compare_throughput, random_mlm_batch
+
+    batch = random_mlm_batch(2, 16, V)
+    runners = {}
+    for name in ("a", "b"):
+        torch.manual_seed(0)
+        model = BertForMaskedLM(no_dropout())
+        runners[name] = (model, build_optimizer(model), None)  # fp32
+    threads = torch.get_num_threads()
+    result = compare_throughput(runners, batch, rounds=3, progress=False, clock="thread")
+    assert torch.get_num_threads() == threads  # restored
+    assert set(result["seq_s"]) == {"a", "b"} and all(v > 0 for v in result["seq_s"].values())
+    assert all(len(s) == 3 for s in result["seconds"].values())
+    # both took the same 4 optimizer steps (1 warm-up + 3 rounds), so they stayed identical
+    for p, q in zip(runners["a"][0].parameters(), runners["b"][0].parameters()):
+        torch.testing.assert_close(p, q)
+    with pytest.raises(ValueError, match="clock"):
+        compare_throughput(runners, batch, clock="cpu")
