@@ -108,6 +108,15 @@ def test_hub_dataset_fails_fast_offline_naming_the_local_alternative(monkeypatch
     assert time.perf_counter() - started < 5
 
 
+def test_hf_dataset_saved_to_disk_reads_offline(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": ["one doc", "two doc"]})}
+                         ).save_to_disk(tmp_path / "saved")
+    assert list(read_documents([f"hf:{tmp_path / 'saved'}"], text_field="body")) == ["one doc", "two doc"]
+
+
 def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\xe9 au lait is served here\n\nplain ascii paragraph\n".encode("latin-1"))

@@ -144,15 +144,24 @@ def read_wikiextractor(path: Path, stats: ReadStats | None = None) -> Iterator[s
 
 def read_hf_dataset(name: str, config: str | None = None, split: str = "train",
                     text_field: str = "text") -> Iterator[str]:
-    """Documents from a Hugging Face dataset on the hub, streamed (e.g. ``wikimedia/wikipedia``).
+    """Documents from a Hugging Face dataset on the hub, streamed (e.g. ``wikimedia/wikipedia``),
+    or from a local folder written by ``Dataset.save_to_disk``.
 
     Fails at once when offline, naming the local readers instead. Chapter: notebooks/02_data.ipynb.
     """
-    require_hub(f"the dataset {name!r}",
-                "download it once elsewhere and pass local files: JSONL (--format jsonl), "
-                "plain text, a folder of .txt books (--format books) or WikiExtractor output")
     import datasets
 
+    if Path(name).is_dir():  # saved earlier with save_to_disk: no hub needed
+        loaded = datasets.load_from_disk(name)
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded[split]
+        for record in loaded:
+            yield str(record[text_field] or "")
+        return
+    require_hub(f"the dataset {name!r}",
+                "download it once elsewhere and pass local files: JSONL (--format jsonl), "
+                "plain text, a folder of .txt books (--format books), WikiExtractor output, "
+                "or hf:PATH of a dataset saved with save_to_disk")
     for record in datasets.load_dataset(name, config, split=split, streaming=True):
         yield str(record[text_field] or "")
 
