@@ -5,7 +5,9 @@ A run is defined by a wall-clock *budget* (``time_budget_hours``), not a step co
 * the learning rate warms up over ``warmup_proportion`` of the budget and decays linearly to
   zero at its end, with elapsed seconds as the clock (``bbert.optim.TimeBasedSchedule``);
 * the budget is checked after every optimizer step; the run stops at the budget and saves
-  a final checkpoint and ``final/model``;
+  a final checkpoint and ``final/model``. The clock starts at the first step (building the
+  model and starting DeepSpeed are not counted) and includes validation and checkpoints; the
+  budget used so far is saved in every checkpoint, so a resumed run continues the same clock;
 * the global batch (4096 in the paper) comes from gradient accumulation:
   ``batch_size = micro_batch_size x world_size x gradient_accumulation_steps``.
 
@@ -436,7 +438,7 @@ _DEFAULT_VALUES = {f.name: (f.default_factory() if f.default_factory is not data
 
 
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now (for MASTER_PORT)."""
+    """A TCP port that is free on 127.0.0.1 right now (for MASTER_PORT). Chapter: ``notebooks/04_pretraining.ipynb``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -444,7 +446,10 @@ def free_port() -> int:
 
 @dataclass
 class DistEnv:
-    """This process's place in the run, read from the launcher's environment variables."""
+    """This process's place in the run, read from the launcher's environment variables.
+
+    Chapter: ``notebooks/04_pretraining.ipynb``.
+    """
 
     rank: int = 0
     world_size: int = 1
@@ -702,7 +707,12 @@ def read_metrics(run_dir) -> list[dict]:
 
 
 class MetricsLog:
-    """Appends JSON records to ``metrics.jsonl`` (flushed per line), TensorBoard, and the console."""
+    """Appends JSON records to ``metrics.jsonl`` (flushed per line), TensorBoard, and the console.
+
+    On rank 0 only: a tqdm bar of the budget when stdout is a terminal, else one compact
+    ``[bbert] ...% of budget | step ...`` line per log step (what ``bbert.launch`` streams).
+    Chapter: ``notebooks/04_pretraining.ipynb``.
+    """
 
     def __init__(self, run_dir: Path, config: TrainConfig, total: float, unit: str, enabled: bool):
         self.enabled = enabled
@@ -756,7 +766,10 @@ class MetricsLog:
 
 
 def device_peak_flops(device: torch.device, precision: str) -> float | None:
-    """Peak FLOP/s of one device for MFU: the known-GPU table on a GPU, else a short measurement."""
+    """Peak FLOP/s of one device for MFU: the known-GPU table on a GPU, else a short measurement.
+
+    Chapters: ``notebooks/01_budget.ipynb`` (MFU), ``notebooks/04_pretraining.ipynb``.
+    """
     from bbert import budget
 
     if device.type == "cuda":
@@ -773,7 +786,11 @@ def device_peak_flops(device: torch.device, precision: str) -> float | None:
 
 
 def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
-    """Finished checkpoints of a run as ``(step, folder)``, oldest first (``.tmp-*`` folders skipped)."""
+    """Finished checkpoints of a run as ``(step, folder)``, oldest first (``.tmp-*`` folders skipped).
+
+    A checkpoint counts once its ``budget.json`` exists (it is written last, inside the atomic
+    folder). Chapter: ``notebooks/04_pretraining.ipynb``.
+    """
     folder = Path(run_dir) / "checkpoints"
     found = []
     if folder.is_dir():
@@ -788,7 +805,10 @@ def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(run_dir) -> Path | None:
-    """The most advanced finished checkpoint of ``run_dir`` (None if there is none)."""
+    """The most advanced finished checkpoint of ``run_dir`` (None if there is none).
+
+    Chapter: ``notebooks/04_pretraining.ipynb``.
+    """
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
 
@@ -1220,6 +1240,7 @@ def _quiet_deepspeed() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``bbert pretrain`` options. Chapter: ``notebooks/04_pretraining.ipynb``."""
     p = argparse.ArgumentParser(prog="bbert pretrain", description="Time-budgeted masked-LM pretraining (24hBERT).")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", help="a run.yaml written by TrainConfig.to_yaml")
@@ -1241,7 +1262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The ``TrainConfig`` named by parsed command-line arguments."""
+    """The ``TrainConfig`` named by parsed command-line arguments. Chapter: ``notebooks/04_pretraining.ipynb``."""
     config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig.from_preset(args.preset or "24hbert")
     overrides = list(args.overrides)
     if args.data_dir:
@@ -1255,7 +1276,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``bbert pretrain`` / ``python -m bbert.train``. Exit code 0 unless the run hit a NaN (1)."""
+    """``bbert pretrain`` / ``python -m bbert.train``.
+
+    Exit code 0 when the run ends (budget, max_steps, early stop, or interrupted by
+    SIGINT/SIGTERM after saving), 1 on a NaN loss, 2 on a bad config or data dir.
+    Chapter: ``notebooks/04_pretraining.ipynb``.
+    """
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
