@@ -19,6 +19,7 @@ Chapter: ``notebooks/03_model.ipynb``.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, fields
@@ -255,8 +256,12 @@ class _PretrainedMixin:
             tmp.mkdir()
             if save_directory.is_dir():  # keep what else lives there (e.g. the tokenizer)
                 for item in save_directory.iterdir():
-                    if item.name not in (CONFIG_NAME, WEIGHTS_NAME) and item.is_file():
-                        (tmp / item.name).write_bytes(item.read_bytes())
+                    if item.name in (CONFIG_NAME, WEIGHTS_NAME):
+                        continue
+                    if item.is_dir():
+                        shutil.copytree(item, tmp / item.name, symlinks=True)
+                    else:
+                        shutil.copy2(item, tmp / item.name, follow_symlinks=False)
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         return save_directory
@@ -480,17 +485,23 @@ def random_mlm_batch(batch_size: int, seq_len: int, vocab_size: int, mlm_probabi
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
-               amp_dtype: torch.dtype | None = torch.bfloat16) -> float:
+               amp_dtype: torch.dtype | None = torch.bfloat16, scaler=None) -> float:
     """One optimisation step: forward under autocast, backward, optimizer step. Returns the loss.
 
+    bf16 needs no loss scaling; for fp16 on a GPU pass ``scaler=torch.amp.GradScaler("cuda")``.
     Works for bbert and for transformers models (both take input_ids/attention_mask/labels).
     Chapter: ``notebooks/03_model.ipynb``.
     """
     device = next(model.parameters()).device.type
     with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item()  # .item() waits for the device, so a timed step is a finished step
 

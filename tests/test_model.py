@@ -186,12 +186,14 @@ def test_config_errors_are_clear():
 def test_save_and_load_round_trip(tmp_path):
     torch.manual_seed(0)
     model = BertForMaskedLM(no_dropout("tiny", pre_layernorm=False, type_vocab_size=2)).eval()
-    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "sub").mkdir(parents=True)
     (tmp_path / "m" / "tokenizer.json").write_text("{}")  # other files in the folder survive a save
+    (tmp_path / "m" / "sub" / "notes.txt").write_text("kept")
     model.save_pretrained(tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "config.json").read_text())
     assert meta["model_type"] == "bbert" and meta["pre_layernorm"] is False
     assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "tokenizer.json").is_file()
+    assert (tmp_path / "m" / "sub" / "notes.txt").read_text() == "kept"
     loaded = BertForMaskedLM.from_pretrained(tmp_path / "m").eval()
     assert loaded.config == model.config
     ids, _ = batch()
