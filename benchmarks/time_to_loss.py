@@ -37,10 +37,16 @@ OUT = HERE / "out" / "time_to_loss"
 
 
 def prepare_data(out_dir: Path, vocab_size: int) -> Path:
-    """The embedded corpus as a bbert data dir (re-run safe: an existing one is reused)."""
-    from bbert.data import PrepareConfig, prepare
+    """The embedded corpus as a bbert data dir: reused when it matches, rebuilt when it is stale."""
+    from bbert.data import DataDirError, PrepareConfig, prepare
 
-    prepare(PrepareConfig(out=str(out_dir), vocab_size=vocab_size, progress=False))
+    config = PrepareConfig(out=str(out_dir), vocab_size=vocab_size, progress=False)
+    try:
+        prepare(config)
+    except DataDirError as err:  # made by an older bbert: this scratch folder is ours to replace
+        print(f"rebuilding {out_dir}: {err}", flush=True)
+        config.overwrite = True
+        prepare(config)
     return out_dir
 
 
