@@ -204,7 +204,7 @@ def to_transformers(model: BertForMaskedLM):
                   intermediate_size=config.intermediate_size, hidden_act="gelu",
                   hidden_dropout_prob=config.hidden_dropout_prob,
                   attention_probs_dropout_prob=config.attention_probs_dropout_prob,
-                  type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps,
+                  type_vocab_size=max(2, config.type_vocab_size), layer_norm_eps=config.layer_norm_eps,
                   initializer_range=config.initializer_range, pad_token_id=config.pad_token_id,
                   tie_word_embeddings=True)
     offset = config.pad_token_id + 1 if config.pre_layernorm else 0
@@ -219,6 +219,11 @@ def to_transformers(model: BertForMaskedLM):
     V = config.vocab_size
     sd["bert.embeddings.word_embeddings.weight"] = sd["bert.embeddings.word_embeddings.weight"][:V]
     sd["mlm_head.bias"] = sd["mlm_head.bias"][:V]
+    if config.type_vocab_size == 1:
+        # bbert ignores token_type_ids with one segment; two equal rows make transformers ignore
+        # them too, instead of failing on the 1s a BERT tokenizer gives sentence pairs.
+        key = "bert.embeddings.token_type_embeddings.weight"
+        sd[key] = sd[key].repeat(2, 1)
     pos = sd["bert.embeddings.position_embeddings.weight"]
     # RoBERTa looks up position pad_token_id + 1 + i for token i; rows below are never used by real tokens.
     sd["bert.embeddings.position_embeddings.weight"] = torch.cat([pos.new_zeros(offset, pos.shape[1]), pos])

@@ -29,10 +29,10 @@ def make_tokenizer():
     return wrap_tokenizer(tok)
 
 
-def tiny_model(pre_layernorm, **kw):
+def tiny_model(pre_layernorm, segments=2, **kw):
     torch.manual_seed(0)
     config = BertConfig.from_preset("tiny", vocab_size=len(make_tokenizer()), pre_layernorm=pre_layernorm,
-                                    type_vocab_size=2, **kw)
+                                    type_vocab_size=segments, **kw)
     return BertForMaskedLM(config).eval()
 
 
@@ -42,10 +42,10 @@ def padded_batch(tokenizer):
     return enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
 
 
-@pytest.mark.parametrize("pre_layernorm,arch", [(True, "RobertaPreLayerNormForMaskedLM"),
-                                                (False, "BertForMaskedLM")])
-def test_export_round_trip_matches_logits(tmp_path, pre_layernorm, arch):
-    model, tokenizer = tiny_model(pre_layernorm), make_tokenizer()
+@pytest.mark.parametrize("pre_layernorm,arch,segments", [(True, "RobertaPreLayerNormForMaskedLM", 1),
+                                                         (False, "BertForMaskedLM", 2)])
+def test_export_round_trip_matches_logits(tmp_path, pre_layernorm, arch, segments):
+    model, tokenizer = tiny_model(pre_layernorm, segments=segments), make_tokenizer()
     assert model.config.padded_vocab_size != model.config.vocab_size  # the vocab padding is exercised
     out = hf.export_to_transformers(model, tokenizer, tmp_path / "export")
     loaded = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
@@ -53,7 +53,7 @@ def test_export_round_trip_matches_logits(tmp_path, pre_layernorm, arch):
     tok = transformers.AutoTokenizer.from_pretrained(out)
     ids, mask, types = padded_batch(tok)
     torch.testing.assert_close(ids, padded_batch(tokenizer)[0])
-    assert mask.min() == 0  # pads present
+    assert mask.min() == 0 and types.max() == 1  # pads and sentence pairs present
     with torch.no_grad():
         ours = model(ids, mask, token_type_ids=types).logits
         theirs = loaded(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
