@@ -283,6 +283,18 @@ def _pretrain_tiny_checkpoint(work: Path, seconds: float = 30.0) -> Path:
 
 @pytest.mark.slow
 def test_tiny_finetune_scores_clearly_above_chance(tmp_path):
+    import torch
+
+    # tiny ops don't parallelise; with a busy second core two threads are ~10x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _tiny_end_to_end(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tiny_end_to_end(tmp_path):
     ckpt = _pretrain_tiny_checkpoint(tmp_path / "pretraining")  # a run dir: final/ is read
     data = glue.make_corpus_source_task(tmp_path / "task", train_per_source=150, eval_per_source=50)
     # a tiny model wants a higher lr than BERT's grid; one seed (selection is tested above)
