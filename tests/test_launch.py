@@ -173,3 +173,16 @@ def test_failure_raises_with_the_log_tail(tmp_path, data_dir, monkeypatch):
     message = str(err.value)
     assert "exited with code" in message and "nowhere" in message
     assert str(tmp_path / "run" / "launch.log") in message
+
+
+@pytest.mark.slow
+def test_launch_with_the_deepspeed_launcher_on_two_cpu_ranks(tmp_path, data_dir):
+    config = tiny_config(data_dir, tmp_path / "run", engine="deepspeed", checkpoint_fractions=[])
+    run_dir = launch(config, num_gpus=2)
+    log = (run_dir / "launch.log").read_text()
+    assert "dist_world_size=2" in log  # DeepSpeed's launcher started two ranks
+    end = records(run_dir, "end")
+    assert end and end[-1]["reason"] == "budget"
+    budget = json.loads((run_dir / "final" / "budget.json").read_text())
+    assert budget["world_size"] == 2
+    assert (run_dir / "final" / "model" / "model.safetensors").is_file()
