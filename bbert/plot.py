@@ -196,9 +196,9 @@ def plot_layer_grad_norms(norms: dict, ax=None):
     fig, (ax,) = _new_figure() if ax is None else (ax.figure, [ax])
     for label, values in norms.items():
         ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
-    ax.set_yscale("log")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("layer")
-    ax.set_ylabel("gradient norm (log scale)")
+    ax.set_ylabel("gradient norm")
     ax.set_title("gradients at initialisation")
     ax.legend()
     fig.tight_layout()
