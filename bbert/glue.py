@@ -510,7 +510,16 @@ def load_classifier(model_path: str | os.PathLike, num_labels: int):
     from bbert.hf import load_pretrained
     from bbert.model import BertForSequenceClassification
 
-    mlm, tokenizer = load_pretrained(model_path)
+    from transformers.utils import logging as hf_logging
+
+    # AutoTokenizer peeks at the folder's config.json (model_type "bbert") and warns that it
+    # doesn't know it; the tokenizer itself loads fine, so keep that warning out of the way.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        mlm, tokenizer = load_pretrained(model_path)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model = BertForSequenceClassification(mlm.config, num_labels)
     model.bert.load_state_dict(mlm.bert.state_dict())
     return model, tokenizer
