@@ -328,9 +328,48 @@ def _signal_group(child: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def _trainer_pids(child: subprocess.Popen) -> list[int]:
+    """The processes running ``-m bbert.train`` in the run (the ranks), launcher processes left out.
+
+    Needs psutil (installed with DeepSpeed); without it the list is empty.
+    """
+    try:
+        import psutil
+    except ImportError:
+        return []
+    try:
+        root = psutil.Process(child.pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+    pids = []
+    for proc in procs:
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue
+        if any(a == "-m" and b == "bbert.train" for a, b in zip(cmd, cmd[1:])):
+            pids.append(proc.pid)
+    return pids
+
+
 def _stop(child: subprocess.Popen, timeout: float) -> None:
-    """SIGINT to the run's process group (what Ctrl-C does in a terminal), then wait for its checkpoint."""
-    _signal_group(child, signal.SIGINT)
+    """Ask the ranks to save a checkpoint and stop (SIGINT, as Ctrl-C), then wait for them.
+
+    The signal goes to the trainer processes only: the deepspeed and torchrun launchers answer
+    a SIGINT of their own by terminating the ranks with a 30-second grace, which a large
+    checkpoint may need more than. Once the ranks exit, the launchers exit by themselves.
+    Without psutil, the whole process group gets the SIGINT (what a terminal's Ctrl-C does).
+    """
+    pids = _trainer_pids(child)
+    if pids:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+    else:
+        _signal_group(child, signal.SIGINT)
     try:
         child.wait(timeout=timeout)
     except KeyboardInterrupt:

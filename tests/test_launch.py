@@ -132,35 +132,47 @@ def test_launch_runs_a_tiny_run_to_completion(tmp_path, data_dir, capsys):
     assert fig.axes[0].get_xlabel().endswith("(minutes)")
 
 
+def interrupt_after(run_dir, train_records=2):
+    """From a thread: SIGINT this process (what the notebook's stop button does to the kernel)
+    once the run has logged ``train_records`` steps."""
+    main_thread = threading.main_thread()
+
+    def wait_and_interrupt():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            metrics = Path(run_dir) / "metrics.jsonl"
+            if metrics.is_file() and metrics.read_text().count('"type": "train"') >= train_records:
+                break
+            time.sleep(0.2)
+        assert main_thread.is_alive()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=wait_and_interrupt, daemon=True)
+    thread.start()
+    return thread
+
+
+def assert_interrupted_with_checkpoint(run_dir, min_step=2):
+    end = records(run_dir, "end")
+    assert end and end[-1]["reason"] == "interrupted"
+    checkpoints = records(run_dir, "checkpoint")
+    assert checkpoints and checkpoints[-1]["step"] == end[-1]["step"] >= min_step
+    saved = run_dir / "checkpoints" / checkpoints[-1]["name"]
+    assert (saved / "model" / "model.safetensors").is_file() and (saved / "budget.json").is_file()
+    return json.loads((saved / "budget.json").read_text())
+
+
 def test_interrupt_saves_a_checkpoint_and_returns(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     # an hour of budget: only the interruption can end this run
     config = tiny_config(data_dir, run_dir, time_budget_hours=1.0, validation_every_minutes=None,
                          checkpoint_fractions=[])
-    main_thread = threading.main_thread()
-
-    def interrupt_after_two_steps():
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.is_file() and metrics.read_text().count('"type": "train"') >= 2:
-                break
-            time.sleep(0.2)
-        assert main_thread.is_alive()
-        os.kill(os.getpid(), signal.SIGINT)  # what the notebook's stop button does to the kernel
-
-    thread = threading.Thread(target=interrupt_after_two_steps, daemon=True)
-    thread.start()
+    thread = interrupt_after(run_dir)
     start = time.time()
     assert launch(config, num_gpus=1) == run_dir
     thread.join()
     assert time.time() - start < 150
-    end = records(run_dir, "end")
-    assert end and end[-1]["reason"] == "interrupted"
-    checkpoints = records(run_dir, "checkpoint")
-    assert checkpoints and checkpoints[-1]["step"] == end[-1]["step"] >= 2
-    saved = run_dir / "checkpoints" / checkpoints[-1]["name"]
-    assert (saved / "model" / "model.safetensors").is_file() and (saved / "budget.json").is_file()
+    assert_interrupted_with_checkpoint(run_dir)
 
 
 def test_failure_raises_with_the_log_tail(tmp_path, data_dir, monkeypatch):
@@ -176,13 +188,15 @@ def test_failure_raises_with_the_log_tail(tmp_path, data_dir, monkeypatch):
 
 
 @pytest.mark.slow
-def test_launch_with_the_deepspeed_launcher_on_two_cpu_ranks(tmp_path, data_dir):
-    config = tiny_config(data_dir, tmp_path / "run", engine="deepspeed", checkpoint_fractions=[])
-    run_dir = launch(config, num_gpus=2)
+def test_deepspeed_launcher_two_cpu_ranks_interrupted_cleanly(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    config = tiny_config(data_dir, run_dir, engine="deepspeed", time_budget_hours=1.0,
+                         validation_every_minutes=None, checkpoint_fractions=[])
+    thread = interrupt_after(run_dir)
+    assert launch(config, num_gpus=2) == run_dir
+    thread.join()
+    assert assert_interrupted_with_checkpoint(run_dir)["world_size"] == 2
     log = (run_dir / "launch.log").read_text()
     assert "dist_world_size=2" in log  # DeepSpeed's launcher started two ranks
-    end = records(run_dir, "end")
-    assert end and end[-1]["reason"] == "budget"
-    budget = json.loads((run_dir / "final" / "budget.json").read_text())
-    assert budget["world_size"] == 2
-    assert (run_dir / "final" / "model" / "model.safetensors").is_file()
+    # the ranks got the SIGINT, saved and exited; the launcher did not have to kill them
+    assert log.count("exits successfully") == 2 and "Killing subprocess" not in log
