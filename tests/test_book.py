@@ -91,6 +91,10 @@ def toc_files(node) -> list[str]:
 
 
 CHAPTERS = toc_files(yaml.safe_load((ROOT / "_toc.yml").read_text()))
+# The chapters whose plots the book promises (the planner, the speed-up bars, the schedule and
+# loss curves, the GLUE scores). Every other page must still load every image it has.
+PLOT_CHAPTERS = ["notebooks/01_budget", "notebooks/03_model", "notebooks/04_pretraining",
+                 "notebooks/05_finetuning"]
 
 
 def find_chromium() -> str | None:
@@ -191,10 +195,9 @@ def test_page_shows_its_figures(reports, chapter):
     assert report["title"].strip(), f"{chapter}: the page has no title"
     broken = [im["src"] for im in report["images"] if not (im["width"] > 0 and im["height"] > 0)]
     assert not broken, f"{chapter}: images that did not load: {broken}"
-    if chapter.startswith("notebooks/"):
+    if chapter in PLOT_CHAPTERS:
         figures = [im for im in report["images"] if im["in_output"]]
-        widgets = [v for v in report["widget_views"] if v["rendered"]]
-        assert figures or widgets, f"{chapter}: the executed notebook shows no figure and no widget"
+        assert figures, f"{chapter}: the executed notebook shows no figure (its plots are missing)"
     if report["math_nodes"]:
         assert report["math_rendered"] > 0, f"{chapter}: math is not rendered (MathJax did not load)"
 
