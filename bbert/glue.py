@@ -17,7 +17,6 @@ Chapter: notebooks/05_finetuning.ipynb
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import itertools
 import json
@@ -29,7 +28,7 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from bbert.utils import atomic_path, atomic_write_json, atomic_write_text, require_hub, set_seed
 
@@ -270,13 +269,12 @@ def load_glue_hub(task: str | TaskSpec) -> TaskData:
     hub = datasets.load_dataset("nyu-mll/glue", spec.name)
     if "test_ax" in spec.test_splits:
         hub["test_ax"] = datasets.load_dataset("nyu-mll/glue", "ax")["test"]
-    text_a, *rest = spec.text_columns
     splits = {}
     for split in spec.files:
         if split not in hub:
             continue
         rows = hub[split]
-        cols = ("premise", "hypothesis") if split == "test_ax" else spec.text_columns
+        cols = spec.text_columns  # the hub's AX uses MNLI's premise/hypothesis columns too
         splits[split] = [{
             "idx": int(r["idx"]),
             "text_a": r[cols[0]],
