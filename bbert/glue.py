@@ -1028,22 +1028,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cli_tasks(args) -> list[TaskData]:
+    if args.train_file or args.dev_file:
+        if not (args.train_file and args.dev_file):
+            raise ValueError("a custom task needs both --train-file and --dev-file")
+        return [load_custom_task(args.train_file, args.dev_file,
+                                 [c.strip() for c in args.text_columns.split(",")],
+                                 args.label_column, args.test_file, args.task_name,
+                                 args.labels.split(",") if args.labels else None, args.regression)]
+    if not (args.glue_dir or args.hub):
+        raise ValueError("say where GLUE is: --glue-dir glue_data (the original download layout) "
+                         "or --hub; or give a custom task with --train-file/--dev-file")
+    return [load_task(t, args.glue_dir, args.hub) for t in args.tasks.split(",") if t.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``bbert finetune``. Chapter: notebooks/05_finetuning.ipynb"""
     args = build_parser().parse_args(argv)
-    if args.train_file or args.dev_file:
-        if not (args.train_file and args.dev_file):
-            raise SystemExit("bbert finetune: a custom task needs both --train-file and --dev-file")
-        tasks = [load_custom_task(args.train_file, args.dev_file,
-                                  [c.strip() for c in args.text_columns.split(",")],
-                                  args.label_column, args.test_file, args.task_name,
-                                  args.labels.split(",") if args.labels else None, args.regression)]
-    else:
-        if not (args.glue_dir or args.hub):
-            raise SystemExit("bbert finetune: say where GLUE is: --glue-dir glue_data (the original "
-                             "download layout) or --hub; or give a custom task with --train-file")
-        names = [t for t in args.tasks.split(",") if t.strip()]
-        tasks = [load_task(t, args.glue_dir, args.hub) for t in names]
+    try:
+        tasks = _cli_tasks(args)
+    except (ConnectionError, FileNotFoundError, ValueError) as err:  # bad input: say so, no traceback
+        raise SystemExit(f"bbert finetune: {err}") from None
     base = FinetuneConfig(max_train_examples=args.max_train_examples,
                           max_seq_length=args.max_seq_length,
                           warmup_proportion=args.warmup_proportion,

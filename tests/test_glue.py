@@ -260,6 +260,8 @@ def test_cli_rejects_missing_source(capsys):
         glue.main(["model", "--out", "x", "--tasks", "rte"])
     with pytest.raises(SystemExit, match="--dev-file"):
         glue.main(["model", "--out", "x", "--train-file", "a.tsv"])
+    with pytest.raises(SystemExit, match=r"bbert finetune: .*train.tsv not found.*<glue_dir>/RTE/train.tsv"):
+        glue.main(["model", "--out", "x", "--glue-dir", "no/such/dir", "--tasks", "rte"])
 
 
 # ---- end to end: a tiny pretrained checkpoint, finetuned on a learnable offline task ----
