@@ -334,10 +334,10 @@ class TrainConfig:
         except (TypeError, ValueError) as e:
             raise ValueError(f"model={self.model!r} with model_overrides={self.model_overrides}: {e}") from e
         if check_data:
-            self._validate_data()
+            self._validate_data(world_size)
         return self
 
-    def _validate_data(self) -> None:
+    def _validate_data(self, world_size: int = 1) -> None:
         data_dir = Path(self.data_dir)
         if not (data_dir / "manifest.json").is_file():
             raise ValueError(f"data_dir {str(data_dir)!r} has no manifest.json: prepare it first with "
@@ -353,6 +353,14 @@ class TrainConfig:
         if self.validation_every_minutes is not None and not splits.get("val", {}).get("num_samples"):
             raise ValueError(f"data_dir {str(data_dir)!r} has no validation split: prepare it with a val "
                              "split, or set validation_every_minutes=null")
+        # The loaders give every rank whole micro-batches; catch a too-small split now, not at the end.
+        per_step = world_size * self.micro_batch_size
+        for split in ("train", "val") if self.validation_every_minutes is not None else ("train",):
+            have = splits.get(split, {}).get("num_samples", 0)
+            if have < per_step:
+                raise ValueError(f"split {split!r} of {str(data_dir)!r} has {have} samples, fewer than one "
+                                 f"micro-batch on every rank ({world_size} x {self.micro_batch_size}): prepare "
+                                 "more text (or raise --val-fraction), or lower micro_batch_size")
 
 
 def _preset_24hbert() -> dict:

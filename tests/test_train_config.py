@@ -1,6 +1,8 @@
 """TrainConfig: presets, YAML, overrides, validation errors, the generated DeepSpeed config."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -153,3 +155,21 @@ def test_print_config_shows_the_deepspeed_config(capsys):
     assert main(["--preset", "24hbert", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "time_budget_hours: 24.0" in out and '"train_batch_size": 4096' in out
+
+
+
+def test_a_split_smaller_than_one_micro_batch_per_rank_is_refused_before_the_run(tmp_path):
+    from helpers_train import make_data_dir
+
+    data = make_data_dir(tmp_path / "data")
+    n_val = json.loads((data / "manifest.json").read_text())["splits"]["val"]["num_samples"]
+    too_big = n_val + 1
+    c = TrainConfig.from_preset("tiny-cpu", data_dir=str(data), max_seq_length=64,
+                                micro_batch_size=too_big, batch_size=2 * too_big)
+    with pytest.raises(ValueError, match=r"split 'val'.*fewer than one micro-batch.*lower micro_batch_size"):
+        c.validate(world_size=1)
+    ok = TrainConfig.from_preset("tiny-cpu", data_dir=str(data), max_seq_length=64,
+                                 micro_batch_size=1, batch_size=too_big)
+    ok.validate(world_size=1)
+    with pytest.raises(ValueError, match=rf"\({too_big} x 1\)"):
+        ok.validate(world_size=too_big)
