@@ -573,14 +573,15 @@ class TorchEngine:
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach().float()
 
-    def optimizer_step(self, lr: float) -> float | None:
+    def optimizer_step(self, lr: float, want_norm: bool = True) -> float | None:
         set_lr(self.optimizer, lr)
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        norm = None
         if self.config.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        else:
+        elif want_norm:  # an extra pass over every gradient: only on steps that log it
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -588,7 +589,7 @@ class TorchEngine:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return None if norm is None else float(norm)
 
     def eval_loss(self, batch: dict) -> torch.Tensor:
         with self.autocast():
@@ -645,10 +646,10 @@ class DeepSpeedEngine:
             self.engine.step()  # only counts the micro-step: not an accumulation boundary
         return loss.detach().float()
 
-    def optimizer_step(self, lr: float) -> float | None:
+    def optimizer_step(self, lr: float, want_norm: bool = True) -> float | None:
         set_lr(self.optimizer, lr)
         norm = None
-        if self.config.zero_stage == 0 and self.config.precision == "fp32":
+        if want_norm and self.config.zero_stage == 0 and self.config.precision == "fp32":
             grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
             norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
         self.engine.step()
@@ -992,7 +993,7 @@ class Trainer:
                     reason = "nan"  # the weights never see this step: the last checkpoint stays good
                     log.message(f"non-finite loss at step {self.step + 1}: stopping; the last good checkpoint is kept")
                     break
-                grad_norm = self.engine.optimizer_step(lr)
+                grad_norm = self.engine.optimizer_step(lr, want_norm=(self.step + 1) % cfg.log_every_steps == 0)
                 self.step += 1
                 self.samples += cfg.batch_size
                 self.elapsed = clock_sum / dist.world_size
