@@ -459,3 +459,13 @@ def test_dataset_errors_on_missing_or_tiny_data(tmp_path, data_dir):
         PretrainingDataset(tmp_path)
     with pytest.raises(DataDirError, match="fewer than one global batch"):
         PretrainingDataset(data_dir, "val", micro_batch_size=10**6)
+
+
+def test_loader_leaves_the_global_torch_rng_alone(data_dir):
+    # A resumed run restores the global RNG (dropout); iterating the loader must not draw from it.
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    batches = iter(build_pretraining_loader(data_dir, "train", 4, seed=1))
+    next(batches)
+    assert torch.equal(torch.rand(3), expected)

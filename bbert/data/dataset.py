@@ -133,5 +133,8 @@ def build_pretraining_loader(data_dir, split: str, micro_batch_size: int, rank: 
     """
     dataset = PretrainingDataset(data_dir, split, rank, world_size, seed, start_sample, masking,
                                  micro_batch_size, infinite, shuffle)
+    # The DataLoader draws a base seed when iterated; its own generator keeps the global torch
+    # RNG (dropout, which a resumed run restores exactly) untouched.
     return torch.utils.data.DataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,
-                                       pin_memory=pin_memory, persistent_workers=False)
+                                       pin_memory=pin_memory, persistent_workers=False,
+                                       generator=torch.Generator().manual_seed(seed))
