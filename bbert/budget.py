@@ -263,21 +263,26 @@ class Throughput:
 
 
 def measure_throughput(model: str = "tiny", seq_len: int = 128, micro_batch_size: int = 8,
-                       steps: int = 3, precision: str = "bf16", device: str | None = None,
+                       steps: int = 3, precision: str = "auto", device: str | None = None,
                        masked_fraction: float = 0.15, vocab_size: int = 30522,
                        seed: int = 0) -> Throughput:
     """Time a few real training steps (sparse MLM head, AdamW) of a model preset on this device.
 
     Random tokens stand in for text: the speed of a step does not depend on what the tokens say.
-    One untimed warm-up step comes first. Chapter: ``notebooks/01_budget.ipynb``.
+    One untimed warm-up step comes first. ``precision="auto"`` is bf16 where the device runs it
+    natively (``bbert.utils.fast_bf16``), else fp32. Chapter: ``notebooks/01_budget.ipynb``.
     """
     import torch
 
     from bbert.model import BertForMaskedLM
 
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    from bbert.utils import fast_bf16
+
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if precision == "auto":  # bf16 where the device runs it natively
+        precision = "bf16" if fast_bf16(device) else "fp32"
     if precision == "fp16" and device == "cpu":
         raise ValueError("fp16 autocast is for GPUs; use precision='bf16' or 'fp32' on CPU")
     torch.manual_seed(seed)
@@ -332,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure", action="store_true",
                         help="measure the throughput with a few real training steps on this device")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="for --measure")
-    parser.add_argument("--precision", default=None, help="for --measure: bf16 (CPU default) or fp16")
+    parser.add_argument("--precision", default=None, help="for --measure: fp16 (GPU default), bf16 (CPU default where native) or fp32")
     parser.add_argument("--list-gpus", action="store_true", help="print the known-GPU table and exit")
     args = parser.parse_args(argv)
 
@@ -347,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             on_gpu = torch.cuda.is_available()
-            precision = args.precision or ("fp16" if on_gpu else "bf16")
+            from bbert.utils import fast_bf16
+
+            precision = args.precision or ("fp16" if on_gpu else "bf16" if fast_bf16("cpu") else "fp32")
             result = measure_throughput(args.model, args.seq_len, args.micro_batch_size, precision=precision)
             print(f"measured: {result}")
             throughput, source = result.seq_per_s, f"measured on {result.device}"

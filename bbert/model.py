@@ -12,7 +12,8 @@ The speed-ups the paper relies on, each switchable for the model chapter to meas
 - ``unpad``: pad tokens are dropped from every per-token op (projections, FFN, LayerNorms), as in
   MosaicBERT; they are put back only around the attention product itself;
 - the vocabulary is padded to a multiple of 8 so the decoder matmul is tensor-core friendly.
-Mixed precision (bf16 autocast) and ``torch.compile`` are applied from outside, by the trainer.
+Mixed precision (bf16 autocast, where the device runs bf16 natively) and ``torch.compile`` are
+applied from outside, by the trainer.
 
 Chapter: ``notebooks/03_model.ipynb``.
 """
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bbert.utils import atomic_path
+from bbert.utils import atomic_path, autocast_dtype
 
 PRESETS = {
     #         layers, hidden, heads
@@ -485,14 +486,20 @@ def random_mlm_batch(batch_size: int, seq_len: int, vocab_size: int, mlm_probabi
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
-               amp_dtype: torch.dtype | None = torch.bfloat16, scaler=None) -> float:
+               amp_dtype: torch.dtype | str | None = "auto", scaler=None) -> float:
     """One optimisation step: forward under autocast, backward, optimizer step. Returns the loss.
 
-    bf16 needs no loss scaling; for fp16 on a GPU pass ``scaler=torch.amp.GradScaler("cuda")``.
+    ``amp_dtype="auto"`` is bf16 where the device runs it natively (``bbert.utils.fast_bf16``),
+    else fp32; None is fp32. bf16 needs no loss scaling; for fp16 on a GPU pass
+    ``scaler=torch.amp.GradScaler("cuda")``.
     Works for bbert and for transformers models (both take input_ids/attention_mask/labels).
     Chapter: ``notebooks/03_model.ipynb``.
     """
     device = next(model.parameters()).device.type
+    if isinstance(amp_dtype, str):
+        if amp_dtype != "auto":
+            raise ValueError(f"amp_dtype must be a torch dtype, None or 'auto', got {amp_dtype!r}")
+        amp_dtype = autocast_dtype(device)
     with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         loss = model(**batch).loss
     if scaler is not None:
@@ -507,7 +514,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
 
 
 def compare_throughput(runners: dict, batch: dict, rounds: int = 3, steps: int = 1, warmup: int = 1,
-                       amp_dtype: torch.dtype | None = torch.bfloat16, progress: bool = True,
+                       amp_dtype: torch.dtype | str | None = "auto", progress: bool = True,
                        clock: str = "wall") -> dict:
     """Training throughput (sequences/s) of several ``name -> (model, optimizer)`` on one batch.
 

@@ -158,10 +158,12 @@ def plot_gpu_table(num_gpus: int = 8, hours: float = 24.0, model: str = "large",
 # Chapter: notebooks/03_model.ipynb.
 
 
-def plot_speedups(speedups: dict, mfu: dict | None = None, title: str = "training step, this machine"):
+def plot_speedups(speedups: dict, mfu: dict | None = None, title: str = "training step, this machine",
+                  peak: str = "bf16"):
     """Bar chart of measured speed-ups (x times a baseline), and the MFU of each model when given.
 
-    ``speedups``: ``{label: ratio}``; ``mfu``: ``{label: fraction of the bf16 matmul peak}``.
+    ``speedups``: ``{label: ratio}``; ``mfu``: ``{label: fraction of the matmul peak}``
+    in precision ``peak`` (``"bf16"``, or ``"fp32"`` where bf16 is not native).
     Chapter: ``notebooks/03_model.ipynb``.
     """
     fig, axes = _new_figure(ncols=2 if mfu else 1, width=11 if mfu else 6.4,
@@ -182,7 +184,7 @@ def plot_speedups(speedups: dict, mfu: dict | None = None, title: str = "trainin
         bars = ax.barh(labels, values, color="tab:blue")
         ax.bar_label(bars, labels=[f"{v:.0f}%" for v in values], padding=3)
         ax.set_xlim(0, max(100, max(values) * 1.2))
-        ax.set_xlabel("MFU: % of the measured bf16 torch.mm peak")
+        ax.set_xlabel(f"MFU: % of the measured {peak} torch.mm peak")
         ax.set_title("model FLOPs utilisation")
     fig.tight_layout()
     return fig

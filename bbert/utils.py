@@ -125,3 +125,35 @@ def require_hub(what: str, offline_alternative: str) -> None:
             f"{what} needs the Hugging Face hub, which can't be reached from here "
             f"(offline, or HF_HUB_OFFLINE=1). Offline alternative: {offline_alternative}"
         )
+
+
+def fast_bf16(device: str = "cpu") -> bool:
+    """True where bf16 matmuls run natively on ``device``, so that bf16 autocast is a speed-up.
+
+    A CUDA GPU with bf16; an x86 CPU with AVX-512 BF16 or AMX. Elsewhere (an AVX2-only CPU, most
+    laptops) torch emulates bf16 matmuls, about 100x slower than fp32 on a 2-core AVX2 EPYC, so
+    bbert's CPU defaults fall back to fp32 there. ``BBERT_CPU_BF16=1`` or ``0`` overrides the
+    CPU check. Chapter: ``notebooks/03_model.ipynb`` (mixed precision).
+    """
+    import torch
+
+    kind = str(device).split(":")[0]
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind != "cpu":
+        return False
+    forced = os.environ.get("BBERT_CPU_BF16", "").strip().lower()
+    if forced in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return forced in ("1", "true", "yes", "on")
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def autocast_dtype(device: str = "cpu"):
+    """bf16 where :func:`fast_bf16` holds, else None (train in fp32): the default mixed precision
+    of bbert's measuring helpers. Chapter: ``notebooks/03_model.ipynb``.
+    """
+    import torch
+
+    return torch.bfloat16 if fast_bf16(device) else None

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from bbert.model import (PRESETS, BertConfig, BertForMaskedLM, BertForSequenceClassification, BertLayer,
-                         BertModel, num_parameters)
+                         BertModel, num_parameters, random_mlm_batch, train_step)
 from bbert.optim import build_optimizer, param_groups
 
 V = 1000  # a small vocabulary keeps every preset cheap to build
@@ -303,3 +303,25 @@ def test_compare_throughput_alternates_and_reports_every_runner():
         torch.testing.assert_close(p, q)
     with pytest.raises(ValueError, match="clock"):
         compare_throughput(runners, batch, clock="cpu")
+
+
+def test_train_step_auto_precision_follows_fast_bf16(monkeypatch):
+    # "auto" autocasts to bf16 only where bf16 is native; the autocast dtype shows in the logits.
+    seen = []
+
+    class Spy(BertForMaskedLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            seen.append(out.logits.dtype)
+            return out
+
+    torch.manual_seed(0)
+    model = Spy(no_dropout("tiny", num_hidden_layers=1))
+    optimizer = build_optimizer(model, lr=1e-3)
+    data = random_mlm_batch(2, 16, V, seed=0)
+    for flag, dtype in (("0", torch.float32), ("1", torch.bfloat16)):
+        monkeypatch.setenv("BBERT_CPU_BF16", flag)
+        assert isinstance(train_step(model, optimizer, data), float)
+        assert seen[-1] == dtype
+    with pytest.raises(ValueError, match="amp_dtype"):
+        train_step(model, optimizer, data, amp_dtype="bf16")

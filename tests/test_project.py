@@ -115,3 +115,18 @@ def test_bbert_console_script_runs():
     exe = Path(sys.executable).with_name("bbert")
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
     assert "prepare" in out and "pretrain" in out
+
+
+def test_fast_bf16_follows_the_cpu_flags_and_the_override(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("BBERT_CPU_BF16", raising=False)
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert utils.fast_bf16("cpu") is native
+    assert utils.autocast_dtype("cpu") == (torch.bfloat16 if native else None)
+    monkeypatch.setenv("BBERT_CPU_BF16", "0")
+    assert utils.fast_bf16("cpu") is False and utils.autocast_dtype("cpu") is None
+    monkeypatch.setenv("BBERT_CPU_BF16", "1")
+    assert utils.fast_bf16("cpu") is True and utils.autocast_dtype("cpu") is torch.bfloat16
+    assert utils.fast_bf16("meta") is False
+    assert utils.fast_bf16("cuda") is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bbert.train import TrainConfig, build_parser, config_from_args
+from bbert.utils import fast_bf16
 
 
 def test_24hbert_preset_is_the_papers_run():
@@ -54,8 +55,21 @@ def test_24hbert_optimizer_has_the_papers_adamw_settings():
 def test_tiny_cpu_preset_runs_on_this_cpu():
     c = TrainConfig.from_preset("tiny-cpu")
     c.validate(world_size=1, check_data=False)
-    assert c.engine == "torch" and c.precision in ("bf16", "fp32")
+    assert c.engine == "torch" and c.precision == ("bf16" if fast_bf16("cpu") else "fp32")
     assert c.time_budget_seconds <= 180
+
+
+def test_tiny_cpu_preset_trains_in_fp32_without_native_bf16(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU precision check applies only without a GPU")
+    monkeypatch.setenv("BBERT_CPU_BF16", "0")
+    c = TrainConfig.from_preset("tiny-cpu")
+    assert c.precision == "fp32"
+    c.precision = "bf16"  # asked for anyway: it runs, with a warning naming the fix
+    with pytest.warns(UserWarning, match="without native bf16.*precision='fp32'"):
+        c.validate(world_size=1, check_data=False)
+    monkeypatch.setenv("BBERT_CPU_BF16", "1")
+    assert TrainConfig.from_preset("tiny-cpu").precision == "bf16"
 
 
 def test_yaml_round_trip(tmp_path):
