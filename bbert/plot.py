@@ -52,8 +52,10 @@ def plot_schedule(warmup_proportion: float = 0.06, time_budget_hours: float = 24
             label=f"warm-up {warmup_proportion:.0%} of the budget, linear decay to 0")
     if run is not None:
         train = read_metrics(run, "train")
-        ax.plot([r["elapsed_seconds"] / 3600 * per_hour for r in train], [r["lr"] for r in train], ".",
-                ms=4, label="lr logged by the run (at each step's end)")
+        # each lr at the clock where the step set it (older logs: the step's end)
+        at = [r.get("lr_elapsed_seconds", r["elapsed_seconds"]) for r in train]
+        ax.plot([t / 3600 * per_hour for t in at], [r["lr"] for r in train], ".",
+                ms=4, label="lr logged by the run (at each step's start)")
     ax.axvline(warmup_proportion * time_budget_hours * per_hour, color="grey", ls=":", lw=1)
     ax.set_xlabel(f"elapsed wall-clock time ({unit})")
     ax.set_ylabel("learning rate")
@@ -94,7 +96,8 @@ def plot_lr(run, ax=None):
     """The learning rate a run logged, against elapsed minutes. Chapter: ``notebooks/04_pretraining.ipynb``."""
     fig, (ax,) = _new_figure() if ax is None else (ax.figure, [ax])
     train = read_metrics(run, "train")
-    ax.plot([r["elapsed_seconds"] / 60 for r in train], [r["lr"] for r in train], ".-", ms=3)
+    ax.plot([r.get("lr_elapsed_seconds", r["elapsed_seconds"]) / 60 for r in train], [r["lr"] for r in train],
+            ".-", ms=3)
     ax.set_xlabel("elapsed minutes")
     ax.set_ylabel("learning rate")
     ax.set_title("Learning rate logged by the run")

@@ -980,7 +980,7 @@ class Trainer:
             start_wall, start_elapsed, start_step = time.monotonic(), self.elapsed, self.step
             last_log_wall, last_log_samples = time.monotonic(), self.samples
             while reason is None:
-                lr = self._lr()
+                lr, lr_elapsed = self._lr(), self.elapsed  # the lr is set at the step's start
                 losses = []
                 poison = cfg.debug.nan_at_step == self.step + 1
                 for micro in range(self.accumulation):
@@ -1011,6 +1011,7 @@ class Trainer:
                     mfu = flops_per_seq * seq_per_s / (peak * dist.world_size) if peak else None
                     log.write({"type": "train", "step": self.step, "elapsed_seconds": self.elapsed,
                                "budget_fraction": self._fraction(), "loss": loss, "lr": lr,
+                               "lr_elapsed_seconds": lr_elapsed,
                                "grad_norm": grad_norm, "seq_per_s": seq_per_s,
                                "tokens_per_s": seq_per_s * seq_len, "mfu": mfu})
                     log.progress(self.step if cfg.schedule == "step" else self.elapsed,

@@ -129,6 +129,9 @@ def test_launch_runs_a_tiny_run_to_completion(tmp_path, data_dir, capsys):
     fig = plot.plot_schedule(0.06, 0.004, lr=1e-3, run=run_dir)
     logged = fig.axes[0].lines[1]
     assert list(logged.get_ydata()) == [r["lr"] for r in train]
+    # each lr sits where the step set it (its start), where the schedule line gives that lr
+    assert list(logged.get_xdata()) == pytest.approx([r["lr_elapsed_seconds"] / 60 for r in train])
+    assert all(r["lr_elapsed_seconds"] < r["elapsed_seconds"] for r in train)
     assert fig.axes[0].get_xlabel().endswith("(minutes)")
 
 

@@ -34,6 +34,7 @@ def test_time_schedule_for_a_budget_of_minutes_and_stop_at_the_budget(data_dir, 
     # the lr of step k is the schedule at the clock when the step starts: 18 (k - 1) seconds
     for r in train:
         assert r["lr"] == pytest.approx(schedule.lr_at(r["elapsed_seconds"] - 18.0), abs=1e-12)
+        assert r["lr_elapsed_seconds"] == r["elapsed_seconds"] - 18.0  # and the log says when
         assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["seq_per_s"] > 0
     lrs = [r["lr"] for r in train]
     assert lrs[:3] == pytest.approx([0.0, 0.5e-3, 1e-3])  # linear warm-up over 36 s
