@@ -37,10 +37,15 @@ def training_flops_per_sequence(config, seq_len: int = 128, masked_fraction: flo
 
 
 def matmul_peak_flops(dtype=None, n: int = 4096, device: str = "cpu", min_seconds: float = 1.0) -> float:
-    """Measured FLOP/s of a large square ``torch.mm``: the peak that MFU is measured against."""
+    """Measured FLOP/s of a large square ``torch.mm``: the peak that MFU is measured against.
+
+    ``dtype=None`` is bf16 where the device runs it natively (``bbert.utils.fast_bf16``), else fp32.
+    """
     import torch
 
-    dtype = dtype or torch.bfloat16
+    from bbert.utils import autocast_dtype
+
+    dtype = dtype or autocast_dtype(device) or torch.float32
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     torch.mm(a, b)  # warm-up

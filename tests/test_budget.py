@@ -109,3 +109,17 @@ def test_budget_plots(tmp_path):
     assert len(fig.axes[0].patches) == len(KNOWN_GPUS)
     fig.savefig(tmp_path / "gpus.png")
     assert (tmp_path / "gpus.png").stat().st_size > 1000
+
+
+def test_matmul_peak_defaults_to_the_native_precision(monkeypatch):
+    import torch
+
+    from bbert.budget import matmul_peak_flops
+
+    seen, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: seen.append(a.dtype) or mm(a, b))
+    for flag, dtype in (("0", torch.float32), ("1", torch.bfloat16)):
+        monkeypatch.setenv("BBERT_CPU_BF16", flag)
+        seen.clear()
+        assert matmul_peak_flops(n=64, min_seconds=0.0) > 0
+        assert seen and set(seen) == {dtype}
