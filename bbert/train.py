@@ -389,7 +389,8 @@ def _preset_tiny_cpu() -> dict:
                 time_budget_hours=0.04, schedule="time", warmup_proportion=0.06,
                 optimizer="adamw", lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, max_grad_norm=0.0,
                 batch_size=32, micro_batch_size=16, precision="bf16" if fast_bf16("cpu") else "fp32",
-                engine="torch", zero_stage=0, validation_every_minutes=0.5, max_val_batches=8, checkpoint_every_minutes=1.0,
+                engine="torch", zero_stage=0, validation_every_minutes=0.5, max_val_batches=8,
+                checkpoint_every_minutes=1.0,
                 keep_last_checkpoints=2, checkpoint_fractions=[0.25, 0.5, 0.75],
                 early_stop={"enabled": False}, log_every_steps=10)
 

@@ -89,6 +89,13 @@ def test_measure_throughput_runs_real_steps():
         measure_throughput("tiny", precision="fp16", device="cpu")
 
 
+def test_measure_throughput_auto_precision_follows_fast_bf16(monkeypatch):
+    for flag, precision in (("0", "fp32"), ("1", "bf16")):
+        monkeypatch.setenv("BBERT_CPU_BF16", flag)
+        result = measure_throughput("tiny", seq_len=16, micro_batch_size=2, steps=1, device="cpu")
+        assert result.precision == precision  # what notebook 01 reads to pick its peak's dtype
+
+
 def test_cli(capsys):
     assert budget.main(["--gpus", "8", "--gpu", "titan-v", "--hours", "24", "--price", "1"]) == 0
     out = capsys.readouterr().out
