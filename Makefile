@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install book test test-fast notebooks bench clean prepare
+.PHONY: install book test test-fast test-gpu notebooks bench clean prepare
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not book" tests
+
+# The CUDA paths, on a GPU machine: a .venv made with a CUDA torch (make install TORCH_PIN=torch),
+# or GPU_PYTHON=python3 for an environment that already has torch with CUDA and bbert's dependencies.
+GPU_PYTHON ?= $(PY)
+test-gpu:
+	$(GPU_PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
+		'test-gpu: this torch ($(GPU_PYTHON)) sees no CUDA GPU; see the Makefile for GPU_PYTHON')"
+	HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m pytest -q -m gpu -rs tests/test_gpu.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -99,6 +99,7 @@ KNOWN_GPUS: dict[str, GPU] = {g.name: g for g in [
     GPU("rtx-4090", 24, 165.2, "NVIDIA Ada Lovelace whitepaper: FP16 tensor, FP32 accumulate, dense"),
     GPU("l4", 24, 121.0, "NVIDIA L4 datasheet: BF16 tensor, dense (242 with sparsity)"),
     GPU("h100", 80, 989.0, "NVIDIA H100 datasheet (SXM): BF16 tensor, dense (1979 with sparsity)"),
+    GPU("h200", 141, 989.0, "NVIDIA H200 datasheet (SXM): BF16 tensor, dense (1979 with sparsity)"),
 ]}
 
 
@@ -113,6 +114,20 @@ def get_gpu(name: str) -> GPU:
                          "For another GPU, measure it (--measure / measure_throughput) "
                          "or pass its throughput in sequences per second.")
     return KNOWN_GPUS[key]
+
+
+def gpu_from_device_name(device_name: str) -> GPU | None:
+    """The table's entry for a CUDA device name (``torch.cuda.get_device_name()``), or None.
+
+    Matches whole words: "NVIDIA H100 80GB HBM3" is the h100, "NVIDIA GeForce RTX 4090" the
+    rtx-4090, and "NVIDIA L40S" is not the l4. Chapter: ``notebooks/01_budget.ipynb``.
+    """
+    words = device_name.strip().lower().replace("_", " ").replace("-", " ").split()
+    for key, gpu in KNOWN_GPUS.items():
+        want = key.split("-")
+        if any(words[i:i + len(want)] == want for i in range(len(words))):
+            return gpu
+    return None
 
 
 def model_config(model: str = "large", vocab_size: int = 30522):

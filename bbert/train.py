@@ -319,6 +319,15 @@ class TrainConfig:
         if self.zero_stage and self.engine != "deepspeed":
             raise ValueError(f"zero_stage={self.zero_stage} needs engine='deepspeed'; "
                              "with engine='torch' set zero_stage=0")
+        if self.engine == "deepspeed" and self.precision == "fp16" and self.zero_stage == 0:
+            # DeepSpeed's engine.backward scales the loss only for its ZeRO optimizers, yet the
+            # stage-0 fp16 optimizer still divides the gradients by the loss scale: every update
+            # comes out ~65536x too small. Seen with DeepSpeed 0.19.8 on an H200 (the loss barely
+            # moved); upstream: deepspeedai/DeepSpeed#8393.
+            raise ValueError("engine='deepspeed' with precision='fp16' needs zero_stage >= 1: at zero_stage=0 "
+                             "DeepSpeed leaves the loss unscaled but still unscales the gradients, so training "
+                             "stalls (deepspeedai/DeepSpeed#8393). Use zero_stage=1 (the 24hbert preset's; it "
+                             "also shards the optimizer state), precision='bf16', or engine='torch'")
         if self.precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("precision='fp16' needs a CUDA GPU (no fp16 training on this CPU); "
                              "use precision='bf16' or 'fp32'")
@@ -370,12 +379,13 @@ class TrainConfig:
 def _preset_24hbert() -> dict:
     # Izsak et al. (2021): BERT-large shape, pre-LN, seq 128, AdamW lr 1e-3 (0.9, 0.98) eps 1e-6
     # wd 0.01, no clipping, 6% warm-up of 24 h then linear decay, batch 4096 = 32 x 8 GPUs x 16,
-    # fp16 with DeepSpeed, validation, and early stop (loss > 6 after 180 minutes).
+    # fp16 with DeepSpeed, validation, and early stop (loss > 6 after 180 minutes). ZeRO stage 1:
+    # DeepSpeed's fp16 is broken at stage 0 (see validate), and 1 also saves optimizer memory.
     return dict(run_dir="runs/24hbert", model="large",
                 model_overrides={"pre_layernorm": True, "sparse_mlm_head": True},
                 max_seq_length=128, time_budget_hours=24.0, schedule="time", warmup_proportion=0.06,
                 optimizer="adamw", lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, max_grad_norm=0.0,
-                batch_size=4096, micro_batch_size=32, precision="fp16", engine="deepspeed", zero_stage=0,
+                batch_size=4096, micro_batch_size=32, precision="fp16", engine="deepspeed", zero_stage=1,
                 validation_every_minutes=30.0, checkpoint_every_minutes=60.0,
                 checkpoint_fractions=[0.25, 0.5, 0.75],
                 early_stop={"enabled": True, "after_minutes": 180.0, "max_val_loss": 6.0},
@@ -561,6 +571,7 @@ class TorchEngine:
         self.accumulation = config.gradient_accumulation_steps(dist.world_size)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        self.skipped_steps = 0  # fp16 steps the scaler skipped (inf/NaN gradients)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -590,12 +601,18 @@ class TorchEngine:
         elif want_norm:  # an extra pass over every gradient: only on steps that log it
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if self.scaler:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            self.skipped_steps += self.scaler.get_scale() < scale  # the scale backs off only on a skip
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return None if norm is None else float(norm)
+
+    def loss_scale(self) -> float | None:
+        """fp16's current dynamic loss scale (None without fp16)."""
+        return self.scaler.get_scale() if self.scaler else None
 
     def eval_loss(self, batch: dict) -> torch.Tensor:
         with self.autocast():
@@ -611,7 +628,8 @@ class TorchEngine:
     def save_state(self, folder: Path) -> None:
         if self.dist.is_main:
             state = {"optimizer": self.optimizer.state_dict(),
-                     "scaler": self.scaler.state_dict() if self.scaler else None}
+                     "scaler": self.scaler.state_dict() if self.scaler else None,
+                     "skipped_steps": self.skipped_steps}
             torch.save(state, folder / "optimizer.pt")
 
     def load_state(self, folder: Path) -> None:
@@ -621,6 +639,7 @@ class TorchEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        self.skipped_steps = state.get("skipped_steps", 0)
 
 
 class DeepSpeedEngine:
@@ -663,6 +682,15 @@ class DeepSpeedEngine:
         if ds_norm is not None:
             norm = float(ds_norm)
         return norm
+
+    @property
+    def skipped_steps(self) -> int:
+        """fp16 steps DeepSpeed skipped on overflow (kept in its checkpoints)."""
+        return int(self.engine.skipped_steps)
+
+    def loss_scale(self) -> float | None:
+        """fp16's current dynamic loss scale (None without fp16)."""
+        return float(self.optimizer.loss_scale) if self.config.precision == "fp16" else None
 
     def eval_loss(self, batch: dict) -> torch.Tensor:
         return self.engine(**batch).loss.float()
@@ -788,10 +816,9 @@ def device_peak_flops(device: torch.device, precision: str) -> float | None:
     from bbert import budget
 
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower().replace(" ", "-")
-        for key, gpu in budget.KNOWN_GPUS.items():
-            if key in name:
-                return gpu.peak_tflops * 1e12
+        gpu = budget.gpu_from_device_name(torch.cuda.get_device_name(device))
+        if gpu is not None:
+            return gpu.peak_tflops * 1e12
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     n = 8192 if device.type == "cuda" else 1024  # a GPU needs big matrices to reach its peak
     return budget.matmul_peak_flops(dtype, n=n, device=device.type, min_seconds=0.3)
@@ -963,7 +990,7 @@ class Trainer:
                 return self.run_dir
         log.write({"type": "start", "step": self.step, "elapsed_seconds": self.elapsed,
                    "resumed": self.resume_from is not None, "world_size": dist.world_size,
-                   "engine": cfg.engine, "precision": cfg.precision})
+                   "engine": cfg.engine, "precision": cfg.precision, "device": str(dist.device)})
 
         seq_len = self.manifest["max_seq_length"]
         flops_per_seq = self._flops_per_sequence(seq_len)
@@ -1010,11 +1037,15 @@ class Trainer:
                     seq_per_s = (self.samples - last_log_samples) / max(now - last_log_wall, 1e-9)
                     last_log_wall, last_log_samples = now, self.samples
                     mfu = flops_per_seq * seq_per_s / (peak * dist.world_size) if peak else None
-                    log.write({"type": "train", "step": self.step, "elapsed_seconds": self.elapsed,
-                               "budget_fraction": self._fraction(), "loss": loss, "lr": lr,
-                               "lr_elapsed_seconds": lr_elapsed,
-                               "grad_norm": grad_norm, "seq_per_s": seq_per_s,
-                               "tokens_per_s": seq_per_s * seq_len, "mfu": mfu})
+                    record = {"type": "train", "step": self.step, "elapsed_seconds": self.elapsed,
+                              "budget_fraction": self._fraction(), "loss": loss, "lr": lr,
+                              "lr_elapsed_seconds": lr_elapsed,
+                              "grad_norm": grad_norm, "seq_per_s": seq_per_s,
+                              "tokens_per_s": seq_per_s * seq_len, "mfu": mfu}
+                    if cfg.precision == "fp16":  # overflowing steps are skipped: show how many
+                        record.update(loss_scale=self.engine.loss_scale(),
+                                      skipped_steps=int(self.engine.skipped_steps))
+                    log.write(record)
                     log.progress(self.step if cfg.schedule == "step" else self.elapsed,
                                  f"step {self.step} | loss {loss:.4f} | lr {lr:.2e} | {seq_per_s:.1f} seq/s")
 

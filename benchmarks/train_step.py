@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/train_step.py --quick    # fewer rounds
     .venv/bin/python benchmarks/train_step.py --padded   # + unpadding on vs off on a padded batch
     .venv/bin/python benchmarks/train_step.py --clock thread   # one thread's CPU time (busy machine)
+    python benchmarks/train_step.py --device cuda --presets base large --batch-size 64   # on a GPU
 
 A step is forward + backward + optimizer step on the same batch of packed 128-token sequences with
 15% of positions masked. Each model runs at the best settings it offers on this device:
@@ -34,15 +35,16 @@ from bbert.utils import autocast_dtype
 VOCAB = 30522  # bert-base-uncased's vocabulary
 
 
-def build_bbert(preset: str, **overrides):
+def build_bbert(preset: str, device: str = "cpu", **overrides):
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig.from_preset(preset, vocab_size=VOCAB, **overrides))
+    model = BertForMaskedLM(BertConfig.from_preset(preset, vocab_size=VOCAB, **overrides)).to(device)
     return model, build_optimizer(model)
 
 
-def build_transformers(preset: str):
+def build_transformers(preset: str, device: str = "cpu"):
     torch.manual_seed(0)
-    model = transformers_baseline(BertConfig.from_preset(preset, vocab_size=VOCAB), attn_implementation="sdpa")
+    model = transformers_baseline(BertConfig.from_preset(preset, vocab_size=VOCAB),
+                                  attn_implementation="sdpa").to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6,
                                   weight_decay=0.01, fused=True)
     return model, optimizer
@@ -69,30 +71,38 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall clock (default), or one thread's CPU time: steadier on a shared machine")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 step (a smoke run)")
+    parser.add_argument("--device", default="cpu", help="cpu (default; the issue's targets) or cuda")
     args = parser.parse_args(argv)
+    device = args.device
+    on_gpu = device.startswith("cuda")
+    if on_gpu and args.clock == "thread":
+        parser.error("--clock thread times CPU work; use the wall clock on a GPU")
     if args.quick:
         args.rounds, args.steps, args.warmup = 2, 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} x {args.seq_len}")
+    where = torch.cuda.get_device_name(device) if on_gpu else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {where}, batch {args.batch_size} x {args.seq_len}")
     peak_seconds = 0.3 if args.quick else 1.0
-    amp_dtype = autocast_dtype("cpu")
+    amp_dtype = autocast_dtype(device)
     amp = "bf16" if amp_dtype is torch.bfloat16 else "fp32"
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32} if amp == "bf16" else {"fp32": torch.float32}
-    print(f"precision: {amp}" + ("" if amp == "bf16" else " (this CPU has no native bf16)"))
+    print(f"precision: {amp}" + ("" if amp == "bf16" else " (this device has no native bf16)"))
     if args.clock == "thread":  # everything on one thread, in its CPU time
         print("clock: one thread's CPU time (seq/s = sequences per CPU-second of one core)")
         peaks = {k: matmul_peak_flops_one_thread(d, min_seconds=peak_seconds) for k, d in dtypes.items()}
     else:
-        peaks = {k: matmul_peak_flops(d, min_seconds=peak_seconds) for k, d in dtypes.items()}
-    batch = random_mlm_batch(args.batch_size, args.seq_len, VOCAB, seed=0)
+        # a GPU needs bigger matrices to reach its peak; fp32 there is without TF32 (torch's default)
+        peaks = {k: matmul_peak_flops(d, n=8192 if on_gpu else 4096, device=device, min_seconds=peak_seconds)
+                 for k, d in dtypes.items()}
+    batch = {k: v.to(device) for k, v in random_mlm_batch(args.batch_size, args.seq_len, VOCAB, seed=0).items()}
     masked = float((batch["labels"] != -100).float().mean())
     results = []
     for preset in args.presets:
-        runners = {"bbert": build_bbert(preset), "transformers": build_transformers(preset)}
+        runners = {"bbert": build_bbert(preset, device), "transformers": build_transformers(preset, device)}
         if args.compile:
-            model, optimizer = build_bbert(preset)
+            model, optimizer = build_bbert(preset, device)
             runners["bbert+compile"] = (torch.compile(model), optimizer)
         r = compare_throughput(runners, batch, args.rounds, args.steps, args.warmup, amp_dtype=amp_dtype,
                                clock=args.clock)
@@ -112,16 +122,18 @@ def main(argv=None) -> int:
     if args.padded:
         # Finetuning-like batch: lengths spread between a quarter and all of seq_len.
         lengths = torch.linspace(args.seq_len // 4, args.seq_len, args.batch_size).long()
-        padded = random_mlm_batch(args.batch_size, args.seq_len, VOCAB, lengths=lengths, seed=1)
+        padded = {k: v.to(device) for k, v in
+                  random_mlm_batch(args.batch_size, args.seq_len, VOCAB, lengths=lengths, seed=1).items()}
         preset = args.presets[-1]
-        runners = {"unpad": build_bbert(preset, unpad=True), "padded": build_bbert(preset, unpad=False)}
+        runners = {"unpad": build_bbert(preset, device, unpad=True),
+                   "padded": build_bbert(preset, device, unpad=False)}
         r = compare_throughput(runners, padded, args.rounds, args.steps, args.warmup, amp_dtype=amp_dtype,
                                clock=args.clock)
         fill = padded["attention_mask"].float().mean().item()
         print(f"\n[{preset}, padded batch, {fill:.0%} real tokens] unpad {r['seq_s']['unpad']:.2f} seq/s, "
               f"padded {r['seq_s']['padded']:.2f} seq/s: unpadding {ratio_summary(r, 'unpad', 'padded')}")
     print("\nmatmul peaks measured in this run: " + ", ".join(f"{k} {p / 1e9:.0f} GFLOP/s" for k, p in peaks.items()))
-    if amp == "fp32":  # why bf16 is not used: a small product is enough to show the emulation
+    if amp == "fp32" and not on_gpu:  # why bf16 is not used: a small product is enough to show the emulation
         emulated = matmul_peak_flops(torch.bfloat16, n=256, min_seconds=0.2)
         print(f"bf16 torch.mm (256 x 256, emulated): {emulated / 1e9:.1f} GFLOP/s, "
               f"{peaks['fp32'] / emulated:.0f}x below fp32; bf16 MFU targets can't be measured here")

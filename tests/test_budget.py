@@ -130,3 +130,16 @@ def test_matmul_peak_defaults_to_the_native_precision(monkeypatch):
         seen.clear()
         assert matmul_peak_flops(n=64, min_seconds=0.0) > 0
         assert seen and set(seen) == {dtype}
+
+
+@pytest.mark.parametrize("device_name, key", [
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA GeForce RTX 4090", "rtx-4090"),
+    ("NVIDIA GeForce RTX 2080 Ti", "rtx-2080-ti"), ("Tesla V100-SXM2-32GB", "v100"), ("Tesla T4", "t4"),
+    ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA A10", "a10"), ("NVIDIA TITAN V", "titan-v"),
+    ("NVIDIA TITAN RTX", "titan-rtx"), ("NVIDIA L4", "l4"), ("NVIDIA L40S", None), ("NVIDIA B200", None),
+])
+def test_gpu_from_device_name_matches_whole_words(device_name, key):
+    from bbert.budget import gpu_from_device_name
+
+    gpu = gpu_from_device_name(device_name)
+    assert (gpu.name if gpu else None) == key

@@ -28,6 +28,9 @@ def test_time_schedule_for_a_budget_of_minutes_and_stop_at_the_budget(data_dir, 
     config = tiny_config(data_dir, tmp_path / "run", warmup_proportion=0.2, debug={"step_time_seconds": 18.0})
     run_dir = pretrain(config)
     train = records(run_dir, "train")
+    start = records(run_dir, "start")[0]
+    assert (start["device"], start["precision"], start["engine"]) == ("cpu", "fp32", "torch")
+    assert "loss_scale" not in train[0]  # fp16 only
     schedule = TimeBasedSchedule(1e-3, 0.05, 0.2)
     assert [r["step"] for r in train] == list(range(1, 11))
     assert [r["elapsed_seconds"] for r in train] == [18.0 * k for k in range(1, 11)]
