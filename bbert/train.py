@@ -328,6 +328,12 @@ class TrainConfig:
                              "DeepSpeed leaves the loss unscaled but still unscales the gradients, so training "
                              "stalls (deepspeedai/DeepSpeed#8393). Use zero_stage=1 (the 24hbert preset's; it "
                              "also shards the optimizer state), precision='bf16', or engine='torch'")
+        if self.engine == "deepspeed" and self.optimizer == "lamb" and self.zero_stage >= 1:
+            # ZeRO hands the optimizer flat slices of many tensors; LAMB's trust ratio is per tensor.
+            raise ValueError(f"optimizer='lamb' with zero_stage={self.zero_stage}: ZeRO flattens the parameters, "
+                             "so LAMB's per-layer trust ratios would be computed over slices of many layers. "
+                             "Use engine='torch' (fp16 with a grad scaler, DDP across GPUs), or zero_stage=0 "
+                             "with precision='bf16' or 'fp32'")
         if self.precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("precision='fp16' needs a CUDA GPU (no fp16 training on this CPU); "
                              "use precision='bf16' or 'fp32'")

@@ -114,6 +114,7 @@ def test_unknown_fields_are_named_with_a_suggestion(tmp_path):
     ({"zero_stage": 2}, r"zero_stage=2 needs engine='deepspeed'"),
     ({"engine": "deepspeed", "zero_stage": 3}, r"zero_stage=3 is not supported.*use 0"),
     ({"engine": "deepspeed", "precision": "fp16", "zero_stage": 0}, r"fp16.*needs zero_stage >= 1.*8393"),
+    ({"engine": "deepspeed", "optimizer": "lamb", "zero_stage": 1}, r"lamb.*zero_stage=1.*engine='torch'"),
     ({"keep_last_checkpoints": 0}, r"keep_last_checkpoints must be >= 1"),
     ({"checkpoint_fractions": [0.5, 1.0]}, r"checkpoint_fractions must lie in \(0, 1\)"),
     ({"model": "gigantic"}, r"unknown preset 'gigantic'"),
