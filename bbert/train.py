@@ -576,7 +576,7 @@ class TorchEngine:
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.accumulation = config.gradient_accumulation_steps(dist.world_size)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-        self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(dist.device.type) if config.precision == "fp16" else None
         self.skipped_steps = 0  # fp16 steps the scaler skipped (inf/NaN gradients)
 
     def autocast(self):

@@ -183,3 +183,26 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(data_dir, tmp_path):
     assert end["reason"] == "interrupted"
     assert latest_checkpoint(tmp_path / "run").name == f"step-{end['step']:07d}"
     assert json.loads((latest_checkpoint(tmp_path / "run") / "budget.json").read_text())["step"] == end["step"]
+
+
+def test_fp16_grad_scaler_counts_the_steps_it_skips(data_dir, tmp_path):
+    # validate() keeps fp16 to GPUs; the engine itself runs it on CPU, which lets this test
+    # see an overflow: the step is skipped, the weights stay, the scale halves, the count goes up.
+    from bbert.data import build_pretraining_loader
+    from bbert.train import DistEnv, TorchEngine
+
+    config = tiny_config(data_dir, tmp_path / "run", precision="fp16")
+    torch.manual_seed(0)
+    engine = TorchEngine(BertForMaskedLM(config.model_config(vocab_size=2048)), config, DistEnv())
+    batch = next(iter(build_pretraining_loader(config.data_dir, "train", 4, seed=0)))
+    before = {k: v.clone() for k, v in engine.raw_model.state_dict().items()}
+    scale = engine.loss_scale()
+    assert scale == 2.0 ** 16 and engine.skipped_steps == 0
+    engine.micro_step(batch, last=True, poison=True)  # a NaN loss: every gradient is NaN
+    engine.optimizer_step(lr=1e-3)
+    assert engine.skipped_steps == 1 and engine.loss_scale() == scale / 2
+    assert all(torch.equal(v, before[k]) for k, v in engine.raw_model.state_dict().items())
+    engine.micro_step(batch, last=True)
+    engine.optimizer_step(lr=1e-3)
+    assert engine.skipped_steps == 1  # a finite step goes through
+    assert not torch.equal(engine.raw_model.bert.layers[0].ffn.fc1.weight, before["bert.layers.0.ffn.fc1.weight"])
