@@ -1048,9 +1048,9 @@ class Trainer:
                               "lr_elapsed_seconds": lr_elapsed,
                               "grad_norm": grad_norm, "seq_per_s": seq_per_s,
                               "tokens_per_s": seq_per_s * seq_len, "mfu": mfu}
-                    if cfg.precision == "fp16":  # overflowing steps are skipped: show how many
-                        record.update(loss_scale=self.engine.loss_scale(),
-                                      skipped_steps=int(self.engine.skipped_steps))
+                    scale = self.engine.loss_scale()
+                    if scale is not None:  # fp16: overflowing steps are skipped; show how many
+                        record.update(loss_scale=scale, skipped_steps=self.engine.skipped_steps)
                     log.write(record)
                     log.progress(self.step if cfg.schedule == "step" else self.elapsed,
                                  f"step {self.step} | loss {loss:.4f} | lr {lr:.2e} | {seq_per_s:.1f} seq/s")

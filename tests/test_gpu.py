@@ -25,7 +25,7 @@ CUDA = "cuda"
 
 @pytest.fixture(autouse=True)
 def exact_fp32_matmuls():
-    # TF32 would make fp32 comparisons loose; the tests that want it say so.
+    # TF32 would make the fp32 comparisons loose.
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
