@@ -665,6 +665,8 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config.deepspeed_config(dist.world_size))
         self.raw_model = self.engine.module
+        if config.compile:  # compiles the module in place: its parameter names stay as they were
+            self.engine.compile()
 
     def micro_step(self, batch: dict, last: bool, poison: bool = False) -> torch.Tensor:
         """Forward and backward of one micro-batch. The step on the last micro-batch waits for
