@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     amp_dtype = autocast_dtype(device)
     amp = "bf16" if amp_dtype is torch.bfloat16 else "fp32"
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32} if amp == "bf16" else {"fp32": torch.float32}
+    if on_gpu:  # bf16 tensor-core work against the fp32 (no TF32) peak would read as MFU > 100%
+        dtypes = {amp: dtypes[amp]}
     print(f"precision: {amp}" + ("" if amp == "bf16" else " (this device has no native bf16)"))
     if args.clock == "thread":  # everything on one thread, in its CPU time
         print("clock: one thread's CPU time (seq/s = sequences per CPU-second of one core)")
