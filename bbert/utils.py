@@ -61,7 +61,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if path.is_dir() and not path.is_symlink():
             old = path.parent / f".old-{path.name}-{os.getpid()}"
             os.replace(path, old)
-            os.replace(target, path)
+            try:
+                os.replace(target, path)
+            except OSError:
+                os.replace(old, path)  # put the old one back rather than leave nothing at path
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(target, path)
