@@ -94,7 +94,10 @@ def _load_tokenizer(folder: Path):
 def _dropping_records(logger_name: str, drop: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
     """Inside the block, drop the records of one library logger that ``drop`` matches."""
     logger = logging.getLogger(logger_name)
-    keep = lambda record: not drop(record)  # noqa: E731 - logging takes any callable as a filter
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not drop(record)
+
     logger.addFilter(keep)
     try:
         yield
@@ -345,7 +348,7 @@ def check_out_dir(out_dir, keep: Iterable = (), overwrite: bool = False) -> Path
         if held:
             shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
             raise UsageError(f"--out {out} already holds files ({shown}) and is not an earlier export; "
-                             "choose a new or empty folder, or pass --overwrite to replace it")
+                             "choose a new or empty folder, or pass --overwrite (overwrite=True) to replace it")
     return out
 
 
@@ -373,6 +376,7 @@ def export_to_transformers(model: BertForMaskedLM, tokenizer, out_dir, overwrite
 @contextlib.contextmanager
 def _quiet_save() -> Iterator[None]:
     """Silence what transformers' ``save_pretrained`` prints that is not about the export."""
+    # deferred like every transformers import here: it takes seconds
     from transformers.utils import logging as hf_logging
 
     bar_was_on = hf_logging.is_progress_bar_enabled()

@@ -225,7 +225,7 @@ def test_export_refuses_a_folder_of_other_files_without_overwrite(tmp_path, caps
     assert cli_main(["export", str(run), "--out", str(out)]) == 2
     assert error_line(capsys) == (f"bbert export: error: --out {out} already holds files (config.json, "
                                   "notes.txt, sub) and is not an earlier export; choose a new or empty "
-                                  "folder, or pass --overwrite to replace it")
+                                  "folder, or pass --overwrite (overwrite=True) to replace it")
     assert tree_hashes(out) == before
     assert cli_main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
     assert "RobertaPreLayerNormForMaskedLM" in capsys.readouterr().out
