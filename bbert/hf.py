@@ -7,23 +7,37 @@
 - ``load_pretrained(path)`` reads any of: a bbert model folder, a checkpoint or run dir, a
   transformers BERT / RoBERTa-PreLayerNorm folder (or, online, a hub id such as bert-base-uncased).
 
-Command line: ``bbert export <model folder | checkpoint | run dir> --out DIR``.
-Chapter: ``notebooks/03_model.ipynb`` (interoperability) and ``notebooks/05_finetuning.ipynb``.
+Command line: ``bbert export <model folder | checkpoint | run dir> --out DIR [--overwrite]``.
+Nothing is lost on the way:
+- ``--out`` may not be the source, hold it or lie inside it. A run dir belongs to its run
+  (checkpoints rotate, a resumed run rewrites ``final/``), so an export inside it could vanish or
+  be taken for the run's model; export beside it instead (``runs/x-hf``).
+- A folder that already holds other files is replaced only with ``--overwrite``; an earlier
+  export (recognised by the ``bbert-export.json`` it holds) is simply refreshed.
+- The new folder is built beside ``--out`` and swapped in whole, so a failed export leaves the
+  old one as it was.
+
+Chapter: ``notebooks/03_model.ipynb`` (interoperability with transformers).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import sys
+import logging
 import warnings
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import torch
 
+from bbert import __version__
+from bbert.configs import UsageError, command
 from bbert.model import CONFIG_NAME, BertConfig, BertForMaskedLM
 from bbert.utils import atomic_path, require_hub
 
 HF_BERT, HF_PRELN = "bert", "roberta-prelayernorm"
+EXPORT_MARKER = "bbert-export.json"  # written into every export, so a re-export may replace it
 
 
 # ---- finding the model folder inside whatever we were given ---------------------------------
@@ -32,12 +46,13 @@ HF_BERT, HF_PRELN = "bert", "roberta-prelayernorm"
 def find_model_folder(path) -> Path:
     """The model folder inside ``path``: the folder itself, ``model/``, ``final/`` (or
     ``final/model``), or the newest ``checkpoints/*/model`` of a run dir.
-
-    Chapter: ``notebooks/04_pretraining.ipynb`` (run dirs).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a model folder, a checkpoint folder or a run dir")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is a file; pass the folder that holds the model "
+                                "(a model folder, a checkpoint folder or a run dir)")
     for candidate in (path, path / "model", path / "final", path / "final" / "model"):
         if (candidate / CONFIG_NAME).is_file():
             return candidate
@@ -46,24 +61,54 @@ def find_model_folder(path) -> Path:
     if checkpoints:
         return checkpoints[-1].parent
     raise FileNotFoundError(
-        f"no model found in {path}: expected {CONFIG_NAME} there, in model/, in final/ or in "
-        "checkpoints/<name>/model/ (a run dir from `bbert pretrain`)")
+        f"no model found in {path}: it is neither a model folder nor a run dir; pass a folder with "
+        f"{CONFIG_NAME} in it, in model/, in final/ or in checkpoints/<name>/model/ (a run dir "
+        "from `bbert pretrain`)")
+
+
+def find_tokenizer_folder(folder) -> Path | None:
+    """The tokenizer beside a model folder: in it, or in a ``tokenizer/`` one or two levels up."""
+    folder = Path(folder)
+    for candidate in (folder, folder.parent / "tokenizer", folder.parent.parent / "tokenizer"):
+        if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.txt").is_file():
+            return candidate
+    return None
 
 
 def _load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
-    for candidate in (folder, folder.parent / "tokenizer", folder.parent.parent / "tokenizer"):
-        if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.txt").is_file():
-            return AutoTokenizer.from_pretrained(str(candidate))
-    warnings.warn(f"no tokenizer found beside {folder}; returning tokenizer=None")
-    return None
+    candidate = find_tokenizer_folder(folder)
+    if candidate is None:
+        warnings.warn(f"no tokenizer found beside {folder}; returning tokenizer=None")
+        return None
+    # AutoTokenizer also reads the folder's config.json to guess the tokenizer class and warns that
+    # bbert's model_type is not one of its own; tokenizer_config.json names the class, so the
+    # warning says nothing here.
+    with _dropping_records("transformers.configuration_utils",
+                           lambda r: r.getMessage().startswith("You are using a model of type `bbert`")):
+        return AutoTokenizer.from_pretrained(str(candidate))
+
+
+@contextlib.contextmanager
+def _dropping_records(logger_name: str, drop: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
+    """Inside the block, drop the records of one library logger that ``drop`` matches."""
+    logger = logging.getLogger(logger_name)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not drop(record)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def load_pretrained(path) -> tuple[BertForMaskedLM, object]:
     """Load ``(BertForMaskedLM, tokenizer)`` from a bbert model folder, a checkpoint or run dir,
     a transformers BERT / BertForMaskedLM / RoBERTa-PreLayerNorm folder, or (online only) a
-    hub id. Chapter: ``notebooks/05_finetuning.ipynb``.
+    hub id.
     """
     name = str(path)
     if not Path(path).exists() and not name.startswith(("/", ".", "~")) and name.count("/") <= 1:
@@ -98,7 +143,6 @@ def import_from_transformers(source) -> BertForMaskedLM:
     ``RobertaPreLayerNormForMaskedLM`` (pre-LN) -- a folder or a loaded model -- into bbert.
 
     A folder without an MLM head (a plain ``BertModel``) gets a freshly initialised head.
-    Chapter: ``notebooks/05_finetuning.ipynb``.
     """
     if isinstance(source, (str, Path)):
         from transformers import AutoConfig, AutoModelForMaskedLM
@@ -187,7 +231,7 @@ def _name_map(config: BertConfig) -> dict[str, str]:
 
 def to_transformers(model: BertForMaskedLM):
     """The equivalent transformers model (in memory): ``BertForMaskedLM`` for post-LN,
-    ``RobertaPreLayerNormForMaskedLM`` for pre-LN. Chapter: ``notebooks/03_model.ipynb``.
+    ``RobertaPreLayerNormForMaskedLM`` for pre-LN.
     """
     import transformers
 
@@ -245,7 +289,7 @@ def to_transformers(model: BertForMaskedLM):
 def transformers_baseline(config: BertConfig, attn_implementation: str = "sdpa"):
     """A freshly initialised ``transformers.BertForMaskedLM`` of the same shape as ``config``:
     the model a user would otherwise pick, which the benchmark and the model chapter time bbert
-    against. Chapter: ``notebooks/03_model.ipynb``.
+    against.
     """
     import transformers
 
@@ -264,38 +308,106 @@ def _root(config: BertConfig) -> str:
     return "roberta_prelayernorm" if config.pre_layernorm else "bert"
 
 
-def export_to_transformers(model: BertForMaskedLM, tokenizer, out_dir) -> Path:
+def is_export(folder) -> bool:
+    """Whether ``folder`` is one that :func:`export_to_transformers` wrote (it holds the marker
+    beside a transformers ``config.json``)."""
+    folder = Path(folder)
+    if not (folder / EXPORT_MARKER).is_file():
+        return False
+    try:
+        return json.loads((folder / CONFIG_NAME).read_text()).get("model_type") in (HF_BERT, HF_PRELN)
+    except (OSError, ValueError):
+        return False
+
+
+def check_out_dir(out_dir, keep: Iterable = (), overwrite: bool = False) -> Path:
+    """``out_dir`` if an export may be written there, else a ``UsageError`` saying why and what to do.
+
+    Refused: ``out_dir`` is one of the folders in ``keep`` (the source, its model and tokenizer
+    folders), holds one or lies inside one; it is a file; it is a folder with files that is not an
+    earlier export, unless ``overwrite``.
+    """
+    out = Path(out_dir)
+    target = out.resolve()
+    for path in (Path(p) for p in keep):
+        kept = path.resolve()
+        if target == kept:
+            problem = "is the folder the export reads from"
+        elif kept.is_relative_to(target):
+            problem = f"holds {path}, which the export reads from"
+        elif target.is_relative_to(kept):
+            problem = f"lies inside {path}, the run or model being exported"
+        else:
+            continue
+        raise UsageError(f"--out {out} {problem}; write the export beside it, "
+                         f"e.g. --out {kept.parent / (kept.name + '-hf')}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; remove it or choose a folder path")
+    if out.is_dir() and not overwrite and not is_export(out):
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            raise UsageError(f"--out {out} already holds files ({shown}) and is not an earlier export; "
+                             "choose a new or empty folder, or pass --overwrite (overwrite=True) to replace it")
+    return out
+
+
+def export_to_transformers(model: BertForMaskedLM, tokenizer, out_dir, overwrite: bool = False) -> Path:
     """Write a folder that ``transformers.AutoModelForMaskedLM`` and ``AutoTokenizer`` load.
 
-    Written atomically: ``out_dir`` appears complete or not at all.
-    Chapter: ``notebooks/03_model.ipynb``.
+    ``out_dir`` may be new, empty or an earlier export; a folder with other files is replaced only
+    with ``overwrite=True`` (see :func:`check_out_dir`). Written atomically: the new folder is
+    built beside ``out_dir`` and swapped in, so ``out_dir`` is either the old folder or the
+    complete new one.
     """
     if tokenizer is None:
         raise ValueError("export needs the tokenizer, so that AutoTokenizer.from_pretrained(out_dir) works; "
                          "load it with bbert.data.load_tokenizer(data_dir / 'tokenizer')")
     hf = to_transformers(model)
-    out_dir = Path(out_dir)
-    with atomic_path(out_dir) as tmp:
+    out_dir = check_out_dir(out_dir, overwrite=overwrite)
+    marker = {"exported_by": f"bbert {__version__}", "architecture": type(hf).__name__}
+    with atomic_path(out_dir) as tmp, _quiet_save():
         hf.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return out_dir
 
 
+@contextlib.contextmanager
+def _quiet_save() -> Iterator[None]:
+    """Silence what transformers' ``save_pretrained`` prints that is not about the export."""
+    # deferred like every transformers import here: it takes seconds
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" for a single file
+    try:
+        # save_pretrained unwraps the model through accelerate, which imports DeepSpeed (where it is
+        # installed) only to check for a DeepSpeedEngine; DeepSpeed then logs its accelerator choice.
+        with _dropping_records("DeepSpeed", lambda r: r.levelno < logging.ERROR):
+            yield
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+
+
+@command("bbert export")
 def main(argv: list[str] | None = None) -> int:
-    """``bbert export SRC --out DIR``. Chapter: ``notebooks/04_pretraining.ipynb``."""
+    """``bbert export SRC --out DIR [--overwrite]``."""
     parser = argparse.ArgumentParser(
         prog="bbert export", description="Export a bbert model (folder, checkpoint or run dir) to a "
         "transformers folder: post-LN -> BertForMaskedLM, pre-LN -> RobertaPreLayerNormForMaskedLM.")
     parser.add_argument("source", help="a bbert model folder, a checkpoint folder or a run dir")
-    parser.add_argument("--out", required=True, help="the folder to write (replaced atomically)")
+    parser.add_argument("--out", required=True,
+                        help="the folder to write: new, empty or an earlier export (swapped in whole)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it holds other files")
     args = parser.parse_args(argv)
-    try:
-        folder = find_model_folder(args.source)
-        model, tokenizer = load_pretrained(folder)
-        out = export_to_transformers(model, tokenizer, args.out)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"bbert export: {e}", file=sys.stderr)
-        return 2
+    folder = find_model_folder(args.source)
+    keep = [args.source, folder, find_tokenizer_folder(folder) or folder]
+    check_out_dir(args.out, keep=keep, overwrite=args.overwrite)  # before the slow load
+    model, tokenizer = load_pretrained(folder)
+    out = export_to_transformers(model, tokenizer, args.out, overwrite=args.overwrite)
     arch = "RobertaPreLayerNormForMaskedLM" if model.config.pre_layernorm else "BertForMaskedLM"
     print(f"exported {folder} -> {out} ({arch}); load it with "
           f"transformers.AutoModelForMaskedLM.from_pretrained({str(out)!r})")

@@ -1,6 +1,10 @@
 """Tests of bbert.hf: export to transformers (both layouts), import, load_pretrained, `bbert export`."""
+import hashlib
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,6 +157,140 @@ def test_cli_export(tmp_path, capsys):
     assert cli_main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
     assert "RobertaPreLayerNormForMaskedLM" in capsys.readouterr().out
     assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").model_type == "roberta-prelayernorm"
+    assert hf.is_export(tmp_path / "hf")
     assert cli_main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert error_line(capsys).endswith("does not exist; pass a model folder, a checkpoint folder or a run dir")
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["export", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
+    assert "neither a model folder nor a run dir" in error_line(capsys)
     assert not (tmp_path / "x").exists()
+
+
+# ---- nothing lost: what `bbert export --out` may replace -------------------------------------
+
+
+def error_line(capsys) -> str:
+    """The one line a refused `bbert export` prints (and nothing on stdout)."""
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("bbert export: error: "), (out, err)
+    return err.strip()
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def make_run_dir(path: Path, model=None) -> Path:
+    """A run dir as `bbert pretrain` leaves it: config, metrics and a checkpoint with its tokenizer."""
+    model_dir = path / "checkpoints" / "step-10" / "model"
+    (model or tiny_model(True)).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    (path / "checkpoints" / "step-10" / "optimizer.pt").write_bytes(os.urandom(256))
+    (path / "config.yaml").write_text("time_budget_hours: 24\n")
+    (path / "metrics.jsonl").write_text('{"step": 10, "loss": 7.1}\n')
+    return path
+
+
+def test_export_refuses_to_write_over_its_source(tmp_path, capsys):
+    run = make_run_dir(tmp_path / "runs" / "x")
+    before = tree_hashes(tmp_path)
+    model_dir = run / "checkpoints" / "step-10" / "model"
+    cases = [(run, "is the folder the export reads from"),
+             (run / "export", f"lies inside {run}, the run or model being exported"),
+             (tmp_path / "runs", f"holds {run}, which the export reads from"),
+             (model_dir, f"lies inside {run}, the run or model being exported")]
+    for out, problem in cases:
+        for extra in ([], ["--overwrite"]):  # --overwrite never makes the source a target
+            assert cli_main(["export", str(run), "--out", str(out), *extra]) == 2
+            line = error_line(capsys)
+            assert line == (f"bbert export: error: --out {out} {problem}; write the export beside it, "
+                            f"e.g. --out {run.parent / 'x-hf'}"), line
+    # exporting a model folder: --out may not be the folder, nor inside it
+    assert cli_main(["export", str(model_dir), "--out", str(model_dir / "hf")]) == 2
+    assert f"lies inside {model_dir}" in error_line(capsys)
+    assert tree_hashes(tmp_path) == before  # byte-identical, and no temporary folder left behind
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "runs" / "x-hf")]) == 0
+    assert tree_hashes(run) == {k[len("runs/x/"):]: v for k, v in before.items()}
+
+
+def test_export_refuses_a_folder_of_other_files_without_overwrite(tmp_path, capsys):
+    run = make_run_dir(tmp_path / "run")
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me")
+    (out / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    (out / "config.json").write_text('{"model_type": "bert"}')  # a transformers folder, not an export
+    before = tree_hashes(out)
+    assert cli_main(["export", str(run), "--out", str(out)]) == 2
+    assert error_line(capsys) == (f"bbert export: error: --out {out} already holds files (config.json, "
+                                  "notes.txt, sub) and is not an earlier export; choose a new or empty "
+                                  "folder, or pass --overwrite (overwrite=True) to replace it")
+    assert tree_hashes(out) == before
+    assert cli_main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
+    assert "RobertaPreLayerNormForMaskedLM" in capsys.readouterr().out
+    assert not (out / "notes.txt").exists() and not (out / "sub").exists() and hf.is_export(out)
+    (tmp_path / "empty").mkdir()  # an empty folder is fine without --overwrite
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "empty")]) == 0
+    assert hf.is_export(tmp_path / "empty")
+
+
+def test_export_replaces_an_earlier_export(tmp_path, capsys):
+    first, second = tiny_model(False), tiny_model(False)
+    with torch.no_grad():
+        second.mlm_head.bias.fill_(0.25)
+    make_run_dir(tmp_path / "a", first)
+    make_run_dir(tmp_path / "b", second)
+    out = tmp_path / "hf"
+    assert cli_main(["export", str(tmp_path / "a"), "--out", str(out)]) == 0
+    assert cli_main(["export", str(tmp_path / "a"), "--out", str(out)]) == 0  # a re-export refreshes it
+    assert cli_main(["export", str(tmp_path / "b"), "--out", str(out), "--overwrite"]) == 0
+    assert capsys.readouterr().out.count("exported ") == 3
+    loaded = transformers.AutoModelForMaskedLM.from_pretrained(out)
+    assert type(loaded).__name__ == "BertForMaskedLM"
+    assert torch.all(loaded.cls.predictions.bias == 0.25)  # the second model, not the first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "hf"]  # no temporary siblings
+
+
+def test_failed_export_leaves_the_earlier_one_intact(tmp_path):
+    out = hf.export_to_transformers(tiny_model(True), make_tokenizer(), tmp_path / "hf")
+    before = tree_hashes(out)
+
+    class BrokenTokenizer:
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        hf.export_to_transformers(tiny_model(False), BrokenTokenizer(), out, overwrite=True)
+    assert tree_hashes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_export_refuses_a_file_at_out(tmp_path, capsys):
+    run = make_run_dir(tmp_path / "run")
+    (tmp_path / "model.safetensors").write_bytes(b"not a folder")
+    for extra in ([], ["--overwrite"]):
+        assert cli_main(["export", str(run), "--out", str(tmp_path / "model.safetensors"), *extra]) == 2
+        assert error_line(capsys) == (f"bbert export: error: --out {tmp_path / 'model.safetensors'} is a file, "
+                                      "not a folder; remove it or choose a folder path")
+    assert (tmp_path / "model.safetensors").read_bytes() == b"not a folder"
+
+
+def test_cli_export_prints_only_its_own_lines(tmp_path):
+    run = make_run_dir(tmp_path / "run")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
+
+    def bbert_export(*args):
+        return subprocess.run([sys.executable, "-m", "bbert.cli", "export", *map(str, args)], env=env,
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+
+    done = bbert_export(run, "--out", tmp_path / "hf")
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.splitlines() == [
+        f"exported {run / 'checkpoints' / 'step-10' / 'model'} -> {tmp_path / 'hf'} (RobertaPreLayerNormForMaskedLM); "
+        f"load it with transformers.AutoModelForMaskedLM.from_pretrained({str(tmp_path / 'hf')!r})"]
+    refused = bbert_export(run, "--out", run)
+    assert refused.returncode == 2
+    assert refused.stdout.splitlines() == [f"bbert export: error: --out {run} is the folder the export reads from; "
+                                           f"write the export beside it, e.g. --out {tmp_path / 'run-hf'}"]
