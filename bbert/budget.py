@@ -1,8 +1,8 @@
-"""The compute budget: FLOPs, MFU, the planner and the known-GPU table.
+"""The budget planner: what N GPUs x H hours buy, beside the paper's run.
 
-What does a budget of N GPUs x H hours buy? The planner turns a throughput (sequences
-per second, from the known-GPU table or measured on this device) into optimizer steps,
-sequences, tokens, FLOPs, GPU-hours and cost, and puts it beside the paper's run.
+The planner turns a throughput (sequences per second, from the known-GPU table or measured on
+this device, both in ``bbert.speed``) into optimizer steps, sequences, tokens, FLOPs, GPU-hours
+and cost, and puts it beside the paper's run.
 
     bbert budget --gpus 8 --gpu titan-v --hours 24 --price 0.9
     bbert budget --measure --model tiny --hours 0.05      # throughput measured here
@@ -13,130 +13,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from dataclasses import dataclass
 
-# ---- FLOPs and peak ----------------------------------------------------------------
+import torch
 
-
-def training_flops_per_sequence(config, seq_len: int = 128, masked_fraction: float = 0.15,
-                                sparse_mlm_head: bool = True) -> float:
-    """Matmul FLOPs of one training step (forward + backward = 3x forward) for one sequence.
-
-    Counts only what is computed: with ``sparse_mlm_head`` the head transform and the decoder
-    run on ``masked_fraction`` of the positions. Chapter: model (MFU) and budget.
-    """
-    h, L, i = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    v = getattr(config, "padded_vocab_size", config.vocab_size)
-    per_token_layer = 2 * (4 * h * h + 2 * h * i)      # QKV + out proj, FFN in + out
-    attention = 2 * 2 * seq_len * h                       # QK^T and AV, per token per layer
-    encoder = L * seq_len * (per_token_layer + attention)
-    head_tokens = seq_len * (masked_fraction if sparse_mlm_head else 1.0)
-    head = head_tokens * 2 * (h * h + h * v)              # transform + decoder
-    return 3.0 * (encoder + head)
-
-
-def matmul_peak_flops(dtype=None, n: int = 4096, device: str = "cpu", min_seconds: float = 1.0) -> float:
-    """Measured FLOP/s of a large square ``torch.mm``: the peak that MFU is measured against.
-
-    ``dtype=None`` is bf16 where the device runs it natively (``bbert.utils.fast_bf16``), else fp32.
-    """
-    import torch
-
-    from bbert.utils import autocast_dtype
-
-    dtype = dtype or autocast_dtype(device) or torch.float32
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    torch.mm(a, b)  # warm-up
-    reps, start = 0, time.perf_counter()
-    while True:
-        torch.mm(a, b)
-        reps += 1
-        if device != "cpu":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds and reps >= 2:
-            return 2.0 * n**3 * reps / elapsed
-
-
-# ---- the known-GPU table -----------------------------------------------------------
+from bbert.configs import command
+from bbert.model import BertConfig
+from bbert.speed import KNOWN_GPUS, get_gpu, measure_throughput, training_flops_per_sequence
 
 # The paper's run (izsak2021): one server with 8 low-end 12 GB GPUs (Titan V) for 24 hours,
 # batch 4096 of 128-token sequences, BERT-large shape; about 23k optimizer steps in all.
 PAPER_RUN = dict(num_gpus=8, gpu="titan-v", hours=24.0, batch_size=4096, seq_len=128,
                  model="large", optimizer_steps=23_000)
 
-# Model FLOPs utilisation assumed for every GPU in the table. Calibrated on the paper's run:
-# 23k steps x 4096 sequences x 2.40e11 FLOPs / (8 GPUs x 24 h x 110 TFLOP/s) = 0.30.
-# It already includes everything that is not a matmul (data loading, validation,
-# optimizer, communication). Newer GPUs may do better or worse: pass your own with mfu=.
+# Model FLOPs utilization the planner assumes for every GPU of the table. Not a figure from the
+# paper, which reports steps, not MFU: 0.30 is fitted so that the planner reproduces the paper's
+# ~23k steps from the Titan V's datasheet peak,
+#   23k steps x 4096 sequences x 2.40e11 FLOPs / (8 GPUs x 24 h x 110 TFLOP/s) = 0.30,
+# where 2.40e11 is training_flops_per_sequence of the large shape at 128 tokens.
+# Being fitted to a whole run, it folds in all that is not a matmul (data loading, validation,
+# optimizer, communication). Other GPUs may do better or worse: pass mfu=, or measure.
 DEFAULT_MFU = 0.30
 
 
-@dataclass(frozen=True)
-class GPU:
-    """A GPU in the planner's table: dense fp16/bf16 tensor-core peak and where it comes from.
-
-    Chapter: ``notebooks/01_budget.ipynb``.
-    """
-    name: str
-    memory_gb: int
-    peak_tflops: float          # dense (no sparsity), fp16/bf16 inputs, fp32 accumulate
-    source: str
-    assumed_mfu: float = DEFAULT_MFU
-
-
-KNOWN_GPUS: dict[str, GPU] = {g.name: g for g in [
-    GPU("titan-v", 12, 110.0, "NVIDIA TITAN V product page: 110 TFLOPS tensor performance"),
-    GPU("rtx-2080-ti", 11, 53.8, "NVIDIA Turing whitepaper: FP16 tensor, FP32 accumulate (reference clocks)"),
-    GPU("titan-rtx", 24, 130.5, "NVIDIA Turing whitepaper: FP16 tensor, FP32 accumulate"),
-    GPU("t4", 16, 65.0, "NVIDIA T4 datasheet: mixed-precision FP16/FP32"),
-    GPU("v100", 32, 125.0, "NVIDIA V100 datasheet (SXM2): tensor performance"),
-    GPU("rtx-3090", 24, 71.0, "NVIDIA Ampere GA102 whitepaper: FP16 tensor, FP32 accumulate, dense"),
-    GPU("a10", 24, 125.0, "NVIDIA A10 datasheet: BF16 tensor, dense (250 with sparsity)"),
-    GPU("a100", 80, 312.0, "NVIDIA A100 datasheet: BF16 tensor, dense (624 with sparsity)"),
-    GPU("rtx-4090", 24, 165.2, "NVIDIA Ada Lovelace whitepaper: FP16 tensor, FP32 accumulate, dense"),
-    GPU("l4", 24, 121.0, "NVIDIA L4 datasheet: BF16 tensor, dense (242 with sparsity)"),
-    GPU("h100", 80, 989.0, "NVIDIA H100 datasheet (SXM): BF16 tensor, dense (1979 with sparsity)"),
-    GPU("h200", 141, 989.0, "NVIDIA H200 datasheet (SXM): BF16 tensor, dense (1979 with sparsity)"),
-]}
-
-
-def get_gpu(name: str) -> GPU:
-    """Look a GPU up in :data:`KNOWN_GPUS` (case and ``_``/``-``/space insensitive).
-
-    Chapter: ``notebooks/01_budget.ipynb``.
-    """
-    key = name.strip().lower().replace("_", "-").replace(" ", "-")
-    if key not in KNOWN_GPUS:
-        raise ValueError(f"unknown GPU {name!r}. Known GPUs: {', '.join(KNOWN_GPUS)}. "
-                         "For another GPU, measure it (--measure / measure_throughput) "
-                         "or pass its throughput in sequences per second.")
-    return KNOWN_GPUS[key]
-
-
-def gpu_from_device_name(device_name: str) -> GPU | None:
-    """The table's entry for a CUDA device name (``torch.cuda.get_device_name()``), or None.
-
-    Matches whole words: "NVIDIA H100 80GB HBM3" is the h100, "NVIDIA GeForce RTX 4090" the
-    rtx-4090, and "NVIDIA L40S" is not the l4. Chapter: ``notebooks/01_budget.ipynb``.
-    """
-    words = device_name.strip().lower().replace("_", " ").replace("-", " ").split()
-    for key, gpu in KNOWN_GPUS.items():
-        want = key.split("-")
-        if any(words[i:i + len(want)] == want for i in range(len(words))):
-            return gpu
-    return None
-
-
-def model_config(model: str = "large", vocab_size: int = 30522):
-    """The :class:`bbert.model.BertConfig` of a preset, with the paper's BERT vocabulary size.
-
-    Chapter: ``notebooks/01_budget.ipynb``.
-    """
-    from bbert.model import BertConfig
-
+def model_config(model: str = "large", vocab_size: int = 30522) -> BertConfig:
+    """The :class:`bbert.model.BertConfig` of a preset, with the paper's BERT vocabulary size."""
     return BertConfig.from_preset(model, vocab_size=vocab_size)
 
 
@@ -148,7 +49,6 @@ class BudgetPlan:
     """What a budget buys: the inputs, the throughput used and the totals it gives.
 
     ``str(plan)`` is a readable table with a comparison line against the paper's run.
-    Chapter: ``notebooks/01_budget.ipynb``.
     """
     num_gpus: int
     gpu: str
@@ -214,8 +114,8 @@ def plan_budget(num_gpus: int = 8, gpu: str | None = "titan-v", hours: float = 2
     """Plan a budget: optimizer steps, sequences, tokens, FLOPs, GPU-hours and cost.
 
     Throughput comes from ``seq_per_s_per_gpu`` when given (e.g. measured with
-    :func:`measure_throughput`), else from the GPU table: peak x MFU / FLOPs per sequence.
-    Chapter: ``notebooks/01_budget.ipynb``.
+    :func:`bbert.speed.measure_throughput`), else from the GPU table: peak x MFU / FLOPs per
+    sequence, with ``mfu`` defaulting to :data:`DEFAULT_MFU`.
     """
     if num_gpus < 1:
         raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
@@ -231,7 +131,7 @@ def plan_budget(num_gpus: int = 8, gpu: str | None = "titan-v", hours: float = 2
         if gpu is None:
             raise ValueError("give a GPU name from the table or seq_per_s_per_gpu (measured)")
         spec = get_gpu(gpu)
-        mfu = spec.assumed_mfu if mfu is None else mfu
+        mfu = DEFAULT_MFU if mfu is None else mfu
         if not 0 < mfu <= 1:
             raise ValueError(f"mfu must be in (0, 1], got {mfu}")
         seq_per_s_per_gpu = spec.peak_tflops * 1e12 * mfu / flops_per_seq
@@ -251,97 +151,18 @@ def plan_budget(num_gpus: int = 8, gpu: str | None = "titan-v", hours: float = 2
 
 
 def paper_plan(price_per_gpu_hour: float = 1.0) -> BudgetPlan:
-    """The planner's estimate of the paper's own run (8 Titan V, 24 h, batch 4096, large).
-
-    Chapter: ``notebooks/01_budget.ipynb``.
-    """
+    """The planner's estimate of the paper's own run (8 Titan V, 24 h, batch 4096, large)."""
     p = PAPER_RUN
     return plan_budget(p["num_gpus"], p["gpu"], p["hours"], price_per_gpu_hour, p["model"],
                        p["seq_len"], p["batch_size"])
 
 
-# ---- measuring this device ---------------------------------------------------------
-
-
-@dataclass
-class Throughput:
-    """A short real benchmark of training steps on this device.
-
-    Chapter: ``notebooks/01_budget.ipynb``.
-    """
-    model: str
-    device: str
-    precision: str
-    micro_batch_size: int
-    seq_len: int
-    seq_per_s: float
-    flops_per_s: float
-
-    def __str__(self) -> str:
-        return (f"{self.model} on {self.device} ({self.precision}, micro-batch {self.micro_batch_size} x "
-                f"{self.seq_len}): {self.seq_per_s:.2f} seq/s, {self.flops_per_s / 1e9:.1f} GFLOP/s")
-
-
-def measure_throughput(model: str = "tiny", seq_len: int = 128, micro_batch_size: int = 8,
-                       steps: int = 3, precision: str = "auto", device: str | None = None,
-                       masked_fraction: float = 0.15, vocab_size: int = 30522,
-                       seed: int = 0) -> Throughput:
-    """Time a few real training steps (sparse MLM head, AdamW) of a model preset on this device.
-
-    Random tokens stand in for text: the speed of a step does not depend on what the tokens say.
-    One untimed warm-up step comes first. ``precision="auto"`` is bf16 where the device runs it
-    natively (``bbert.utils.fast_bf16``), else fp32. Chapter: ``notebooks/01_budget.ipynb``.
-    """
-    import torch
-
-    from bbert.model import BertForMaskedLM
-    from bbert.utils import fast_bf16
-
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if precision == "auto":  # bf16 where the device runs it natively
-        precision = "bf16" if fast_bf16(device) else "fp32"
-    if precision == "fp16" and device == "cpu":
-        raise ValueError("fp16 autocast is for GPUs; use precision='bf16' or 'fp32' on CPU")
-    torch.manual_seed(seed)
-    config = model_config(model, vocab_size)
-    net = BertForMaskedLM(config).to(device).train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    input_ids = torch.randint(5, vocab_size, (micro_batch_size, seq_len), device=device)
-    attention_mask = torch.ones_like(input_ids)
-    labels = torch.full_like(input_ids, -100)
-    chosen = torch.rand(input_ids.shape, device=device) < masked_fraction
-    labels[chosen] = input_ids[chosen]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-    def step():
-        with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=precision != "fp32"):
-            loss = net(input_ids, attention_mask=attention_mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    step()  # warm-up: allocations, kernel selection
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    seq_per_s = steps * micro_batch_size / (time.perf_counter() - start)
-    flops = training_flops_per_sequence(config, seq_len, masked_fraction, sparse_mlm_head=True)
-    return Throughput(model, device, precision, micro_batch_size, seq_len, seq_per_s, seq_per_s * flops)
-
-
 # ---- the command -------------------------------------------------------------------
 
 
+@command("bbert budget")
 def main(argv: list[str] | None = None) -> int:
-    """``bbert budget``: print what a budget buys. Chapter: ``notebooks/01_budget.ipynb``."""
+    """``bbert budget``: print what a budget buys. Bad input is one line and exit 2."""
     parser = argparse.ArgumentParser(prog="bbert budget", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--gpus", type=int, default=PAPER_RUN["num_gpus"], help="number of GPUs")
@@ -364,24 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_gpus:
         print(f"{'gpu':<12} {'memory':>6} {'peak TFLOP/s':>12} {'MFU':>5}  source")
         for g in KNOWN_GPUS.values():
-            print(f"{g.name:<12} {g.memory_gb:>4} GB {g.peak_tflops:>12g} {g.assumed_mfu:>5.2f}  {g.source}")
+            print(f"{g.name:<12} {g.memory_gb:>4} GB {g.peak_tflops:>12g} {DEFAULT_MFU:>5.2f}  {g.source}")
         return 0
-    try:
-        throughput, source, gpu = args.throughput, None, args.gpu
-        if args.measure:
-            import torch
-
-            on_gpu = torch.cuda.is_available()
-            precision = args.precision or ("fp16" if on_gpu else "auto")  # the paper's fp16 on a GPU
-            result = measure_throughput(args.model, args.seq_len, args.micro_batch_size, precision=precision)
-            print(f"measured: {result}")
-            throughput, source = result.seq_per_s, f"measured on {result.device}"
-            gpu = torch.cuda.get_device_name() if on_gpu else "this CPU"
-        plan = plan_budget(args.gpus, gpu, args.hours, args.price, args.model, args.seq_len,
-                           args.batch_size, mfu=args.mfu, seq_per_s_per_gpu=throughput,
-                           throughput_source=source)
-    except ValueError as err:
-        parser.error(str(err))
+    throughput, source, gpu = args.throughput, None, args.gpu
+    if args.measure:
+        on_gpu = torch.cuda.is_available()
+        precision = args.precision or ("fp16" if on_gpu else "auto")  # the paper's fp16 on a GPU
+        result = measure_throughput(args.model, args.seq_len, args.micro_batch_size, precision=precision)
+        print(f"measured: {result}")
+        throughput, source = result.seq_per_s, f"measured on {result.device}"
+        gpu = torch.cuda.get_device_name() if on_gpu else "this CPU"
+    plan = plan_budget(args.gpus, gpu, args.hours, args.price, args.model, args.seq_len,
+                       args.batch_size, mfu=args.mfu, seq_per_s_per_gpu=throughput,
+                       throughput_source=source)
     print(plan)
     return 0
 

@@ -4,6 +4,7 @@
     BertModel                        embeddings -> N x BertLayer (pre- or post-LayerNorm) -> final LayerNorm
     BertForMaskedLM                  + the MLM head, sparse: run only at the masked positions
     BertForSequenceClassification    + pooler and classifier, for GLUE
+    layer_grad_norms                 each layer's gradient norm at initialisation (pre- vs post-LN)
 
 The speed-ups the paper relies on, each switchable for the model chapter to measure:
 - ``sparse_mlm_head``: the head transform and the vocabulary decoder run only on the ~15% of
@@ -13,7 +14,8 @@ The speed-ups the paper relies on, each switchable for the model chapter to meas
   MosaicBERT; they are put back only around the attention product itself;
 - the vocabulary is padded to a multiple of 8 so the decoder matmul is tensor-core friendly.
 Mixed precision (bf16 autocast, where the device runs bf16 natively) and ``torch.compile`` are
-applied from outside, by the trainer.
+applied from outside, by the trainer. Measuring their speed (FLOPs, timed training steps) is
+``bbert.speed``'s job.
 
 Chapter: ``notebooks/03_model.ipynb``.
 """
@@ -21,8 +23,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bbert.utils import atomic_path, autocast_dtype
+from bbert.utils import atomic_path
 
 PRESETS = {
     #         layers, hidden, heads
@@ -53,7 +53,6 @@ class BertConfig:
     ``vocab_size`` is the tokenizer's; the embedding matrix has ``padded_vocab_size`` rows
     (rounded up to ``pad_vocab_multiple``). ``type_vocab_size`` is 1 for our single-segment
     pretraining (token_type_ids are then ignored); a transformers BERT brings 2.
-    Chapter: ``notebooks/03_model.ipynb``.
     """
 
     vocab_size: int = 30522
@@ -144,10 +143,7 @@ class Padding:
 
 
 class BertEmbeddings(nn.Module):
-    """Word + position (+ segment) embeddings, optional LayerNorm, dropout.
-
-    Chapter: ``notebooks/03_model.ipynb``.
-    """
+    """Word + position (+ segment) embeddings, optional LayerNorm, dropout."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -171,7 +167,6 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention: one fused QKV matmul, then PyTorch SDPA.
 
     Works on unpadded tokens [n_real, H]: pads are restored only for the attention product.
-    Chapter: ``notebooks/03_model.ipynb``.
     """
 
     def __init__(self, config: BertConfig):
@@ -196,7 +191,7 @@ class SelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Linear -> exact GELU -> Linear. Chapter: ``notebooks/03_model.ipynb``."""
+    """Linear -> exact GELU -> Linear."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -211,7 +206,7 @@ class BertLayer(nn.Module):
     """One transformer block, pre-LN (``x + f(LN(x))``, the paper's) or post-LN (``LN(x + f(x))``).
 
     Pre-LN keeps the residual path an identity, which is what lets the recipe use lr 1e-3
-    stably (Xiong et al. 2020). Chapter: ``notebooks/03_model.ipynb``.
+    stably (Xiong et al. 2020).
     """
 
     def __init__(self, config: BertConfig):
@@ -245,7 +240,7 @@ class _PretrainedMixin:
         return {}
 
     def save_pretrained(self, save_directory) -> Path:
-        """Write the model folder atomically. Chapter: ``notebooks/03_model.ipynb``."""
+        """Write the model folder atomically."""
         from safetensors.torch import save_file
 
         save_directory = Path(save_directory)
@@ -270,7 +265,7 @@ class _PretrainedMixin:
     @classmethod
     def from_pretrained(cls, model_directory, **kwargs):
         """Load a bbert model folder. Loading a BertForMaskedLM folder into a classifier (or the
-        reverse) keeps the encoder and initialises the other head. Chapter: ``notebooks/03_model.ipynb``.
+        reverse) keeps the encoder and initialises the other head.
         """
         from safetensors.torch import load_file
 
@@ -307,7 +302,6 @@ class BertModel(nn.Module, _PretrainedMixin):
 
     ``forward(input_ids, attention_mask=None, token_type_ids=None) -> hidden [B, L, H]``.
     With ``config.unpad`` and a padded batch, every per-token op runs on the real tokens only.
-    Chapter: ``notebooks/03_model.ipynb``.
     """
 
     def __init__(self, config: BertConfig):
@@ -346,10 +340,7 @@ class BertModel(nn.Module, _PretrainedMixin):
 
 
 class MLMHead(nn.Module):
-    """The masked-LM head: dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings).
-
-    Chapter: ``notebooks/03_model.ipynb`` (the sparse MLM head).
-    """
+    """The masked-LM head: dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -382,8 +373,6 @@ class BertForMaskedLM(nn.Module, _PretrainedMixin):
     """BERT with the MLM head. With ``config.sparse_mlm_head`` and labels, the head runs only at
     the positions with a label (``labels != -100``) and ``logits`` is ``[n_masked, vocab_size]``;
     otherwise ``[B, L, vocab_size]`` (the dense head, for comparison and for inference).
-
-    Chapter: ``notebooks/03_model.ipynb``.
     """
 
     def __init__(self, config: BertConfig):
@@ -455,7 +444,7 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 
 
 def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
-    """Parameter count (tied weights counted once). Chapter: ``notebooks/03_model.ipynb``."""
+    """Parameter count (tied weights counted once)."""
     params = {id(p): p for p in model.parameters()}
     if exclude_embeddings:
         for m in model.modules():
@@ -464,100 +453,7 @@ def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
     return sum(p.numel() for p in params.values())
 
 
-# ---- measuring a training step (the benchmark and the model chapter) -----------------------
-
-
-def random_mlm_batch(batch_size: int, seq_len: int, vocab_size: int, mlm_probability: float = 0.15,
-                     lengths=None, seed: int = 0) -> dict:
-    """A synthetic masked-LM batch: ``input_ids``, ``attention_mask``, ``labels`` (-100 = not predicted).
-
-    Packed (every position real) unless ``lengths`` gives each row's number of real tokens.
-    Chapter: ``notebooks/03_model.ipynb``.
-    """
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(5, vocab_size, (batch_size, seq_len), generator=g)
-    attention_mask = torch.ones_like(input_ids)
-    if lengths is not None:
-        attention_mask = (torch.arange(seq_len)[None, :] < torch.as_tensor(lengths)[:, None]).long()
-        input_ids = input_ids * attention_mask  # pad id 0
-    selected = (torch.rand(batch_size, seq_len, generator=g) < mlm_probability) & attention_mask.bool()
-    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
-               amp_dtype: torch.dtype | str | None = "auto", scaler=None) -> float:
-    """One optimisation step: forward under autocast, backward, optimizer step. Returns the loss.
-
-    ``amp_dtype="auto"`` is bf16 where the device runs it natively (``bbert.utils.fast_bf16``),
-    else fp32; None is fp32. bf16 needs no loss scaling; for fp16 on a GPU pass
-    ``scaler=torch.amp.GradScaler("cuda")``.
-    Works for bbert and for transformers models (both take input_ids/attention_mask/labels).
-    Chapter: ``notebooks/03_model.ipynb``.
-    """
-    device = next(model.parameters()).device.type
-    if isinstance(amp_dtype, str):
-        if amp_dtype != "auto":
-            raise ValueError(f"amp_dtype must be a torch dtype, None or 'auto', got {amp_dtype!r}")
-        amp_dtype = autocast_dtype(device)
-    with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        loss = model(**batch).loss
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()  # .item() waits for the device, so a timed step is a finished step
-
-
-def compare_throughput(runners: dict, batch: dict, rounds: int = 3, steps: int = 1, warmup: int = 1,
-                       amp_dtype: torch.dtype | str | None = "auto", progress: bool = True,
-                       clock: str = "wall") -> dict:
-    """Training throughput (sequences/s) of several ``name -> (model, optimizer)`` on one batch.
-
-    The runners alternate, in reversed order every other round, after ``warmup`` steps each, so
-    that a machine whose load changes (others' jobs, turbo, heat) slows them alike; only
-    ratios measured this way mean much on a shared machine. Throughput is from each runner's
-    median round. ``clock="thread"`` (CPU only) runs torch on one thread and times that thread's
-    CPU time: on a machine shared with other jobs, wall-clock time measures the neighbours as much
-    as the model, CPU time barely. Returns ``{"seq_s": {name: ...},
-    "seconds": {name: [per-step seconds of each round]}}``. Chapter: ``notebooks/03_model.ipynb``.
-    """
-    from tqdm.auto import tqdm
-
-    if clock not in ("wall", "thread"):
-        raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
-    threads = torch.get_num_threads()
-    if clock == "thread":
-        torch.set_num_threads(1)  # all the work then runs on this thread, which thread_time sees
-    now = time.thread_time if clock == "thread" else time.perf_counter
-    names = list(runners)
-    batch_size = batch["input_ids"].shape[0]
-    bar = tqdm(total=len(names) * (warmup + rounds * steps), desc="train steps", disable=not progress,
-               leave=False)
-    runners = {name: (tuple(r) + (amp_dtype,))[:3] for name, r in runners.items()}
-    for model, optimizer, dtype in runners.values():
-        model.train()
-        for _ in range(warmup):
-            train_step(model, optimizer, batch, dtype)
-            bar.update()
-    seconds = {name: [] for name in names}
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            model, optimizer, dtype = runners[name]
-            start = now()
-            for _ in range(steps):
-                train_step(model, optimizer, batch, dtype)
-                bar.update()
-            seconds[name].append((now() - start) / steps)
-    bar.close()
-    torch.set_num_threads(threads)
-    # The median step: one round disturbed by another job does not move it.
-    seq_s = {name: batch_size / statistics.median(s) for name, s in seconds.items()}
-    return {"seq_s": seq_s, "seconds": seconds}
+# ---- a diagnostic of the architecture: pre- versus post-LN ---------------------------------
 
 
 def layer_grad_norms(model: BertForMaskedLM, batch: dict) -> list[float]:
@@ -565,7 +461,6 @@ def layer_grad_norms(model: BertForMaskedLM, batch: dict) -> list[float]:
 
     At initialisation, post-LN gradients grow towards the output layers while pre-LN ones stay
     level (Xiong et al. 2020): why pre-LN tolerates the recipe's high learning rate.
-    Chapter: ``notebooks/03_model.ipynb``.
     """
     model.zero_grad(set_to_none=True)
     model(**batch).loss.backward()
@@ -573,23 +468,3 @@ def layer_grad_norms(model: BertForMaskedLM, batch: dict) -> list[float]:
              for layer in model.bert.layers]
     model.zero_grad(set_to_none=True)
     return norms
-
-
-def matmul_peak_flops_one_thread(dtype: torch.dtype = torch.bfloat16, n: int = 2048,
-                                 min_seconds: float = 0.5) -> float:
-    """FLOP/s of a large ``torch.mm`` on one CPU thread, timed in that thread's CPU time: the peak
-    to hold ``compare_throughput(clock="thread")`` against (``bbert.budget.matmul_peak_flops``
-    is its wall-clock, all-threads twin). Chapter: ``notebooks/03_model.ipynb``.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        torch.mm(a, b)  # warm-up
-        reps, start = 0, time.thread_time()
-        while reps < 2 or time.thread_time() - start < min_seconds:
-            torch.mm(a, b)
-            reps += 1
-        return 2.0 * n ** 3 * reps / (time.thread_time() - start)
-    finally:
-        torch.set_num_threads(threads)

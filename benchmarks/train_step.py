@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from bbert.budget import matmul_peak_flops, training_flops_per_sequence
-from bbert.model import (BertConfig, BertForMaskedLM, compare_throughput, matmul_peak_flops_one_thread,
-                         random_mlm_batch)
 from bbert.hf import transformers_baseline
+from bbert.model import BertConfig, BertForMaskedLM
 from bbert.optim import build_optimizer
+from bbert.speed import (compare_throughput, matmul_peak_flops, model_flops_utilization, random_mlm_batch,
+                         training_flops_per_sequence)
 from bbert.utils import autocast_dtype
 
 VOCAB = 30522  # bert-base-uncased's vocabulary
@@ -93,7 +92,8 @@ def main(argv=None) -> int:
     print(f"precision: {amp}" + ("" if amp == "bf16" else " (this device has no native bf16)"))
     if args.clock == "thread":  # everything on one thread, in its CPU time
         print("clock: one thread's CPU time (seq/s = sequences per CPU-second of one core)")
-        peaks = {k: matmul_peak_flops_one_thread(d, min_seconds=peak_seconds) for k, d in dtypes.items()}
+        peaks = {k: matmul_peak_flops(d, n=2048, min_seconds=peak_seconds, clock="thread")
+                 for k, d in dtypes.items()}
     else:
         # a GPU needs bigger matrices to reach its peak; fp32 there is without TF32 (torch's default)
         peaks = {k: matmul_peak_flops(d, n=8192 if on_gpu else 4096, device=device, min_seconds=peak_seconds)
@@ -113,9 +113,10 @@ def main(argv=None) -> int:
         print(f"\n[{preset}] {config.num_hidden_layers} layers, hidden {config.hidden_size}")
         for name in runners:
             flops = training_flops_per_sequence(runners[name][0].config, args.seq_len, masked, sparse[name])
-            achieved = flops * r["seq_s"][name]
-            print(f"  {name:<13} {r['seq_s'][name]:7.2f} seq/s  {achieved / 1e9:6.1f} GFLOP/s  "
-                  + ", ".join(f"MFU {achieved / p:5.1%} of {k} peak" for k, p in peaks.items()))
+            seq_s = r["seq_s"][name]
+            print(f"  {name:<13} {seq_s:7.2f} seq/s  {flops * seq_s / 1e9:6.1f} GFLOP/s  "
+                  + ", ".join(f"MFU {model_flops_utilization(flops, seq_s, p):5.1%} of {k} peak"
+                              for k, p in peaks.items()))
         print(f"  ratio bbert / transformers: {ratio_summary(r, 'bbert', 'transformers')}")
         if args.compile:
             print(f"  ratio bbert+compile / transformers: {ratio_summary(r, 'bbert+compile', 'transformers')}")

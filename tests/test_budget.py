@@ -1,8 +1,16 @@
-"""The budget planner: its arithmetic, the GPU table's calibration, the measurement, the command."""
-import pytest
+"""The budget planner (its arithmetic, its calibration, the command) and bbert.speed's measurements
+(FLOPs, peaks, MFU, the GPU table, measure_throughput)."""
+from types import SimpleNamespace
 
-from bbert import budget
-from bbert.budget import KNOWN_GPUS, PAPER_RUN, get_gpu, measure_throughput, paper_plan, plan_budget
+import pytest
+import torch
+
+from bbert import budget, speed
+from bbert.budget import DEFAULT_MFU, PAPER_RUN, paper_plan, plan_budget
+from bbert.model import BertConfig, BertForMaskedLM
+from bbert.speed import (KNOWN_GPUS, compare_throughput, get_gpu, gpu_from_device_name, matmul_peak_flops,
+                         measure_throughput, model_flops_utilization, random_mlm_batch,
+                         training_flops_per_sequence)
 
 
 def test_paper_setup_lands_near_23k_steps():
@@ -23,8 +31,9 @@ def test_arithmetic_is_consistent():
     assert plan.total_flops == pytest.approx(plan.sequences * plan.flops_per_sequence)
     # table throughput = peak x MFU / FLOPs per sequence
     gpu = get_gpu("a100")
-    assert plan.seq_per_s_per_gpu == pytest.approx(gpu.peak_tflops * 1e12 * gpu.assumed_mfu
+    assert plan.seq_per_s_per_gpu == pytest.approx(gpu.peak_tflops * 1e12 * DEFAULT_MFU
                                                    / plan.flops_per_sequence)
+    assert plan_budget(4, "a100", 10, mfu=0.6).seq_per_s_per_gpu == pytest.approx(2 * plan.seq_per_s_per_gpu)
 
 
 def test_scaling_hours_gpus_batch():
@@ -80,13 +89,21 @@ def test_str_is_a_readable_table_with_the_paper_line():
     assert "not the paper's" in str(small)
 
 
-def test_measure_throughput_runs_real_steps():
+def test_measure_throughput_times_the_steps_it_runs(monkeypatch):
+    calls, step = [], speed.train_step
+    monkeypatch.setattr(speed, "train_step", lambda *a: calls.append(a) or step(*a))
+    clock = iter([10.0, 12.5])  # start, end: the 2 timed steps took 2.5 s
+    monkeypatch.setattr(speed, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     result = measure_throughput("tiny", seq_len=64, micro_batch_size=4, steps=2, precision="fp32")
-    assert result.device == "cpu" and result.seq_per_s > 0
-    flops = budget.training_flops_per_sequence(budget.model_config("tiny"), 64)
+    assert len(calls) == 3  # one warm-up step, then the 2 timed ones
+    assert result.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert result.seq_per_s == pytest.approx(2 * 4 / 2.5)
+    flops = training_flops_per_sequence(budget.model_config("tiny"), 64)
     assert result.flops_per_s == pytest.approx(result.seq_per_s * flops)
     with pytest.raises(ValueError, match="bf16"):
         measure_throughput("tiny", precision="fp16", device="cpu")
+    with pytest.raises(ValueError, match="precision"):
+        measure_throughput("tiny", precision="half", device="cpu")
 
 
 def test_measure_throughput_auto_precision_follows_fast_bf16(monkeypatch):
@@ -96,15 +113,53 @@ def test_measure_throughput_auto_precision_follows_fast_bf16(monkeypatch):
         assert result.precision == precision  # what notebook 01 reads to pick its peak's dtype
 
 
+def test_measure_throughput_and_compare_throughput_time_the_same_step(monkeypatch):
+    # Both go through speed.train_step on random_mlm_batch: for one seed, their first loss is the
+    # loss the model itself gives on that batch.
+    losses, step = [], speed.train_step
+    monkeypatch.setattr(speed, "train_step", lambda *a: losses.append(step(*a)) or losses[-1])
+    measure_throughput("tiny", seq_len=32, micro_batch_size=4, steps=1, precision="fp32", device="cpu", seed=3)
+    assert len(losses) == 2
+
+    def fresh_model():  # as measure_throughput builds it
+        torch.manual_seed(3)
+        return BertForMaskedLM(BertConfig.from_preset("tiny", vocab_size=30522)).train()
+
+    batch = random_mlm_batch(4, 32, 30522, 0.15, seed=3)
+    expected = fresh_model()(**batch).loss.item()
+    model = fresh_model()
+    compare_throughput({"m": (model, torch.optim.AdamW(model.parameters(), lr=1e-4), None)}, batch,
+                       rounds=1, progress=False)
+    assert len(losses) == 4
+    assert losses[0] == pytest.approx(expected, rel=1e-6)  # measure_throughput's warm-up step
+    assert losses[2] == pytest.approx(expected, rel=1e-6)  # compare_throughput's warm-up step
+    assert losses[1] == pytest.approx(losses[3], rel=1e-5)  # and the same optimizer step after it
+    assert losses[1] != losses[0]
+
+
 def test_cli(capsys):
     assert budget.main(["--gpus", "8", "--gpu", "titan-v", "--hours", "24", "--price", "1"]) == 0
     out = capsys.readouterr().out
     assert "optimizer steps" in out and "$192.00" in out
     assert budget.main(["--list-gpus"]) == 0
-    assert "h100" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        budget.main(["--gpu", "nope"])
-    assert "unknown GPU 'nope'" in capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "h100" in out and f"{DEFAULT_MFU:.2f}" in out
+    # bad input: one line naming the problem, exit 2
+    for argv, words in ((["--gpu", "nope"], "unknown GPU 'nope'"), (["--hours", "0"], "hours must be > 0"),
+                        (["--mfu", "2"], "mfu must be in")):
+        assert budget.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"bbert budget: error: {words}") and err.count("\n") == 1
+
+
+def test_cli_measures_this_device(capsys):
+    argv = ["--measure", "--model", "tiny", "--seq-len", "16", "--micro-batch-size", "2", "--gpus", "1",
+            "--hours", "0.01"]
+    if not torch.cuda.is_available():
+        argv += ["--precision", "fp32"]
+    assert budget.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("measured: tiny on ") and "measured on " in out
 
 
 def test_budget_plots(tmp_path):
@@ -119,10 +174,6 @@ def test_budget_plots(tmp_path):
 
 
 def test_matmul_peak_defaults_to_the_native_precision(monkeypatch):
-    import torch
-
-    from bbert.budget import matmul_peak_flops
-
     seen, mm = [], torch.mm
     monkeypatch.setattr(torch, "mm", lambda a, b: seen.append(a.dtype) or mm(a, b))
     for flag, dtype in (("0", torch.float32), ("1", torch.bfloat16)):
@@ -132,6 +183,43 @@ def test_matmul_peak_defaults_to_the_native_precision(monkeypatch):
         assert seen and set(seen) == {dtype}
 
 
+@pytest.mark.parametrize("clock", ["wall", "thread"])
+def test_matmul_peak_is_flops_over_the_chosen_clock(monkeypatch, clock):
+    # One function serves the budget chapter (wall clock, all threads) and the model chapter's
+    # one-thread comparison (that thread's CPU time): each reads its own clock and thread count.
+    ticks = iter(range(100))
+    fake = lambda: 0.25 * next(ticks)  # noqa: E731
+    other = lambda: pytest.fail("read the wrong clock")  # noqa: E731
+    clocks = {"perf_counter": fake, "thread_time": other} if clock == "wall" else \
+             {"perf_counter": other, "thread_time": fake}
+    monkeypatch.setattr(speed, "time", SimpleNamespace(**clocks))
+    threads, seen, mm = torch.get_num_threads(), [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: seen.append((a.dtype, torch.get_num_threads())) or mm(a, b))
+    peak = matmul_peak_flops(torch.float32, n=32, min_seconds=1.0, clock=clock)
+    assert peak == 2 * 32**3 * 4 / 1.0  # 4 timed products of 0.25 s each (after an untimed warm-up)
+    assert seen == [(torch.float32, threads if clock == "wall" else 1)] * 5
+    assert torch.get_num_threads() == threads  # restored
+
+
+def test_matmul_peak_bad_clock():
+    with pytest.raises(ValueError, match="clock"):
+        matmul_peak_flops(n=8, clock="cpu")
+    with pytest.raises(ValueError, match="wall"):
+        matmul_peak_flops(n=8, device="cuda", clock="thread")
+
+
+def test_flops_and_mfu():
+    config = BertConfig.from_preset("large", vocab_size=30522)
+    h, L, v = 1024, 24, 30528  # the padded vocabulary
+    encoder = L * 128 * (2 * (4 * h * h + 2 * h * 4 * h) + 2 * 2 * 128 * h)
+    head = 2 * (h * h + h * v)
+    assert training_flops_per_sequence(config, 128, 0.15) == pytest.approx(3 * (encoder + 0.15 * 128 * head))
+    assert training_flops_per_sequence(config, 128, 0.15, sparse_mlm_head=False) == \
+        pytest.approx(3 * (encoder + 128 * head))
+    assert model_flops_utilization(1e9, 50.0, 1e11) == pytest.approx(0.5)
+    assert model_flops_utilization(1e9, 50.0, 1e11, num_devices=4) == pytest.approx(0.125)
+
+
 @pytest.mark.parametrize("device_name, key", [
     ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA GeForce RTX 4090", "rtx-4090"),
     ("NVIDIA GeForce RTX 2080 Ti", "rtx-2080-ti"), ("Tesla V100-SXM2-32GB", "v100"), ("Tesla T4", "t4"),
@@ -139,7 +227,5 @@ def test_matmul_peak_defaults_to_the_native_precision(monkeypatch):
     ("NVIDIA TITAN RTX", "titan-rtx"), ("NVIDIA L4", "l4"), ("NVIDIA L40S", None), ("NVIDIA B200", None),
 ])
 def test_gpu_from_device_name_matches_whole_words(device_name, key):
-    from bbert.budget import gpu_from_device_name
-
     gpu = gpu_from_device_name(device_name)
     assert (gpu.name if gpu else None) == key

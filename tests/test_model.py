@@ -1,4 +1,5 @@
-"""Tests of bbert.model: shapes, padding invariance, sparse head, pre/post-LN, saving, optim groups."""
+"""Tests of bbert.model (shapes, padding invariance, sparse head, pre/post-LN, saving, optim groups)
+and of the training step, batch and alternating comparison that bbert.speed times it with."""
 import json
 
 import pytest
@@ -6,8 +7,9 @@ import torch
 from torch import nn
 
 from bbert.model import (PRESETS, BertConfig, BertForMaskedLM, BertForSequenceClassification, BertLayer,
-                         BertModel, num_parameters, random_mlm_batch, train_step)
+                         BertModel, layer_grad_norms, num_parameters)
 from bbert.optim import build_optimizer, param_groups
+from bbert.speed import compare_throughput, random_mlm_batch, train_step
 
 V = 1000  # a small vocabulary keeps every preset cheap to build
 
@@ -271,8 +273,6 @@ def test_compile_smoke():
 
 
 def test_random_mlm_batch_masks_only_real_tokens():
-    from bbert.model import random_mlm_batch
-
     b = random_mlm_batch(4, 64, V, lengths=[64, 40, 10, 1], seed=3)
     assert b["attention_mask"].sum(1).tolist() == [64, 40, 10, 1]
     assert torch.all(b["input_ids"][b["attention_mask"] == 0] == 0)  # pads are pad id 0
@@ -284,8 +284,10 @@ def test_random_mlm_batch_masks_only_real_tokens():
     assert 0.12 < (packed["labels"] != -100).float().mean().item() < 0.18
 
 
-def test_compare_throughput_alternates_and_reports_every_runner():
-    from bbert.model import compare_throughput, random_mlm_batch
+def test_compare_throughput_alternates_and_reports_every_runner(monkeypatch):
+    import statistics
+
+    from bbert import speed
 
     batch = random_mlm_batch(2, 16, V)
     runners = {}
@@ -293,11 +295,17 @@ def test_compare_throughput_alternates_and_reports_every_runner():
         torch.manual_seed(0)
         model = BertForMaskedLM(no_dropout())
         runners[name] = (model, build_optimizer(model), None)  # fp32
+    order, step = [], speed.train_step
+    names = {id(r[0]): name for name, r in runners.items()}
+    monkeypatch.setattr(speed, "train_step", lambda m, *a: order.append(names[id(m)]) or step(m, *a))
     threads = torch.get_num_threads()
     result = compare_throughput(runners, batch, rounds=3, progress=False, clock="thread")
     assert torch.get_num_threads() == threads  # restored
-    assert set(result["seq_s"]) == {"a", "b"} and all(v > 0 for v in result["seq_s"].values())
-    assert all(len(s) == 3 for s in result["seconds"].values())
+    # one warm-up step each, then ABBA...: the order flips every round
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    for name in ("a", "b"):
+        assert len(result["seconds"][name]) == 3
+        assert result["seq_s"][name] == pytest.approx(2 / statistics.median(result["seconds"][name]))
     # both took the same 4 optimizer steps (1 warm-up + 3 rounds), so they stayed identical
     for p, q in zip(runners["a"][0].parameters(), runners["b"][0].parameters()):
         torch.testing.assert_close(p, q)
@@ -325,3 +333,16 @@ def test_train_step_auto_precision_follows_fast_bf16(monkeypatch):
         assert seen[-1] == dtype
     with pytest.raises(ValueError, match="amp_dtype"):
         train_step(model, optimizer, data, amp_dtype="bf16")
+
+
+def test_layer_grad_norms_are_each_layers_gradient_norm():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(no_dropout("mini"))
+    data = random_mlm_batch(2, 16, V, seed=1)
+    norms = layer_grad_norms(model, data)
+    assert len(norms) == 4
+    assert all(p.grad is None for p in model.parameters())  # it leaves no gradients behind
+    model(**data).loss.backward()
+    for norm, layer in zip(norms, model.bert.layers):
+        grads = torch.cat([p.grad.reshape(-1) for p in layer.parameters()])
+        assert norm == pytest.approx(grads.norm().item(), rel=1e-4)  # fp32 sums in another order
