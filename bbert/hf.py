@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bbert.model import CONFIG_NAME, BertConfig, BertForMaskedLM
+from bbert.run_dir import latest_checkpoint
 from bbert.utils import atomic_path, require_hub
 
 HF_BERT, HF_PRELN = "bert", "roberta-prelayernorm"
@@ -31,7 +32,7 @@ HF_BERT, HF_PRELN = "bert", "roberta-prelayernorm"
 
 def find_model_folder(path) -> Path:
     """The model folder inside ``path``: the folder itself, ``model/``, ``final/`` (or
-    ``final/model``), or the newest ``checkpoints/*/model`` of a run dir.
+    ``final/model``), or the model of a run dir's latest checkpoint (the highest step).
 
     Chapter: ``notebooks/04_pretraining.ipynb`` (run dirs).
     """
@@ -41,10 +42,9 @@ def find_model_folder(path) -> Path:
     for candidate in (path, path / "model", path / "final", path / "final" / "model"):
         if (candidate / CONFIG_NAME).is_file():
             return candidate
-    checkpoints = sorted(path.glob("checkpoints/*/model/" + CONFIG_NAME),
-                         key=lambda p: (p.stat().st_mtime, str(p)))
-    if checkpoints:
-        return checkpoints[-1].parent
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is not None and (checkpoint / "model" / CONFIG_NAME).is_file():
+        return checkpoint / "model"
     raise FileNotFoundError(
         f"no model found in {path}: expected {CONFIG_NAME} there, in model/, in final/ or in "
         "checkpoints/<name>/model/ (a run dir from `bbert pretrain`)")

@@ -162,7 +162,8 @@ def data_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_pretrain_on_the_gpu(data_dir, tmp_path, precision):
-    from bbert.train import latest_checkpoint, pretrain
+    from bbert.run_dir import latest_checkpoint
+    from bbert.train import pretrain
 
     # peak_flops=None: the known-GPU table, or a measured peak, gives the MFU
     config = tiny_config(data_dir, tmp_path / "run", precision=precision, max_steps=40,
@@ -197,9 +198,9 @@ def test_deepspeed_through_the_launcher(data_dir, tmp_path, precision, zero_stag
     DeepSpeed 0.19.8 left fp16's loss unscaled and this loss fell 0.4 instead of 1.8, so
     ``TrainConfig.validate`` refuses that pair and it is not run here.
     """
-    from bbert.launch import launch
+    from bbert.launcher import launch
     from bbert.model import BertForMaskedLM as Model
-    from bbert.train import latest_checkpoint
+    from bbert.run_dir import latest_checkpoint
 
     config = tiny_config(data_dir, tmp_path / "run", engine="deepspeed", precision=precision, max_steps=40,
                          time_budget_hours=0.1, lr=2e-3, zero_stage=zero_stage, compile=compile)
