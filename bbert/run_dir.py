@@ -105,7 +105,13 @@ class MetricsLog:
 
     def __init__(self, run_dir, tensorboard: bool, enabled: bool):
         self.enabled = enabled
-        self.file = open(metrics_path(run_dir), "a", encoding="utf-8") if enabled else None
+        self.file = None
+        if enabled:
+            path = metrics_path(run_dir)
+            cut = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+            self.file = open(path, "a", encoding="utf-8")
+            if cut:  # a killed run's last line: start ours on a line of its own
+                self.file.write("\n")
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # deferred: slow, and optional
