@@ -356,12 +356,12 @@ def override_dict(assignments) -> dict:
     A model override's value is parsed as YAML here (``96``, ``true``), since ``model_overrides``
     is a free mapping that :func:`bbert.configs.from_dict` can't check field by field.
     """
-    data = parse_assignments(assignments)
-    model = data.get("model")
-    if isinstance(model, dict):
-        del data["model"]
-        parsed = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in model.items()}
-        data["model_overrides"] = {**data.get("model_overrides", {}), **parsed}
+    renamed = ["model_overrides." + a.strip()[len("model."):] if a.strip().startswith("model.") else a
+               for a in assignments]
+    data = parse_assignments(renamed)
+    if isinstance(data.get("model_overrides"), dict):
+        data["model_overrides"] = {k: yaml.safe_load(v) if isinstance(v, str) else v
+                                   for k, v in data["model_overrides"].items()}
     return data
 
 

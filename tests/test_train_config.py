@@ -89,12 +89,16 @@ def test_yaml_round_trip(tmp_path):
 def test_overrides_parse_values_and_nested_fields():
     c = TrainConfig.from_preset("tiny-cpu").with_overrides(
         ["lr=2e-3", "betas=[0.9, 0.999]", "early_stop.enabled=true", "early_stop.after_minutes=1",
-         "masking.mlm_probability=0.2", "max_steps=null", "model=mini", "checkpoint_fractions=[0.1]"])
+         "masking.mlm_probability=0.2", "max_steps=null", "model=mini", "checkpoint_fractions=[0.1]",
+         "model.num_hidden_layers=3", "model.pre_layernorm=true"])
     assert c.lr == 2e-3 and c.betas == (0.9, 0.999)
     assert c.early_stop.enabled and c.early_stop.after_minutes == 1.0
     assert isinstance(c.early_stop.after_minutes, float)
     assert c.masking.mlm_probability == 0.2 and c.max_steps is None and c.model == "mini"
     assert c.checkpoint_fractions == [0.1]
+    assert c.model_overrides == {"num_hidden_layers": 3, "pre_layernorm": True}
+    mc = c.model_config(vocab_size=100)
+    assert (mc.num_hidden_layers, mc.pre_layernorm) == (3, True)  # the overrides reach the model
 
 
 def test_unknown_fields_are_named_with_a_suggestion(tmp_path):
