@@ -47,9 +47,7 @@ class LaunchError(RuntimeError):
 
 
 def hostfile_slots(hostfile) -> dict[str, int]:
-    """Read an MPI-style hostfile (``host slots=N`` per line, ``#`` comments) into {host: slots}.
-
-    """
+    """Read an MPI-style hostfile (``host slots=N`` per line, ``#`` comments) into {host: slots}."""
     path = Path(hostfile)
     if not path.is_file():
         raise FileNotFoundError(f"hostfile {path} does not exist: write one line 'HOST slots=GPUS' per node")
@@ -80,8 +78,7 @@ def _executable(name: str) -> str:
 
 
 def resolve_launcher(config, num_gpus: int, launcher: str = "auto") -> str:
-    """``auto``: deepspeed for the deepspeed engine, torchrun for several processes, else python.
-    """
+    """``auto``: deepspeed for the deepspeed engine, torchrun for several processes, else python."""
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}; got {launcher!r}")
     if launcher != "auto":
@@ -99,7 +96,8 @@ def build_launch_command(config, num_gpus: int | None = None, launcher: str = "a
     ``num_gpus`` is per node (default: the GPUs here, at least 1; on CPU, the number of
     processes). ``config_path`` defaults to ``run_dir/config.yaml``. ``resume``: None lets the
     trainer continue a run dir with the same config by itself, True continues even if the
-    config changed (``--resume``), False refuses to continue (``--no-resume``).    """
+    config changed (``--resume``), False refuses to continue (``--no-resume``).
+    """
     num_gpus = _default_num_gpus() if num_gpus is None else int(num_gpus)
     if num_gpus < 1:
         raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
@@ -205,14 +203,15 @@ def launch(config, num_gpus: int | None = None, launcher: str = "auto", hostfile
            master_addr: str | None = None, master_port: int | None = None, progress: bool = True,
            echo: bool | None = None, env: dict | None = None, stop_timeout: float = 600.0,
            tail_lines: int = 40, resume: bool | None = None) -> Path:
-    """Run ``config`` (a :class:`bbert.train.TrainConfig`) in a subprocess; return its run dir.
+    """Run ``config`` (a :class:`bbert.train_config.TrainConfig`) in a subprocess; return its run dir.
 
     Prints the shell command first, then shows the budget consumed and the latest loss live.
     ``echo`` (default: on in a terminal, off in a notebook) also prints the run's own output.
     On KeyboardInterrupt the run gets SIGINT, saves a checkpoint and stops (resume it by
     launching the same config again; ``resume`` as in :func:`build_launch_command`); a second
     interrupt kills it. If the run fails, raises
-    :class:`LaunchError` with the tail of its output (all of it is in ``run_dir/launch.log``).    """
+    :class:`LaunchError` with the tail of its output (all of it is in ``run_dir/launch.log``).
+    """
     num_gpus = _default_num_gpus() if num_gpus is None else int(num_gpus)
     config.validate(world_size_of(num_gpus, hostfile))  # fail before anything starts
     run_dir = Path(config.run_dir)
