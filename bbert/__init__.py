@@ -5,6 +5,8 @@ The public API, loaded lazily so that ``import bbert`` stays quick:
     bbert.prepare / PrepareConfig      raw text -> data dir            (notebooks/02_data.ipynb)
     bbert.BertConfig / BertForMaskedLM the model                        (notebooks/03_model.ipynb)
     bbert.TrainConfig / pretrain       the time-budgeted run            (notebooks/04_pretraining.ipynb)
+    bbert.read_metrics                 a run's metrics history          (notebooks/04_pretraining.ipynb)
+    bbert.latest_checkpoint            a run's most advanced checkpoint (notebooks/04_pretraining.ipynb)
     bbert.launch                       start a run from a notebook cell (notebooks/04_pretraining.ipynb)
     bbert.plan_budget                  what a budget buys               (notebooks/01_budget.ipynb)
     bbert.finetune / grid_search       GLUE                             (notebooks/05_finetuning.ipynb)
@@ -22,9 +24,10 @@ _EXPORTS = {
     "BertConfig": "bbert.model", "BertModel": "bbert.model", "BertForMaskedLM": "bbert.model",
     "BertForSequenceClassification": "bbert.model",
     "load_pretrained": "bbert.hf", "export_to_transformers": "bbert.hf",
-    "build_optimizer": "bbert.optim", "TimeBasedSchedule": "bbert.optim",
-    "TrainConfig": "bbert.train", "pretrain": "bbert.train",
-    "launch": "bbert.launch", "build_launch_command": "bbert.launch",
+    "build_optimizer": "bbert.optim", "Schedule": "bbert.optim",
+    "TrainConfig": "bbert.train_config", "pretrain": "bbert.train",
+    "read_metrics": "bbert.run_dir", "latest_checkpoint": "bbert.run_dir",
+    "launch": "bbert.launcher", "build_launch_command": "bbert.launcher",
     "plan_budget": "bbert.budget", "BudgetPlan": "bbert.budget",
     "FinetuneConfig": "bbert.glue", "GridConfig": "bbert.glue", "finetune": "bbert.glue",
     "grid_search": "bbert.glue", "load_task": "bbert.glue",
@@ -38,7 +41,6 @@ def __getattr__(name: str):
     if module is None:
         raise AttributeError(f"module 'bbert' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
-    # Importing bbert.launch binds the submodule as bbert.launch; the function wins.
     globals()[name] = value
     return value
 

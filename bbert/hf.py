@@ -34,6 +34,7 @@ import torch
 from bbert import __version__
 from bbert.configs import UsageError, command
 from bbert.model import CONFIG_NAME, BertConfig, BertForMaskedLM
+from bbert.run_dir import latest_checkpoint
 from bbert.utils import atomic_path, require_hub
 
 HF_BERT, HF_PRELN = "bert", "roberta-prelayernorm"
@@ -45,7 +46,7 @@ EXPORT_MARKER = "bbert-export.json"  # written into every export, so a re-export
 
 def find_model_folder(path) -> Path:
     """The model folder inside ``path``: the folder itself, ``model/``, ``final/`` (or
-    ``final/model``), or the newest ``checkpoints/*/model`` of a run dir.
+    ``final/model``), or the model of a run dir's latest checkpoint (the highest step).
     """
     path = Path(path)
     if not path.exists():
@@ -56,10 +57,9 @@ def find_model_folder(path) -> Path:
     for candidate in (path, path / "model", path / "final", path / "final" / "model"):
         if (candidate / CONFIG_NAME).is_file():
             return candidate
-    checkpoints = sorted(path.glob("checkpoints/*/model/" + CONFIG_NAME),
-                         key=lambda p: (p.stat().st_mtime, str(p)))
-    if checkpoints:
-        return checkpoints[-1].parent
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is not None and (checkpoint / "model" / CONFIG_NAME).is_file():
+        return checkpoint / "model"
     raise FileNotFoundError(
         f"no model found in {path}: it is neither a model folder nor a run dir; pass a folder with "
         f"{CONFIG_NAME} in it, in model/, in final/ or in checkpoints/<name>/model/ (a run dir "

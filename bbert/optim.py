@@ -1,11 +1,11 @@
-"""Optimizers and learning-rate schedules of the recipe.
+"""Optimizers and the learning-rate schedule of the recipe.
 
 AdamW (lr 1e-3, betas 0.9/0.98, eps 1e-6, weight decay 0.01) with biases and LayerNorm
-weights exempt from decay, an optional LAMB, and the schedule that makes 24hBERT a
+weights exempt from decay, an optional LAMB, and the :class:`Schedule` that makes 24hBERT a
 *time*-budgeted run: warm-up for ``warmup_proportion`` of the budget, then linear decay to
 zero at its end, with elapsed wall-clock seconds as the clock.
 
-Chapters: ``notebooks/03_model.ipynb`` (optimizers), ``notebooks/04_pretraining.ipynb`` (schedules).
+Chapters: ``notebooks/03_model.ipynb`` (optimizers), ``notebooks/04_pretraining.ipynb`` (the schedule).
 """
 from __future__ import annotations
 
@@ -16,15 +16,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
-NO_DECAY_MODULES = (nn.LayerNorm, nn.Embedding)
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two optimizer groups: decayed weights, and biases plus LayerNorm weights (no decay).
 
     As in BERT, weight decay applies to matmul weights only; a bias or a LayerNorm gain
     pulled towards zero only hurts. Embeddings are decayed (as in BERT and the paper's code),
-    LayerNorm and bias parameters are not. Chapter: ``notebooks/03_model.ipynb``.
+    LayerNorm and bias parameters are not.
     """
     decay, no_decay, seen = [], [], set()
     for module in model.modules():
@@ -53,7 +50,7 @@ def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3,
                     weight_decay: float = 0.01, fused: bool | None = None) -> torch.optim.Optimizer:
     """The recipe's optimizer: ``"adamw"`` (fused where the device has it) or ``"lamb"``.
 
-    Defaults are the paper's AdamW settings. Chapter: ``notebooks/03_model.ipynb``.
+    Defaults are the paper's AdamW settings.
     """
     groups = param_groups(model, weight_decay)
     betas = tuple(float(b) for b in betas)
@@ -72,7 +69,7 @@ class Lamb(torch.optim.Optimizer):
     """LAMB (You et al., 2020): Adam's update rescaled per tensor by ||w|| / ||update||.
 
     The trust ratio lets very large batches train with a high learning rate. Weight decay is
-    decoupled and part of the update, as in the paper. Chapter: ``notebooks/03_model.ipynb``.
+    decoupled and part of the update, as in the paper.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
@@ -116,13 +113,16 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
-# ---- schedules ----------------------------------------------------------------------
+# ---- the schedule ----------------------------------------------------------------------
+
+CLOCKS = ("time", "steps")
+
 
 def linear_warmup_decay(progress: float, warmup_proportion: float) -> float:
     """The lr multiplier at ``progress`` in [0, 1] of the run: linear warm-up, then linear decay to 0.
 
     ``progress`` is a fraction of the *budget* (time or steps), so the shape is the same for a
-    3-minute CPU run and a 24-hour run. Chapter: ``notebooks/04_pretraining.ipynb``.
+    3-minute CPU run and a 24-hour run.
     """
     if not 0.0 <= warmup_proportion < 1.0:
         raise ValueError(f"warmup_proportion must be in [0, 1), got {warmup_proportion}")
@@ -133,60 +133,66 @@ def linear_warmup_decay(progress: float, warmup_proportion: float) -> float:
 
 
 @dataclass
-class TimeBasedSchedule:
-    """Learning rate as a function of elapsed wall-clock seconds against the time budget.
+class Schedule:
+    """The run's budget and learning rate, measured on one clock: elapsed seconds or optimizer steps.
 
-    The paper's schedule: warm-up over ``warmup_proportion`` of ``time_budget_hours``, then
-    linear decay to zero at the end of the budget. Computed directly from elapsed seconds
-    (no per-hour bookkeeping), so it is exact for budgets of minutes as well as days.
-    Chapter: ``notebooks/04_pretraining.ipynb``.
+    ``clock="time"`` is the paper's: warm-up over ``warmup_proportion`` of ``length`` seconds,
+    then linear decay to zero at the end of the budget, where the run stops. Computed directly
+    from elapsed seconds, so it is exact for budgets of minutes as well as days.
+    ``clock="steps"`` is the classic schedule over ``length`` optimizer steps (finetuning uses it).
+    ``max_steps`` optionally caps a run at that many steps whatever the clock.
+    The trainer asks this object, never the config: the lr, the fraction of the budget used,
+    and whether (and why) the run is over.
     """
 
-    lr: float
-    time_budget_hours: float
+    clock: str
+    length: float
+    peak_lr: float
     warmup_proportion: float = 0.06
+    max_steps: int | None = None
 
     def __post_init__(self):
-        if self.time_budget_hours <= 0:
-            raise ValueError(f"time_budget_hours must be > 0, got {self.time_budget_hours}")
-        linear_warmup_decay(0.0, self.warmup_proportion)  # validates
+        if self.clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {self.clock!r}")
+        if not self.length > 0:
+            unit = "seconds" if self.clock == "time" else "steps"
+            raise ValueError(f"the schedule's length must be > 0 {unit}, got {self.length}")
+        linear_warmup_decay(0.0, self.warmup_proportion)  # validates warmup_proportion
 
-    @property
-    def budget_seconds(self) -> float:
-        return self.time_budget_hours * 3600.0
+    @classmethod
+    def from_config(cls, config) -> "Schedule":
+        """The schedule of a :class:`bbert.train_config.TrainConfig`: the one place hours become seconds."""
+        if config.schedule == "step":
+            if not config.max_steps:
+                raise ValueError("schedule='step' decays over max_steps: set max_steps=N, or use schedule='time'")
+            return cls("steps", config.max_steps, config.lr, config.warmup_proportion, config.max_steps)
+        return cls("time", config.time_budget_hours * 3600.0, config.lr, config.warmup_proportion,
+                   config.max_steps)
 
-    def progress(self, elapsed_seconds: float) -> float:
-        return elapsed_seconds / self.budget_seconds
+    def _used(self, elapsed_seconds: float, step: int) -> float:
+        return (elapsed_seconds if self.clock == "time" else step) / self.length
 
-    def lr_at(self, elapsed_seconds: float) -> float:
-        return self.lr * linear_warmup_decay(self.progress(elapsed_seconds), self.warmup_proportion)
+    def progress(self, elapsed_seconds: float = 0.0, step: int = 0) -> float:
+        """The fraction of the budget used, in [0, 1]."""
+        return min(max(self._used(elapsed_seconds, step), 0.0), 1.0)
 
+    def lr_at(self, elapsed_seconds: float = 0.0, step: int = 0) -> float:
+        return self.peak_lr * linear_warmup_decay(self.progress(elapsed_seconds, step), self.warmup_proportion)
 
-@dataclass
-class StepBasedSchedule:
-    """The classic schedule: warm-up and linear decay measured in optimizer steps.
+    def end_reason(self, elapsed_seconds: float = 0.0, step: int = 0) -> str | None:
+        """``"max_steps"`` or ``"budget"`` once the run is over, else None."""
+        if self.max_steps is not None and step >= self.max_steps:
+            return "max_steps"
+        if self._used(elapsed_seconds, step) >= 1.0:
+            return "budget" if self.clock == "time" else "max_steps"
+        return None
 
-    Chapter: ``notebooks/04_pretraining.ipynb``.
-    """
-
-    lr: float
-    total_steps: int
-    warmup_proportion: float = 0.06
-
-    def __post_init__(self):
-        if self.total_steps <= 0:
-            raise ValueError(f"total_steps must be > 0, got {self.total_steps}")
-        linear_warmup_decay(0.0, self.warmup_proportion)
-
-    def progress(self, step: int) -> float:
-        return step / self.total_steps
-
-    def lr_at(self, step: int) -> float:
-        return self.lr * linear_warmup_decay(self.progress(step), self.warmup_proportion)
+    def done(self, elapsed_seconds: float = 0.0, step: int = 0) -> bool:
+        return self.end_reason(elapsed_seconds, step) is not None
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set ``lr`` on every parameter group (the schedules above are stateless functions)."""
+    """Set ``lr`` on every parameter group (the schedule is a stateless function)."""
     if math.isnan(lr):
         raise ValueError("learning rate is NaN")
     for group in optimizer.param_groups:

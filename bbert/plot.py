@@ -11,19 +11,13 @@ from __future__ import annotations
 def read_metrics(source, record_type: str | None = None) -> list[dict]:
     """The records of a run (a run dir or its ``metrics.jsonl``), optionally of one type.
 
-    One clean history, as ``bbert.train.read_metrics`` gives it: after a resume, the records a
-    killed run wrote past its last checkpoint are left out. Chapter: ``notebooks/04_pretraining.ipynb``.
+    :func:`bbert.run_dir.read_metrics`, refusing a folder that holds no run.
     """
-    from pathlib import Path
+    from bbert import run_dir  # deferred: it imports torch, which the budget figures don't need
 
-    from bbert.train import read_metrics as run_history
-
-    run_dir = Path(source)
-    if run_dir.name == "metrics.jsonl":
-        run_dir = run_dir.parent
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: pass a run dir made by bbert pretrain")
-    return [r for r in run_history(run_dir) if record_type is None or r.get("type") == record_type]
+    if not run_dir.metrics_path(source).is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {source}: pass a run dir made by bbert pretrain")
+    return run_dir.read_metrics(source, record_type)
 
 
 def _new_figure(ncols: int = 1, width: float = 6.4, height: float = 3.6):
@@ -92,18 +86,6 @@ def plot_loss_curves(runs, labels=None, x: str = "minutes", ax=None):
     return fig
 
 
-def plot_lr(run, ax=None):
-    """The learning rate a run logged, against elapsed minutes. Chapter: ``notebooks/04_pretraining.ipynb``."""
-    fig, (ax,) = _new_figure() if ax is None else (ax.figure, [ax])
-    train = read_metrics(run, "train")
-    ax.plot([r.get("lr_elapsed_seconds", r["elapsed_seconds"]) / 60 for r in train], [r["lr"] for r in train],
-            ".-", ms=3)
-    ax.set_xlabel("elapsed minutes")
-    ax.set_ylabel("learning rate")
-    ax.set_title("Learning rate logged by the run")
-    return fig
-
-
 def plot_budget_plan(plan, reference=None):
     """A plan beside a reference (default: the paper's run): steps over the budget, and cost.
 
@@ -143,7 +125,8 @@ def plot_gpu_table(num_gpus: int = 8, hours: float = 24.0, model: str = "large",
 
     Chapter: ``notebooks/01_budget.ipynb``.
     """
-    from bbert.budget import KNOWN_GPUS, PAPER_RUN, plan_budget
+    from bbert.budget import PAPER_RUN, plan_budget
+    from bbert.speed import KNOWN_GPUS
 
     plans = [plan_budget(num_gpus, name, hours, model=model, batch_size=batch_size) for name in KNOWN_GPUS]
     fig, (ax,) = _new_figure(width=7, height=4.2)

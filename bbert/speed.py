@@ -4,6 +4,7 @@
     matmul_peak_flops             measured FLOP/s of a large torch.mm (wall clock, or one thread's CPU time)
     model_flops_utilization       achieved FLOP/s as a share of a peak (MFU)
     GPU, KNOWN_GPUS, get_gpu      datasheet peaks of common GPUs; gpu_from_device_name for this one
+    device_peak_flops             the peak a run's MFU is read against: the GPU table, else a measurement
     random_mlm_batch, train_step  the synthetic batch and the training step that every timing uses
     measure_throughput            a few timed steps of a model preset (``bbert budget --measure``)
     compare_throughput            several models alternating on one batch: ratios on a shared machine
@@ -141,6 +142,17 @@ def gpu_from_device_name(device_name: str) -> GPU | None:
         if any(words[i:i + len(want)] == want for i in range(len(words))):
             return gpu
     return None
+
+
+def device_peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of one device for MFU: the known-GPU table on a GPU, else a short measurement."""
+    if device.type == "cuda":
+        gpu = gpu_from_device_name(torch.cuda.get_device_name(device))
+        if gpu is not None:
+            return gpu.peak_tflops * 1e12
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    n = 8192 if device.type == "cuda" else 1024  # a GPU needs big matrices to reach its peak
+    return matmul_peak_flops(dtype, n=n, device=device.type, min_seconds=0.3)
 
 
 # ---- the batch and the step that every timing uses -----------------------------------------

@@ -35,6 +35,26 @@ def resolve_scale(scale: str | None = None) -> str:
     return value
 
 
+def env_flag(name: str, default: bool | None = False) -> bool | None:
+    """The environment variable ``name`` as a switch: 1/true/yes/on or 0/false/no/off.
+
+    Unset, empty or anything else gives ``default`` (None lets a caller tell "unset" apart).
+    """
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return default
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now (for ``MASTER_PORT`` / ``--master_port``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     import numpy as np
@@ -105,9 +125,7 @@ def hub_offline() -> bool:
 
     Checked in about a second so that hub loaders fail at once instead of retrying.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return True
-    if os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if env_flag("HF_HUB_OFFLINE") or env_flag("HF_DATASETS_OFFLINE"):
         return True
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":")[0]
@@ -146,9 +164,9 @@ def fast_bf16(device: str = "cpu") -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if kind != "cpu":
         return False
-    forced = os.environ.get("BBERT_CPU_BF16", "").strip().lower()
-    if forced in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return forced in ("1", "true", "yes", "on")
+    forced = env_flag("BBERT_CPU_BF16", default=None)
+    if forced is not None:
+        return forced
     cpu = torch.cpu
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(cpu, name, lambda: False)() for name in checks)

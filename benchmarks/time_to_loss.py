@@ -85,7 +85,9 @@ def mlm_loss(model, batches) -> float:
 def run_bbert(config, batches) -> dict:
     """bbert pretrain in this process; score its final model and its time-marker checkpoints."""
     from bbert.model import BertForMaskedLM
-    from bbert.train import pretrain, read_metrics
+    from bbert.optim import Schedule
+    from bbert.run_dir import read_metrics
+    from bbert.train import pretrain
 
     start = time.perf_counter()
     run_dir = pretrain(config, resume=False)
@@ -99,8 +101,9 @@ def run_bbert(config, batches) -> dict:
             curve.append((float(rec["name"].split("-", 1)[1]), rec["step"], mlm_loss(model, batches)))
     final = BertForMaskedLM.from_pretrained(run_dir / "final" / "model")
     final_loss = mlm_loss(final, batches)
-    curve.append((min(1.0, end["elapsed_seconds"] / config.time_budget_seconds), end["step"], final_loss))
-    own_val = [(r["elapsed_seconds"] / config.time_budget_seconds, r["val_loss"])
+    schedule = Schedule.from_config(config)
+    curve.append((schedule.progress(end["elapsed_seconds"], end["step"]), end["step"], final_loss))
+    own_val = [(schedule.progress(r["elapsed_seconds"], r["step"]), r["val_loss"])
                for r in records if r.get("type") == "val"]
     return dict(run_dir=str(run_dir), steps=end["step"], end_reason=end["reason"], wall_seconds=wall,
                 final_loss=final_loss, curve=curve, own_val_curve=own_val)
@@ -144,13 +147,14 @@ def run_hf(config, data_dir: Path, batches, vocab_size: int, work: Path) -> dict
                               TrainingArguments)
 
     from bbert.data import load_tokenizer
+    from bbert.optim import Schedule
 
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     torch.manual_seed(config.seed)
     model = BertForMaskedLM(hf_model_config(config.model_config(vocab_size), vocab_size))
     dataset = train_samples(data_dir)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=config.masking.mlm_probability)
-    budget = config.time_budget_seconds
+    budget = Schedule.from_config(config).length  # seconds: the config uses a time schedule
     accumulation = config.gradient_accumulation_steps(1)
 
     # run_mlm's schedule is step-based: estimate the steps that fit in the budget from a
@@ -229,7 +233,7 @@ def main(argv=None) -> int:
     import torch
 
     from bbert.data import load_manifest
-    from bbert.train import TrainConfig
+    from bbert.train_config import TrainConfig
     from bbert.utils import atomic_write_json, set_seed
 
     args.out.mkdir(parents=True, exist_ok=True)

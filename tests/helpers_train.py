@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bbert.train import TrainConfig, read_metrics
+from bbert.run_dir import read_metrics
+from bbert.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

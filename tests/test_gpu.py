@@ -11,7 +11,8 @@ import importlib.util
 import pytest
 import torch
 
-from bbert.model import PRESETS, BertConfig, BertForMaskedLM, random_mlm_batch, train_step
+from bbert.model import PRESETS, BertConfig, BertForMaskedLM
+from bbert.speed import random_mlm_batch, train_step
 from bbert.optim import build_optimizer
 
 from helpers_train import make_data_dir, records, tiny_config
@@ -146,7 +147,7 @@ def test_compile_on_the_gpu_matches_eager():
 
 
 def test_peak_and_throughput_measurements_on_the_gpu():
-    from bbert.budget import matmul_peak_flops, measure_throughput
+    from bbert.speed import matmul_peak_flops, measure_throughput
 
     peak = matmul_peak_flops(torch.bfloat16, n=4096, device=CUDA, min_seconds=0.2)
     assert peak > 2e13  # any GPU with bf16 tensor cores
@@ -162,7 +163,8 @@ def data_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_pretrain_on_the_gpu(data_dir, tmp_path, precision):
-    from bbert.train import latest_checkpoint, pretrain
+    from bbert.run_dir import latest_checkpoint
+    from bbert.train import pretrain
 
     # peak_flops=None: the known-GPU table, or a measured peak, gives the MFU
     config = tiny_config(data_dir, tmp_path / "run", precision=precision, max_steps=40,
@@ -197,9 +199,9 @@ def test_deepspeed_through_the_launcher(data_dir, tmp_path, precision, zero_stag
     DeepSpeed 0.19.8 left fp16's loss unscaled and this loss fell 0.4 instead of 1.8, so
     ``TrainConfig.validate`` refuses that pair and it is not run here.
     """
-    from bbert.launch import launch
+    from bbert.launcher import launch
     from bbert.model import BertForMaskedLM as Model
-    from bbert.train import latest_checkpoint
+    from bbert.run_dir import latest_checkpoint
 
     config = tiny_config(data_dir, tmp_path / "run", engine="deepspeed", precision=precision, max_steps=40,
                          time_budget_hours=0.1, lr=2e-3, zero_stage=zero_stage, compile=compile)

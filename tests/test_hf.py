@@ -15,6 +15,7 @@ from bbert import hf
 from bbert.cli import main as cli_main
 from bbert.data.tokenizer import wrap_tokenizer
 from bbert.model import BertConfig, BertForMaskedLM
+from bbert.run_dir import write_budget
 from bbert.utils import HubUnavailableError
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -117,8 +118,8 @@ def test_load_pretrained_finds_the_model_in_run_dirs(tmp_path):
     for name, model in (("step-100", older), ("step-200", newer)):
         model.save_pretrained(run / "checkpoints" / name / "model")
         tokenizer.save_pretrained(run / "checkpoints" / name / "model")
-        time.sleep(0.01)
-    os.utime(run / "checkpoints" / "step-100" / "model" / "config.json", (1, 1))  # make the older one old
+        write_budget(run / "checkpoints" / name, {"step": int(name.split("-")[1])})
+    os.utime(run / "checkpoints" / "step-200", (1, 1))  # the highest step wins, not the newest folder
     model, tok = hf.load_pretrained(run)
     assert torch.all(model.bert.final_norm.bias == 0.5) and tok is not None
     model, _ = hf.load_pretrained(run / "checkpoints" / "step-100")  # a checkpoint folder

@@ -1,4 +1,4 @@
-"""bbert.launch: the commands it builds, a tiny run to completion, interruption, failure."""
+"""bbert.launcher: the commands it builds, a tiny run to completion, interruption, failure."""
 import json
 import os
 import shlex
@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from bbert.launch import (LaunchError, build_launch_command, format_command, hostfile_slots, launch,
-                          world_size_of)
-from bbert.train import TrainConfig
+from bbert.engines import deepspeed_config
+from bbert.launcher import (LaunchError, build_launch_command, format_command, hostfile_slots, launch,
+                            world_size_of)
+from bbert.run_dir import read_metrics
+from bbert.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +34,7 @@ def tiny_config(data_dir, run_dir, **overrides):
 
 
 def records(run_dir, kind):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["type"] == kind]
+    return read_metrics(run_dir, kind)
 
 
 # ---- commands -------------------------------------------------------------------------
@@ -51,7 +52,7 @@ def test_24hbert_command_is_the_papers_8_gpu_deepspeed_run(tmp_path):
     assert format_command(cmd).startswith("deepspeed --num_gpus 8 ")
     # 8 GPUs x micro-batch 32 x 16 accumulation steps = the paper's batch of 4096
     assert config.gradient_accumulation_steps(8) == 16
-    ds = config.deepspeed_config(8)
+    ds = deepspeed_config(config, 8)
     assert ds["train_batch_size"] == 4096 and ds["train_micro_batch_size_per_gpu"] == 32
     assert ds["fp16"]["enabled"] and ds["gradient_clipping"] == 0.0
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from bbert.optim import (Lamb, StepBasedSchedule, TimeBasedSchedule, build_optimizer,
-                         linear_warmup_decay, param_groups, set_lr)
+from bbert.optim import Lamb, Schedule, build_optimizer, linear_warmup_decay, param_groups, set_lr
+from bbert.train_config import TrainConfig
 
 
 class Toy(nn.Module):
@@ -81,21 +81,53 @@ def test_linear_warmup_decay_shape():
 
 @pytest.mark.parametrize("hours", [3 / 60, 0.5, 24.0])
 def test_time_schedule_same_shape_for_minutes_and_days(hours):
-    s = TimeBasedSchedule(lr=1e-3, time_budget_hours=hours, warmup_proportion=0.06)
+    s = Schedule.from_config(TrainConfig(time_budget_hours=hours, lr=1e-3, warmup_proportion=0.06))
     T = hours * 3600
-    assert s.lr_at(0) == 0.0
-    assert s.lr_at(0.06 * T) == pytest.approx(1e-3)
-    assert s.lr_at(0.53 * T) == pytest.approx(5e-4)
-    assert s.lr_at(T) == 0.0
+    assert (s.clock, s.length, s.peak_lr) == ("time", pytest.approx(T), 1e-3)
+    assert s.lr_at(0, 0) == 0.0
+    assert s.lr_at(0.06 * T, 0) == pytest.approx(1e-3)  # the end of warm-up is the peak
+    assert s.lr_at(0.53 * T, 0) == pytest.approx(5e-4)
+    assert s.lr_at(T, 0) == 0.0
+    assert s.lr_at(0.5 * T, step=10**9) == pytest.approx(s.lr_at(0.5 * T))  # the time clock ignores steps
     lrs = [s.lr_at(T * k / 1000) for k in range(60, 1001)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay after warm-up
 
 
-def test_step_schedule_and_set_lr():
-    s = StepBasedSchedule(lr=2e-3, total_steps=100, warmup_proportion=0.1)
-    assert s.lr_at(5) == pytest.approx(1e-3) and s.lr_at(10) == pytest.approx(2e-3) and s.lr_at(100) == 0
+@pytest.mark.parametrize("clock, length, at", [("time", 180.0, lambda x: (x, 0)),
+                                                ("steps", 100, lambda x: (0.0, x))])
+def test_schedule_progress_lr_and_done_on_either_clock(clock, length, at):
+    s = Schedule(clock, length, peak_lr=2e-3, warmup_proportion=0.1)
+    assert s.lr_at(*at(0.1 * length)) == pytest.approx(2e-3)
+    assert s.lr_at(*at(0.05 * length)) == pytest.approx(1e-3)
+    assert s.lr_at(*at(length)) == 0.0
+    progress = [s.progress(*at(length * k / 50)) for k in range(0, 61)]
+    assert progress[0] == 0.0 and progress[50] == 1.0 and progress[-1] == 1.0  # clamped past the end
+    assert all(a < b for a, b in zip(progress[:50], progress[1:51]))  # strictly increasing until the end
+    # done flips exactly at the length, with the reason the trainer logs
+    before = length - 1 if clock == "steps" else length - 1e-9
+    assert not s.done(*at(before)) and s.end_reason(*at(before)) is None
+    assert s.done(*at(length))
+    assert s.end_reason(*at(length)) == ("budget" if clock == "time" else "max_steps")
+
+
+def test_max_steps_caps_a_time_budget_and_step_schedule_needs_it():
+    capped = Schedule.from_config(TrainConfig(time_budget_hours=1.0, max_steps=5))
+    assert capped.clock == "time" and capped.progress(1800.0, 5) == pytest.approx(0.5)
+    assert capped.end_reason(1800.0, 4) is None and capped.end_reason(1800.0, 5) == "max_steps"
+    steps = Schedule.from_config(TrainConfig(schedule="step", max_steps=40))
+    assert (steps.clock, steps.length) == ("steps", 40) and steps.progress(10**6, 10) == 0.25
+    with pytest.raises(ValueError, match="set max_steps"):
+        Schedule.from_config(TrainConfig(schedule="step"))
+    with pytest.raises(ValueError, match="clock must be one of"):
+        Schedule("epochs", 3, 1e-3)
+    with pytest.raises(ValueError, match="length must be > 0"):
+        Schedule("steps", 0, 1e-3)
+
+
+def test_set_lr_sets_every_group():
+    s = Schedule("steps", 100, peak_lr=2e-3, warmup_proportion=0.1)
     opt = build_optimizer(Toy())
-    set_lr(opt, s.lr_at(55))
+    set_lr(opt, s.lr_at(step=55))
     assert all(math.isclose(g["lr"], 1e-3) for g in opt.param_groups)
-    with pytest.raises(ValueError):
-        StepBasedSchedule(lr=1e-3, total_steps=0)
+    with pytest.raises(ValueError, match="NaN"):
+        set_lr(opt, float("nan"))

@@ -1,4 +1,4 @@
-"""TrainConfig: presets, YAML, overrides, validation errors, the generated DeepSpeed config."""
+"""TrainConfig: presets, YAML, overrides, validation errors, the generated DeepSpeed config, the CLI."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,11 @@ import json
 import pytest
 import torch
 
-from bbert.train import TrainConfig, build_parser, config_from_args
+from bbert.data import MaskingConfig
+from bbert.engines import deepspeed_config
+from bbert.optim import Schedule
+from bbert.train import build_parser, config_from_args, main
+from bbert.train_config import TrainConfig
 from bbert.utils import fast_bf16
 
 
@@ -27,7 +31,7 @@ def test_24hbert_preset_is_the_papers_run():
 
 def test_24hbert_deepspeed_config_matches_the_paper_on_8_gpus():
     c = TrainConfig.from_preset("24hbert")
-    ds = c.deepspeed_config(world_size=8)
+    ds = deepspeed_config(c, world_size=8)
     assert ds["train_batch_size"] == 4096 == 32 * 8 * 16
     assert ds["train_micro_batch_size_per_gpu"] == 32
     assert ds["gradient_accumulation_steps"] == 16 == c.gradient_accumulation_steps(8)
@@ -37,7 +41,7 @@ def test_24hbert_deepspeed_config_matches_the_paper_on_8_gpus():
     assert ds["zero_optimization"]["stage"] == 1  # DeepSpeed's fp16 is broken at stage 0
     assert "optimizer" not in ds and "scheduler" not in ds  # bbert owns both
     # on one GPU the same batch takes 128 micro-batches
-    assert c.deepspeed_config(world_size=1)["gradient_accumulation_steps"] == 128
+    assert deepspeed_config(c, world_size=1)["gradient_accumulation_steps"] == 128
 
 
 def test_24hbert_optimizer_has_the_papers_adamw_settings():
@@ -52,11 +56,12 @@ def test_24hbert_optimizer_has_the_papers_adamw_settings():
     assert opt.param_groups[1]["weight_decay"] == 0.0
 
 
-def test_tiny_cpu_preset_runs_on_this_cpu():
+def test_tiny_cpu_preset_is_valid_on_this_cpu_and_lasts_minutes():
     c = TrainConfig.from_preset("tiny-cpu")
     c.validate(world_size=1, check_data=False)
     assert c.engine == "torch" and c.precision == ("bf16" if fast_bf16("cpu") else "fp32")
-    assert c.time_budget_seconds <= 180
+    schedule = Schedule.from_config(c)
+    assert schedule.clock == "time" and 60 <= schedule.length <= 180
 
 
 def test_tiny_cpu_preset_trains_in_fp32_without_native_bf16(monkeypatch):
@@ -84,18 +89,22 @@ def test_yaml_round_trip(tmp_path):
 def test_overrides_parse_values_and_nested_fields():
     c = TrainConfig.from_preset("tiny-cpu").with_overrides(
         ["lr=2e-3", "betas=[0.9, 0.999]", "early_stop.enabled=true", "early_stop.after_minutes=1",
-         "masking.mlm_probability=0.2", "max_steps=null", "model=mini", "checkpoint_fractions=[0.1]"])
+         "masking.mlm_probability=0.2", "max_steps=null", "model=mini", "checkpoint_fractions=[0.1]",
+         "model.num_hidden_layers=3", "model.pre_layernorm=true"])
     assert c.lr == 2e-3 and c.betas == (0.9, 0.999)
     assert c.early_stop.enabled and c.early_stop.after_minutes == 1.0
     assert isinstance(c.early_stop.after_minutes, float)
     assert c.masking.mlm_probability == 0.2 and c.max_steps is None and c.model == "mini"
     assert c.checkpoint_fractions == [0.1]
+    assert c.model_overrides == {"num_hidden_layers": 3, "pre_layernorm": True}
+    mc = c.model_config(vocab_size=100)
+    assert (mc.num_hidden_layers, mc.pre_layernorm) == (3, True)  # the overrides reach the model
 
 
 def test_unknown_fields_are_named_with_a_suggestion(tmp_path):
     with pytest.raises(ValueError, match="Did you mean 'lr'"):
         TrainConfig.from_preset("tiny-cpu").with_overrides(["lrr=1"])
-    with pytest.raises(ValueError, match="key=value"):
+    with pytest.raises(ValueError, match="KEY=VALUE"):
         TrainConfig.from_preset("tiny-cpu").with_overrides(["lr"])
     (tmp_path / "bad.yaml").write_text("batch_sise: 8\n")
     with pytest.raises(ValueError, match="batch_size"):
@@ -155,19 +164,44 @@ def test_cli_arguments_build_the_config(tmp_path):
     assert build_parser().parse_args(["--no-resume"]).resume is False
 
 
-def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
-    from bbert.train import main
+def test_cli_layers_preset_then_config_file_then_flags_and_set(tmp_path):
+    (tmp_path / "run.yaml").write_text("lr: 2.0e-4\nseed: 7\nrun_dir: from-file\n")
+    args = build_parser().parse_args(["--preset", "tiny-cpu", "--config", str(tmp_path / "run.yaml"),
+                                      "--set", "seed=8", "--run-dir", "007"])
+    c = config_from_args(args)
+    assert (c.engine, c.model) == ("torch", "tiny")  # from the preset
+    assert c.lr == 2e-4 and c.seed == 8 and c.run_dir == "007"  # file, then --set, then the flag
+    # a config file alone is laid over the dataclass defaults, not over a preset
+    alone = config_from_args(build_parser().parse_args(["--config", str(tmp_path / "run.yaml")]))
+    assert alone.zero_stage == TrainConfig().zero_stage and alone.lr == 2e-4
 
+
+def test_cli_masking_shorthands_set_the_masking_fields():
+    args = build_parser().parse_args(["--preset", "tiny-cpu", "--masking", "static", "--duplication-factor", "5"])
+    if "mode" in MaskingConfig.__dataclass_fields__:
+        c = config_from_args(args)
+        assert (c.masking.mode, c.masking.duplication_factor) == ("static", 5)
+    else:  # before MaskingConfig has the fields, the shorthands are plain --set assignments
+        with pytest.raises(ValueError, match="masking.mode"):
+            config_from_args(args)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--masking", "sometimes"])
+
+
+def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     assert main(["--preset", "tiny-cpu", "--data-dir", str(tmp_path / "none"), "--run-dir", str(tmp_path / "r")]) == 2
-    assert "bbert pretrain: error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("bbert pretrain: error:") and "bbert prepare --out" in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()  # nothing started, nothing written
     assert main(["--preset", "tiny-cpu", "--set", "batch_size=33"]) == 2
     assert "not divisible" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "no config file" in capsys.readouterr().err
+    assert main(["--preset", "tiny-cpu", "--set", "lrr=1"]) == 2
+    assert "Did you mean 'lr'" in capsys.readouterr().err
 
 
 def test_print_config_shows_the_deepspeed_config(capsys):
-    from bbert.train import main
-
     assert main(["--preset", "24hbert", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "time_budget_hours: 24.0" in out and '"train_batch_size": 4096' in out

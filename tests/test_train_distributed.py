@@ -12,11 +12,12 @@ import time
 
 import pytest
 
-from bbert.budget import training_flops_per_sequence
-from bbert.train import latest_checkpoint, pretrain, read_metrics
+from bbert.speed import training_flops_per_sequence
+from bbert.run_dir import latest_checkpoint
+from bbert.train import pretrain
+from bbert.utils import free_port
 
 from helpers_train import BIN, PYTHON, REPO, make_data_dir, records, run_cli, subprocess_env, tiny_config
-from bbert.train import free_port
 
 STEPS = 6
 
@@ -48,7 +49,7 @@ def reference(data_dir, tmp_path_factory):
 
 
 def test_reference_logs_throughput_and_mfu(reference):
-    from bbert.train import TrainConfig
+    from bbert.train_config import TrainConfig
 
     config = TrainConfig.from_yaml(reference / "config.yaml")
     flops = training_flops_per_sequence(config.model_config(2048), 64, 0.15, True)

@@ -24,17 +24,20 @@ Chapter: ``notebooks/04_pretraining.ipynb``.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+import psutil
+
+from bbert import run_dir as rd
+from bbert.utils import free_port
 
 LAUNCHERS = ("auto", "deepspeed", "torchrun", "python")
 
@@ -43,18 +46,8 @@ class LaunchError(RuntimeError):
     """The training process failed; the message holds its exit code and the tail of its log."""
 
 
-def free_port() -> int:
-    """A TCP port that is free right now on this machine, for ``--master_port``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def hostfile_slots(hostfile) -> dict[str, int]:
-    """Read an MPI-style hostfile (``host slots=N`` per line, ``#`` comments) into {host: slots}.
-
-    Chapter: ``notebooks/04_pretraining.ipynb`` (multi-node).
-    """
+    """Read an MPI-style hostfile (``host slots=N`` per line, ``#`` comments) into {host: slots}."""
     path = Path(hostfile)
     if not path.is_file():
         raise FileNotFoundError(f"hostfile {path} does not exist: write one line 'HOST slots=GPUS' per node")
@@ -85,10 +78,7 @@ def _executable(name: str) -> str:
 
 
 def resolve_launcher(config, num_gpus: int, launcher: str = "auto") -> str:
-    """``auto``: deepspeed for the deepspeed engine, torchrun for several processes, else python.
-
-    Chapter: ``notebooks/04_pretraining.ipynb``.
-    """
+    """``auto``: deepspeed for the deepspeed engine, torchrun for several processes, else python."""
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}; got {launcher!r}")
     if launcher != "auto":
@@ -107,14 +97,12 @@ def build_launch_command(config, num_gpus: int | None = None, launcher: str = "a
     processes). ``config_path`` defaults to ``run_dir/config.yaml``. ``resume``: None lets the
     trainer continue a run dir with the same config by itself, True continues even if the
     config changed (``--resume``), False refuses to continue (``--no-resume``).
-    Chapter: ``notebooks/04_pretraining.ipynb``.
     """
     num_gpus = _default_num_gpus() if num_gpus is None else int(num_gpus)
     if num_gpus < 1:
         raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
     launcher = resolve_launcher(config, num_gpus, launcher)
-    config_path = str(config_path or Path(config.run_dir) / "config.yaml")
-    train_args = ["--config", config_path]
+    train_args = ["--config", str(config_path or rd.config_path(config.run_dir))]
     if resume is not None:
         train_args.append("--resume" if resume else "--no-resume")
     port = str(master_port or free_port())
@@ -146,7 +134,7 @@ def build_launch_command(config, num_gpus: int | None = None, launcher: str = "a
 
 def format_command(cmd: list[str]) -> str:
     """The command as one would type it: launchers that live beside this Python (the active
-    environment) by their bare name. Chapter: ``notebooks/04_pretraining.ipynb``."""
+    environment) by their bare name."""
     first = Path(cmd[0])
     if first.parent == Path(sys.executable).parent:
         first = Path("python" if cmd[0] == sys.executable else first.name)
@@ -170,30 +158,6 @@ def _in_notebook() -> bool:
         return False
     shell = get_ipython()
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
-
-
-class _MetricsTail:
-    """Reads the records appended to ``metrics.jsonl`` since the last call."""
-
-    def __init__(self, path: Path):
-        self.path, self.offset, self.partial = path, 0, ""
-
-    def new_records(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        with open(self.path, encoding="utf-8") as f:
-            f.seek(self.offset)
-            text = f.read()
-            self.offset = f.tell()
-        lines = (self.partial + text).split("\n")
-        self.partial = lines.pop()  # an unfinished last line waits for the next read
-        records = []
-        for line in lines:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-        return records
 
 
 class _Progress:
@@ -239,7 +203,7 @@ def launch(config, num_gpus: int | None = None, launcher: str = "auto", hostfile
            master_addr: str | None = None, master_port: int | None = None, progress: bool = True,
            echo: bool | None = None, env: dict | None = None, stop_timeout: float = 600.0,
            tail_lines: int = 40, resume: bool | None = None) -> Path:
-    """Run ``config`` (a :class:`bbert.train.TrainConfig`) in a subprocess; return its run dir.
+    """Run ``config`` (a :class:`bbert.train_config.TrainConfig`) in a subprocess; return its run dir.
 
     Prints the shell command first, then shows the budget consumed and the latest loss live.
     ``echo`` (default: on in a terminal, off in a notebook) also prints the run's own output.
@@ -247,15 +211,13 @@ def launch(config, num_gpus: int | None = None, launcher: str = "auto", hostfile
     launching the same config again; ``resume`` as in :func:`build_launch_command`); a second
     interrupt kills it. If the run fails, raises
     :class:`LaunchError` with the tail of its output (all of it is in ``run_dir/launch.log``).
-    Chapter: ``notebooks/04_pretraining.ipynb``.
     """
     num_gpus = _default_num_gpus() if num_gpus is None else int(num_gpus)
     config.validate(world_size_of(num_gpus, hostfile))  # fail before anything starts
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.yaml"
-    config.to_yaml(config_path)
-    cmd = build_launch_command(config, num_gpus, launcher, hostfile, master_addr, master_port, config_path,
+    config_file = config.to_yaml(rd.config_path(run_dir))
+    cmd = build_launch_command(config, num_gpus, launcher, hostfile, master_addr, master_port, config_file,
                                resume)
     print("$ " + format_command(cmd), flush=True)
 
@@ -270,7 +232,7 @@ def launch(config, num_gpus: int | None = None, launcher: str = "auto", hostfile
                              bufsize=1, env=child_env, start_new_session=True)
     reader = threading.Thread(target=_pump, args=(child, log_path, tail, echo), daemon=True)
     reader.start()
-    metrics = _MetricsTail(run_dir / "metrics.jsonl")
+    metrics = rd.MetricsTail(run_dir)
     # In a terminal the run's own progress lines are echoed; a second bar would only garble them.
     bar = _Progress(progress and (notebook or not echo), notebook)
     end_record = None
@@ -329,14 +291,7 @@ def _signal_group(child: subprocess.Popen, sig: int) -> None:
 
 
 def _trainer_pids(child: subprocess.Popen) -> list[int]:
-    """The processes running ``-m bbert.train`` in the run (the ranks), launcher processes left out.
-
-    Needs psutil (installed with DeepSpeed); without it the list is empty.
-    """
-    try:
-        import psutil
-    except ImportError:
-        return []
+    """The processes running ``-m bbert.train`` in the run (the ranks), launcher processes left out."""
     try:
         root = psutil.Process(child.pid)
         procs = [root, *root.children(recursive=True)]
@@ -359,7 +314,7 @@ def _stop(child: subprocess.Popen, timeout: float) -> None:
     The signal goes to the trainer processes only: the deepspeed and torchrun launchers answer
     a SIGINT of their own by terminating the ranks with a 30-second grace, which a large
     checkpoint may need more than. Once the ranks exit, the launchers exit by themselves.
-    Without psutil, the whole process group gets the SIGINT (what a terminal's Ctrl-C does).
+    If no rank is found, the whole process group gets the SIGINT (what a terminal's Ctrl-C does).
     """
     pids = _trainer_pids(child)
     if pids:

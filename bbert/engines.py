@@ -1,0 +1,307 @@
+"""The engines that run the training step, and the distributed setup they share.
+
+Two engines run the same loop: DeepSpeed (GPU servers, ZeRO, several nodes) and plain PyTorch
+(one process, or ``torchrun`` DDP). Both read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` from the
+launcher. An engine does a micro-step (forward and backward), an optimizer step at the lr it is
+given, evaluation, and saves and loads its own state inside a checkpoint folder.
+
+Chapter: ``notebooks/04_pretraining.ipynb``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bbert.model import BertForMaskedLM
+from bbert.optim import build_optimizer, set_lr
+from bbert.train_config import TrainConfig
+from bbert.utils import env_flag, free_port
+
+
+def deepspeed_config(config: TrainConfig, world_size: int = 1) -> dict:
+    """The DeepSpeed JSON config of a run.
+
+    bbert keeps the optimizer (a ``torch.optim.AdamW`` built by ``bbert.optim``, handed to
+    ``deepspeed.initialize``, so DeepSpeed JIT-builds no CPU Adam) and the schedule (it sets the
+    lr itself before every step), so neither appears here. ``gradient_clipping: 0`` means no clipping.
+    """
+    return {
+        "train_batch_size": config.batch_size,
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps(world_size),
+        "gradient_clipping": float(config.max_grad_norm),
+        "zero_optimization": {"stage": int(config.zero_stage)},
+        # loss_scale 0 = dynamic loss scaling, as in the paper's code
+        "fp16": {"enabled": config.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "bf16": {"enabled": config.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,  # bbert logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed logs at INFO by default; ``BBERT_VERBOSE=1`` keeps it talking."""
+    if not env_flag("BBERT_VERBOSE"):
+        for name in ("DeepSpeed", "deepspeed"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# ---- distributed setup ----------------------------------------------------------------------
+
+
+@dataclass
+class DistEnv:
+    """This process's place in the run, read from the launcher's environment variables."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.distributed:
+            backend = torch.distributed.get_backend()
+            t = t.to(self.device) if backend == "nccl" else t
+            torch.distributed.all_reduce(t)
+        return t.cpu().tolist()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if not self.distributed:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.initialized_here and self.distributed:
+            torch.distributed.destroy_process_group()
+
+
+def init_distributed(engine: str) -> DistEnv:
+    """Join the process group the launcher set up (torchrun, deepspeed, or none).
+
+    DeepSpeed wants the rendezvous variables even in one process, so they are filled in
+    (``RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=<free>``) when missing.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # ranks on one CPU share its cores; oversubscribing them is much slower
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    env = DistEnv(rank, world_size, local_rank, device)
+    if engine == "deepspeed":
+        import deepspeed  # deferred: optional, and slow to import
+
+        quiet_deepspeed()
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+            os.environ.setdefault(key, value)
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+            env.initialized_here = True
+    elif world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        env.initialized_here = True
+    return env
+
+
+# ---- engines ---------------------------------------------------------------------------------
+
+
+def build_engine(model: BertForMaskedLM, config: TrainConfig, dist: DistEnv) -> "TorchEngine | DeepSpeedEngine":
+    """The engine ``config.engine`` names, holding ``model`` and its optimizer."""
+    return (DeepSpeedEngine if config.engine == "deepspeed" else TorchEngine)(model, config, dist)
+
+
+class TorchEngine:
+    """Plain PyTorch: autocast for bf16/fp16 (GradScaler for fp16), DDP when world_size > 1."""
+
+    def __init__(self, model: BertForMaskedLM, config: TrainConfig, dist: DistEnv):
+        self.config, self.dist = config, dist
+        self.raw_model = model.to(dist.device)
+        self.optimizer = build_optimizer(self.raw_model, config.optimizer, config.lr, config.betas,
+                                         config.eps, config.weight_decay)
+        self.model = self.raw_model
+        if config.compile:
+            self.model = torch.compile(self.model)
+        if dist.world_size > 1:
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.accumulation = config.gradient_accumulation_steps(dist.world_size)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+        self.scaler = torch.amp.GradScaler(dist.device.type) if config.precision == "fp16" else None
+        self.skipped_steps = 0  # fp16 steps the scaler skipped (inf/NaN gradients)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
+
+    def micro_step(self, batch: dict, last: bool, poison: bool = False) -> torch.Tensor:
+        """Forward and backward of one micro-batch; gradients sync only on the last one."""
+        sync = contextlib.nullcontext() if last or self.dist.world_size == 1 else self.model.no_sync()
+        with sync:
+            with self.autocast():
+                loss = self.model(**batch).loss
+            if poison:
+                loss = loss * float("nan")
+            scaled = loss / self.accumulation
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return loss.detach().float()
+
+    def optimizer_step(self, lr: float, want_norm: bool = True) -> float | None:
+        set_lr(self.optimizer, lr)
+        params = [p for p in self.raw_model.parameters() if p.grad is not None]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = None
+        if self.config.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        elif want_norm:  # an extra pass over every gradient: only on steps that log it
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.scaler:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.skipped_steps += self.scaler.get_scale() < scale  # the scale backs off only on a skip
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return None if norm is None else float(norm)
+
+    def loss_scale(self) -> float | None:
+        """fp16's current dynamic loss scale (None without fp16)."""
+        return self.scaler.get_scale() if self.scaler else None
+
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        with self.autocast():
+            return self.raw_model(**batch).loss.float()
+
+    def train(self, mode: bool = True) -> None:
+        self.raw_model.train(mode)
+
+    def full_state_dict(self) -> dict | None:
+        """The model's weights on rank 0 (None elsewhere); called on every rank."""
+        return {k: v.detach() for k, v in self.raw_model.state_dict().items()} if self.dist.is_main else None
+
+    def save_state(self, folder: Path) -> None:
+        if self.dist.is_main:
+            state = {"optimizer": self.optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict() if self.scaler else None,
+                     "skipped_steps": self.skipped_steps}
+            torch.save(state, folder / "optimizer.pt")
+
+    def load_state(self, folder: Path) -> None:
+        weights = BertForMaskedLM.from_pretrained(folder / "model").state_dict()
+        self.raw_model.load_state_dict(weights)
+        state = torch.load(folder / "optimizer.pt", map_location=self.dist.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.skipped_steps = state.get("skipped_steps", 0)
+
+
+class DeepSpeedEngine:
+    """DeepSpeed: ZeRO, fp16/bf16 and gradient accumulation from :func:`deepspeed_config`.
+
+    The optimizer is bbert's ``torch.optim.AdamW`` (or LAMB); bbert sets the lr before each step.
+    """
+
+    def __init__(self, model: BertForMaskedLM, config: TrainConfig, dist: DistEnv):
+        import deepspeed  # deferred: optional, and slow to import
+
+        self.config, self.dist = config, dist
+        model = model.to(dist.device)
+        optimizer = build_optimizer(model, config.optimizer, config.lr, config.betas, config.eps,
+                                    config.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(config, dist.world_size))
+        self.raw_model = self.engine.module
+        if config.compile:  # compiles the module in place: its parameter names stay as they were
+            self.engine.compile()
+
+    def micro_step(self, batch: dict, last: bool, poison: bool = False) -> torch.Tensor:
+        """Forward and backward of one micro-batch. The step on the last micro-batch waits for
+        :meth:`optimizer_step`, so that a NaN loss can stop the run before it touches the weights."""
+        loss = self.engine(**batch).loss
+        if poison:
+            loss = loss * float("nan")
+        self.engine.backward(loss)
+        if not last:
+            self.engine.step()  # only counts the micro-step: not an accumulation boundary
+        return loss.detach().float()
+
+    def optimizer_step(self, lr: float, want_norm: bool = True) -> float | None:
+        set_lr(self.optimizer, lr)
+        norm = None
+        if want_norm and self.config.zero_stage == 0 and self.config.precision == "fp32":
+            grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
+        self.engine.step()
+        ds_norm = self.engine.get_global_grad_norm()
+        if ds_norm is not None:
+            norm = float(ds_norm)
+        return norm
+
+    @property
+    def skipped_steps(self) -> int:
+        """fp16 steps DeepSpeed skipped on overflow (kept in its checkpoints)."""
+        return int(self.engine.skipped_steps)
+
+    def loss_scale(self) -> float | None:
+        """fp16's current dynamic loss scale (None without fp16)."""
+        return float(self.optimizer.loss_scale) if self.config.precision == "fp16" else None
+
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        return self.engine(**batch).loss.float()
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def full_state_dict(self) -> dict | None:
+        """fp32 weights on rank 0 (None elsewhere); called on every rank.
+
+        bf16/fp16 weights are widened to fp32; the exact fp32 master weights live in the
+        DeepSpeed checkpoint beside the model folder.
+        """
+        if not self.dist.is_main:
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in self.raw_model.state_dict().items()}
+
+    def save_state(self, folder: Path) -> None:
+        # every rank writes its own ZeRO shards
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
+
+    def load_state(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state",
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder / 'deepspeed'}")

@@ -1,0 +1,251 @@
+"""The run folder's layout, in one place: every stage that reads or writes a run dir goes through here.
+
+::
+
+    run_dir/
+      config.yaml                  the full TrainConfig
+      metrics.jsonl                one JSON record a line: start, train, val, checkpoint, end
+      checkpoints/step-0000123/    periodic and end checkpoints (the last k are kept)
+      checkpoints/marker-0.25/     at fractions of the budget (never deleted)
+          model/  config.yaml  rng/rank-00000.pt  optimizer.pt or deepspeed/
+          budget.json              written last: a checkpoint is complete once it exists
+      final/model/, final/budget.json
+
+Chapter: ``notebooks/04_pretraining.ipynb``.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bbert.utils import atomic_write_json
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+BUDGET_FILE = "budget.json"
+
+
+def config_path(run_dir) -> Path:
+    return Path(run_dir) / CONFIG_FILE
+
+
+def metrics_path(source) -> Path:
+    """``run_dir/metrics.jsonl``; ``source`` may be the run dir or the file itself."""
+    source = Path(source)
+    return source if source.name == METRICS_FILE else source / METRICS_FILE
+
+
+# ---- the metrics log -------------------------------------------------------------------
+
+
+def read_metrics(source, record_type: str | None = None) -> list[dict]:
+    """The records of a run (its run dir or its ``metrics.jsonl``) as one clean history.
+
+    A resumed run appends a ``start`` record; the records the killed run wrote after its last
+    checkpoint (steps after the resume point) are dropped here, not in the file. A line cut
+    short by a kill is skipped. ``record_type`` keeps one type (``"train"``, ``"val"``, ...).
+    No file: no records.
+    """
+    path = metrics_path(source)
+    records: list[dict] = []
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("type") == "start":
+            if rec.get("resumed"):
+                records = [r for r in records if r.get("step", 0) <= rec["step"] and r.get("type") != "end"]
+            else:
+                records = []
+        records.append(rec)
+    return [r for r in records if record_type is None or r.get("type") == record_type]
+
+
+class MetricsTail:
+    """Reads the records appended to a run's ``metrics.jsonl`` since the last call (for live views)."""
+
+    def __init__(self, run_dir):
+        self.path, self.offset, self.partial = metrics_path(run_dir), 0, ""
+
+    def new_records(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            f.seek(self.offset)
+            text = f.read()
+            self.offset = f.tell()
+        lines = (self.partial + text).split("\n")
+        self.partial = lines.pop()  # an unfinished last line waits for the next read
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return records
+
+
+class MetricsLog:
+    """Appends JSON records to ``metrics.jsonl`` (flushed per line), TensorBoard, and the console.
+
+    On rank 0 only (``enabled``): a tqdm bar of the budget when stdout is a terminal, else one
+    compact ``[bbert] ...% of budget | step ...`` line per log step (what ``bbert.launch`` streams).
+    """
+
+    def __init__(self, run_dir, tensorboard: bool, enabled: bool):
+        self.enabled = enabled
+        self.file = None
+        if enabled:
+            path = metrics_path(run_dir)
+            cut = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+            self.file = open(path, "a", encoding="utf-8")
+            if cut:  # a killed run's last line: start ours on a line of its own
+                self.file.write("\n")
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # deferred: slow, and optional
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=100.0, unit="%", desc="budget", dynamic_ncols=True)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None and record.get("type") in ("train", "val"):
+            for key, value in record.items():
+                if key not in ("type", "step") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{record['type']}/{key}", value, record["step"])
+
+    def progress(self, fraction: float, text: str) -> None:
+        """Show ``fraction`` (of the budget, in [0, 1]) used and a line of ``text``."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.n = round(100.0 * fraction, 1)
+            self.bar.set_postfix_str(text, refresh=True)
+        else:
+            print(f"[bbert] {100 * fraction:5.1f}% of budget | {text}", flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(f"[bbert] {text}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.file is not None:
+            self.file.close()
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+
+
+def checkpoints_dir(run_dir) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_checkpoint(run_dir, step: int) -> Path:
+    """The folder of the periodic (or end) checkpoint at ``step``."""
+    return checkpoints_dir(run_dir) / f"step-{step:07d}"
+
+
+def marker_checkpoint(run_dir, fraction: float) -> Path:
+    """The folder of the checkpoint kept at ``fraction`` of the budget."""
+    return checkpoints_dir(run_dir) / f"marker-{fraction:g}"
+
+
+def final_dir(run_dir) -> Path:
+    return Path(run_dir) / "final"
+
+
+def write_budget(folder, record: dict) -> None:
+    """Write ``budget.json``: last, since it marks the checkpoint complete."""
+    atomic_write_json(Path(folder) / BUDGET_FILE, record)
+
+
+def read_budget(folder) -> dict:
+    return json.loads((Path(folder) / BUDGET_FILE).read_text())
+
+
+def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
+    """Finished checkpoints of a run as ``(step, folder)``, oldest first (``.tmp-*`` folders skipped).
+
+    A checkpoint counts once its ``budget.json`` exists (it is written last, inside the atomic folder).
+    """
+    found = []
+    folder = checkpoints_dir(run_dir)
+    if folder.is_dir():
+        for ckpt in folder.iterdir():
+            if ckpt.name.startswith(".") or not (ckpt / BUDGET_FILE).is_file():
+                continue
+            try:
+                found.append((int(read_budget(ckpt)["step"]), ckpt))
+            except (ValueError, KeyError, json.JSONDecodeError):
+                continue
+    return sorted(found, key=lambda item: (item[0], item[1].name))
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The finished checkpoint of ``run_dir`` with the highest step (None if there is none)."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(run_dir, keep: int) -> None:
+    """Delete all but the last ``keep`` periodic checkpoints; markers are never deleted."""
+    periodic = [path for _, path in list_checkpoints(run_dir) if path.name.startswith("step-")]
+    for path in periodic[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- random number generators ----------------------------------------------------------
+
+
+def rng_file(folder, rank: int) -> Path:
+    return Path(folder) / "rng" / f"rank-{rank:05d}.pt"
+
+
+def save_rng(folder, rank: int, device: torch.device) -> None:
+    """Save this rank's Python, NumPy, torch (and CUDA) generator states into checkpoint ``folder``."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    path = rng_file(folder, rank)
+    path.parent.mkdir(exist_ok=True)
+    torch.save(state, path)
+
+
+def load_rng(folder, rank: int) -> dict | None:
+    """This rank's generator states in checkpoint ``folder`` (None if it has none)."""
+    path = rng_file(folder, rank)
+    return torch.load(path, weights_only=False) if path.is_file() else None
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
