@@ -188,6 +188,7 @@ def make_run_dir(path: Path, model=None) -> Path:
     (model or tiny_model(True)).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
     (path / "checkpoints" / "step-10" / "optimizer.pt").write_bytes(os.urandom(256))
+    write_budget(path / "checkpoints" / "step-10", {"step": 10})
     (path / "config.yaml").write_text("time_budget_hours: 24\n")
     (path / "metrics.jsonl").write_text('{"step": 10, "loss": 7.1}\n')
     return path
