@@ -37,6 +37,7 @@ from pathlib import Path
 import psutil
 
 from bbert import run_dir as rd
+from bbert.locks import DirLock
 from bbert.utils import free_port
 
 LAUNCHERS = ("auto", "deepspeed", "torchrun", "python")
@@ -215,6 +216,8 @@ def launch(config, num_gpus: int | None = None, launcher: str = "auto", hostfile
     num_gpus = _default_num_gpus() if num_gpus is None else int(num_gpus)
     config.validate(world_size_of(num_gpus, hostfile))  # fail before anything starts
     run_dir = Path(config.run_dir)
+    with DirLock(run_dir, "trained into"):
+        pass  # a run in progress holds it: fail now, before its config.yaml is replaced
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = config.to_yaml(rd.config_path(run_dir))
     cmd = build_launch_command(config, num_gpus, launcher, hostfile, master_addr, master_port, config_file,

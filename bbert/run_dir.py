@@ -214,6 +214,22 @@ def latest_checkpoint(run_dir) -> Path | None:
     return found[-1][1] if found else None
 
 
+def remove_leftovers(run_dir) -> list[Path]:
+    """Delete what a killed write left behind: ``.tmp-*`` and ``.old-*`` folders of
+    :func:`bbert.utils.atomic_path` in the run dir and its ``checkpoints/``. Returns them.
+
+    Call it only while holding the run dir's lock: a live run's temporary folder looks the same.
+    """
+    removed = []
+    for folder in (Path(run_dir), checkpoints_dir(run_dir)):
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                if path.name.startswith((".tmp-", ".old-")):
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                    removed.append(path)
+    return removed
+
+
 def prune_checkpoints(run_dir, keep: int) -> None:
     """Delete all but the last ``keep`` periodic checkpoints; markers are never deleted."""
     periodic = [path for _, path in list_checkpoints(run_dir) if path.name.startswith("step-")]

@@ -29,6 +29,7 @@ Chapter: ``notebooks/04_pretraining.ipynb``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -42,8 +43,9 @@ import yaml
 
 from bbert import run_dir as rd
 from bbert.configs import add_config_arguments, command
-from bbert.data import build_pretraining_loader, load_manifest, load_tokenizer
+from bbert.data import build_pretraining_loader, data_fingerprint, load_manifest, load_tokenizer
 from bbert.engines import DistEnv, build_engine, deepspeed_config, init_distributed
+from bbert.locks import DirLock
 from bbert.model import BertForMaskedLM
 from bbert.optim import Schedule
 from bbert.run_dir import MetricsLog, latest_checkpoint, read_metrics
@@ -87,10 +89,13 @@ class Trainer:
     Use :func:`pretrain`.
     """
 
-    def __init__(self, config: TrainConfig, dist: DistEnv, resume: bool | str = "auto"):
+    def __init__(self, config: TrainConfig, dist: DistEnv, resume: bool | str = "auto",
+                 allow_data_change: bool = False):
         self.config, self.dist = config, dist
         self.run_dir = Path(config.run_dir)
         self.manifest = load_manifest(config.data_dir)
+        self.data = data_fingerprint(self.manifest)
+        self.allow_data_change = allow_data_change
         self.tokenizer = load_tokenizer(Path(config.data_dir) / "tokenizer")
         self.model_config = config.model_config(self.manifest["vocab_size"])
         self.accumulation = config.gradient_accumulation_steps(dist.world_size)
@@ -138,7 +143,18 @@ class Trainer:
                 raise ValueError(f"run dir {self.run_dir} holds a run with a different config "
                                  f"(changed: {', '.join(changed)}). Pass --resume to continue it with the new "
                                  "config, or choose a new --run-dir")
+        self._check_same_data(ckpt)
         return ckpt
+
+    def _check_same_data(self, ckpt: Path) -> None:
+        """Refuse to continue a run on other data (tokenizer, vocabulary, shards) than it started on."""
+        old = rd.read_budget(ckpt).get("data")
+        if old is None or old == self.data or self.allow_data_change:
+            return
+        changed = ", ".join(f"{k} {_short(old.get(k))} -> {_short(v)}" for k, v in self.data.items() if old.get(k) != v)
+        raise ValueError(f"run dir {self.run_dir} was trained on other data than {self.config.data_dir} "
+                         f"({changed}); choose a new --run-dir, or pass --allow-data-change to continue "
+                         "this run on the new data")
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -146,7 +162,11 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.config.to_yaml(rd.config_path(self.run_dir))
+            leftovers = rd.remove_leftovers(self.run_dir)  # safe: this process holds the run dir's lock
         log = MetricsLog(self.run_dir, self.config.tensorboard, self.dist.is_main)
+        if self.dist.is_main and leftovers:
+            log.message(f"removed {len(leftovers)} unfinished write(s) of a killed run: "
+                        + ", ".join(p.name for p in leftovers))
         try:
             return self._run(log)
         finally:
@@ -317,7 +337,7 @@ class Trainer:
                 "budget_fraction": self._progress(), "time_budget_hours": self.config.time_budget_hours,
                 "next_validation": self.next_validation, "next_checkpoint": self.next_checkpoint,
                 "markers_done": self.markers_done, "world_size": self.dist.world_size,
-                "end_reason": self.end_reason}
+                "end_reason": self.end_reason, "data": self.data}
 
     def save_checkpoint(self, final: Path, log: MetricsLog) -> Path:
         """Write checkpoint folder ``final`` atomically from every rank, then drop old periodic ones.
@@ -327,22 +347,34 @@ class Trainer:
         the previous checkpoints intact and at most a ``.tmp-*`` folder, which resume ignores.
         """
         dist = self.dist
-        if dist.is_main:
-            with atomic_path(final) as tmp:
-                tmp.mkdir(parents=True)
-                dist.broadcast_object(str(tmp))
+        with self._writing(final):
+            if dist.is_main:
+                with atomic_path(final) as tmp:
+                    tmp.mkdir(parents=True)
+                    dist.broadcast_object(str(tmp))
+                    self._write_checkpoint(tmp)
+                    dist.barrier()
+            else:
+                tmp = Path(dist.broadcast_object(None))
                 self._write_checkpoint(tmp)
                 dist.barrier()
-        else:
-            tmp = Path(dist.broadcast_object(None))
-            self._write_checkpoint(tmp)
-            dist.barrier()
         dist.barrier()  # the rename is done before anyone goes on
         self.last_saved_step = self.step
         log.write({"type": "checkpoint", "name": final.name, "step": self.step, "elapsed_seconds": self.elapsed})
         if dist.is_main:
             rd.prune_checkpoints(self.run_dir, self.config.keep_last_checkpoints)
         return final
+
+    @contextlib.contextmanager
+    def _writing(self, folder: Path):
+        """Turn a failed write (a full disk, say) into one message that says what is safe."""
+        try:
+            yield
+        except OSError as e:
+            last = latest_checkpoint(self.run_dir)
+            raise OSError(f"could not write {folder}: {e.strerror or e}. Nothing of it was kept and the last "
+                          f"good checkpoint ({last or 'none yet'}) is intact: free space on that disk, then "
+                          "run the same command again to resume") from None
 
     def _write_checkpoint(self, folder: Path) -> None:
         dist = self.dist
@@ -382,7 +414,7 @@ class Trainer:
 
     def _save_final(self) -> None:
         if self.dist.is_main:
-            with atomic_path(rd.final_dir(self.run_dir)) as tmp:
+            with self._writing(rd.final_dir(self.run_dir)), atomic_path(rd.final_dir(self.run_dir)) as tmp:
                 self._save_model(tmp / "model")
                 rd.write_budget(tmp, self._budget_record())
         self.dist.barrier()
@@ -391,19 +423,28 @@ class Trainer:
 # ---- entry points ----------------------------------------------------------------------------------
 
 
-def pretrain(config: TrainConfig, resume: bool | str = "auto") -> Path:
+def _short(value) -> str:
+    return value[:12] if isinstance(value, str) else str(value)
+
+
+def pretrain(config: TrainConfig, resume: bool | str = "auto", allow_data_change: bool = False) -> Path:
     """Run (or resume) the pretraining described by ``config``; return the run dir.
 
     ``resume="auto"`` continues from the latest checkpoint when the run dir holds one with the
     same config; ``True`` requires a checkpoint (and accepts a changed config); ``False``
-    refuses a run dir that already has checkpoints. Works in one process and under
+    refuses a run dir that already has checkpoints. A run continues only on the data it started
+    on (the data dir's tokenizer, vocabulary and shards), unless ``allow_data_change``. One run
+    at a time per run dir: rank 0 holds the run dir's lock (:class:`bbert.locks.DirLock`) for the
+    life of the run, and a second run fails at once naming the first. Works in one process and under
     ``torchrun`` / ``deepspeed`` (one call per rank). SIGINT/SIGTERM end the run cleanly with a
     checkpoint (end reason ``"interrupted"``).
     """
     config.validate(int(os.environ.get("WORLD_SIZE", 1)))
     dist = init_distributed(config.engine)
+    lock = DirLock(config.run_dir, "trained into") if dist.is_main else contextlib.nullcontext()
     try:
-        return Trainer(config, dist, resume).run()
+        with lock:
+            return Trainer(config, dist, resume, allow_data_change).run()
     finally:
         dist.close()
 
@@ -424,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: continue automatically when the config is the same)")
     resume.add_argument("--no-resume", dest="resume", action="store_const", const=False,
                         help="refuse to continue an existing run")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume even though the data dir differs from the one the run started on")
     p.add_argument("--print-config", action="store_true", help="print the resolved config (and DeepSpeed config) and exit")
     # the deepspeed launcher passes --local_rank; LOCAL_RANK in the environment is what we read
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -455,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.engine == "deepspeed":
             print(json.dumps(deepspeed_config(config, int(os.environ.get("WORLD_SIZE", 1))), indent=2))
         return 0
-    run_dir = pretrain(config, resume=args.resume)
+    run_dir = pretrain(config, resume=args.resume, allow_data_change=args.allow_data_change)
     ends = read_metrics(run_dir, "end")
     return 1 if ends and ends[-1]["reason"] == "nan" else 0
 

@@ -133,7 +133,8 @@ def test_a_failed_save_leaves_the_last_good_checkpoint_and_resume_goes_on(data_d
         return real(path, obj)
 
     monkeypatch.setattr(run_dir_module, "atomic_write_json", dies_on_second_checkpoint)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(OSError, match=r"could not write \S*step-0000004: disk full \(simulated\)\. Nothing of it "
+                                      r"was kept and the last good checkpoint \(\S*step-0000002\) is intact"):
         pretrain(config)
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"
@@ -145,6 +146,7 @@ def test_a_failed_save_leaves_the_last_good_checkpoint_and_resume_goes_on(data_d
 
     monkeypatch.setattr(run_dir_module, "atomic_write_json", real)
     pretrain(config)  # same config: resumes from step 2 by itself
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # the killed write's leftovers are gone
     history = read_metrics(run_dir)
     starts = [r for r in history if r["type"] == "start"]
     assert [(s["step"], s["resumed"]) for s in starts] == [(0, False), (2, True)]
@@ -210,3 +212,45 @@ def test_fp16_grad_scaler_counts_the_steps_it_skips(data_dir, tmp_path):
     engine.optimizer_step(lr=1e-3)
     assert engine.skipped_steps == 1  # a finite step goes through
     assert not torch.equal(engine.raw_model.bert.layers[0].ffn.fc1.weight, before["bert.layers.0.ffn.fc1.weight"])
+
+
+def test_one_run_per_run_dir_and_a_dead_holder_does_not_block(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [PYTHON, "-c", "import sys, time; from bbert.locks import DirLock; l = DirLock(sys.argv[1], 'trained into'); "
+         "l.__enter__(); print('held', flush=True); time.sleep(120)", str(run)],
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["--preset", "tiny-cpu", "--data-dir", str(data_dir), "--run-dir", str(run), "--set", "max_steps=1"]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{run} is being trained into by PID {holder.pid}" in err[0]
+        assert not (run / "metrics.jsonl").exists() and not (run / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the OS released the dead holder's lock: the next run goes ahead
+    config = tiny_config(data_dir, run, max_steps=1, checkpoint_fractions=[], validation_every_minutes=None)
+    pretrain(config)
+    assert records(run, "end")[0]["reason"] == "max_steps"
+
+
+def test_resume_refuses_other_data_unless_asked(data_dir, tmp_path):
+    from bbert.data import PrepareConfig, prepare, sample_corpus_path
+
+    other = tmp_path / "other-data"  # the same shapes, another slice of text: another tokenizer and shards
+    prepare(PrepareConfig(inputs=[str(sample_corpus_path())], out=str(other), vocab_size=2048,
+                          max_seq_length=64, max_documents=200, val_fraction=0.05, seed=1))
+    config = tiny_config(data_dir, tmp_path / "run", max_steps=2, checkpoint_fractions=[],
+                         validation_every_minutes=None, debug={"step_time_seconds": 12.0})
+    pretrain(config)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    moved = config.with_overrides(["max_steps=4"])
+    moved = TrainConfig.from_dict({**moved.to_dict(), "data_dir": str(other)})
+    with pytest.raises(ValueError, match=r"was trained on other data than \S*other-data \(tokenizer_fingerprint "
+                                         r".*--allow-data-change"):
+        pretrain(moved, resume=True)
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics  # nothing written
+    pretrain(moved, resume=True, allow_data_change=True)
+    assert [r["step"] for r in records(tmp_path / "run", "train")] == [1, 2, 3, 4]
