@@ -690,6 +690,11 @@ def test_sentence_per_row_dataset_is_grouped_into_documents(tmp_path, monkeypatc
     assert list(read_documents([f"hf:{with_id}"])) == expected  # by the book_id column
     assert list(read_documents([f"hf:{plain}"], rows_per_document=30)) == expected  # by blocks of rows
     assert len(list(read_documents([f"hf:{plain}"]))) == len(rows)  # one per row, as asked
+    # Wikipedia (one article per row, an "id" column) read in the same run stays one per row.
+    wiki = tmp_path / "wiki"
+    articles = [f"article {i} about something" for i in range(5)]
+    datasets.Dataset.from_dict({"id": [str(i) for i in range(5)], "text": articles}).save_to_disk(wiki)
+    assert list(read_documents([f"hf:{wiki}", f"hf:{plain}"], rows_per_document=30)) == articles + expected
 
     # Split by document: each book lies wholly on one side, and no text is lost.
     split_of = {}
@@ -729,3 +734,17 @@ def test_cli_takes_config_file_set_and_flags_in_that_order(tmp_path, capsys):
     assert len(err.splitlines()) == 1
     assert main(["prepare", "--set", "max_documents=many", "--out", str(tmp_path / "x")]) == 2
     assert "max_documents must be a number" in capsys.readouterr().err
+
+
+def test_a_data_dir_from_an_older_bbert_is_reused_when_its_settings_match(tmp_path, data_dir, capsys):
+    d = _copy_dir(data_dir, tmp_path / "d")
+    m = json.loads((d / "manifest.json").read_text())
+    for key in ("encoding", "document_field", "rows_per_document"):
+        del m["args"][key]  # fields it did not have yet
+    m["args"].update(masking="dynamic", duplication_factor=10, mlm_probability=0.15, whole_word_masking=False)
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert prepare(PrepareConfig(out=str(d), **SMALL)) == m
+    m["args"]["masking"] = "static"
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataDirError, match="other arguments .differing: masking"):
+        prepare(PrepareConfig(out=str(d), **SMALL))

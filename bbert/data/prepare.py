@@ -45,7 +45,7 @@ class PrepareConfig:
     ``encoding`` decodes text files (undecodable input is refused, not mangled).
     ``document_field``/``rows_per_document`` join rows of JSONL or hub datasets stored one
     sentence per row (BookCorpus) into documents: by a document-id column (one of
-    ``document_id``, ``doc_id``, ``book_id``, ``article_id`` is found by itself), else by blocks of rows.
+    ``readers.DOCUMENT_ID_FIELDS`` is found by itself), else by blocks of rows.
     """
 
     inputs: list[str] = field(default_factory=list)
@@ -235,9 +235,17 @@ def prepare(config: PrepareConfig) -> dict:
         return _build_and_swap(config, out, tok, fingerprint)
 
 
+# Fields older data dirs recorded, at the values that wrote what this bbert writes.
+_RETIRED_ARGS = {"masking": "dynamic", "duplication_factor": 10, "mlm_probability": 0.15,
+                 "whole_word_masking": False}
+
+
 def _refuse_other_arguments(out: Path, existing: dict, config: PrepareConfig) -> None:
     args, old_args = config.output_args(), existing.get("args", {})
-    differ = sorted(k for k in set(args) | set(old_args) if args.get(k) != old_args.get(k))
+    # A field an older manifest lacks had its default then; a retired one must hold its old default.
+    defaults = {**PrepareConfig().output_args(), **_RETIRED_ARGS}
+    differ = sorted(k for k in set(args) | set(old_args)
+                    if args.get(k, defaults.get(k)) != old_args.get(k, defaults.get(k)))
     if differ:
         what = ("another tokenizer" if {"tokenizer", "vocab_size", "lowercase"} & set(differ)
                 else "other arguments")

@@ -24,8 +24,10 @@ TEXT_UNITS = ("paragraph", "line", "file")
 TEXT_SUFFIXES = (".txt", ".text", ".jsonl", ".json", ".txt.gz", ".jsonl.gz")
 _WIKI_FILE = re.compile(r"^wiki_\d+(\.gz)?$")
 _DOC_TAG = re.compile(r"<doc\b[^>]*>(.*?)</doc>", re.S)
-# Columns that name the document a row belongs to, in datasets stored one sentence per row.
-DOCUMENT_ID_FIELDS = ("document_id", "doc_id", "book_id", "article_id")
+# Columns that name the document a row belongs to (found by themselves, in this order). "id" is
+# last: Wikipedia's one-article-per-row datasets have it, so they stay one document per row even
+# when rows_per_document joins the rows of a sentence-per-row corpus read in the same run.
+DOCUMENT_ID_FIELDS = ("document_id", "doc_id", "book_id", "article_id", "id")
 
 
 class CorpusError(ValueError):
