@@ -41,7 +41,7 @@ def tree_state(folder: Path) -> dict:
 
 
 # ---------------------------------------------------------------- embedded corpus
-def test_embedded_corpus_is_small_real_prose_with_sources_and_licence():
+def test_embedded_corpus_is_small_real_prose_with_sources_and_license():
     path = sample_corpus_path()
     assert path.exists() and path.stat().st_size < 10 * 2**20
     docs = read_sample_corpus()
@@ -50,8 +50,8 @@ def test_embedded_corpus_is_small_real_prose_with_sources_and_licence():
     assert all(d["text"].strip() and d["title"] for d in docs)
     assert "In the beginning God created the heaven and the earth." in docs[0]["text"]
     assert len(read_sample_corpus("wordnet")) < len(docs)
-    licence = (path.parent / "SOURCE.md").read_text()
-    assert "Public domain" in licence and "PSF" in licence and "WordNet 3.0" in licence
+    license = (path.parent / "SOURCE.md").read_text()
+    assert "Public domain" in license and "PSF" in license and "WordNet 3.0" in license
 
 
 # ---------------------------------------------------------------- readers
@@ -157,7 +157,7 @@ def test_prepare_refuses_latin1_and_keeps_its_accents_when_declared(tmp_path, ca
 
 
 # ---------------------------------------------------------------- cleaning and split
-def test_cleaning_drops_empty_and_short_and_normalises_whitespace():
+def test_cleaning_drops_empty_and_short_and_normalizes_whitespace():
     stats = ReadStats()
     raw = ["  Hello \t world,\n\n  this is   long enough. ", "", "   \n", "tiny", "x" * 30]
     out = list(iter_clean_documents(raw, min_chars=20, val_fraction=0, stats=stats))

@@ -10,7 +10,7 @@ import numpy as np
 
 from bbert.data.masking import IGNORE_INDEX
 
-COLOURS = {"mask": "#f4a6a6", "random": "#f7d58b", "kept": "#a8d8a8", "special": "#dddddd"}
+COLORS = {"mask": "#f4a6a6", "random": "#f7d58b", "kept": "#a8d8a8", "special": "#dddddd"}
 
 
 def masking_html(tokenizer, original, masked, labels, per_row: int = 16) -> str:
@@ -31,10 +31,10 @@ def masking_html(tokenizer, original, masked, labels, per_row: int = 16) -> str:
         else:
             kind = "special" if int(original[i]) in special else None
             body = html.escape(tok)
-        style = f"background:{COLOURS[kind]};" if kind else ""
+        style = f"background:{COLORS[kind]};" if kind else ""
         cells.append(f'<td style="{style}padding:2px 4px;text-align:center;border:1px solid #eee">{body}</td>')
     rows = ["<tr>" + "".join(cells[i:i + per_row]) + "</tr>" for i in range(0, len(cells), per_row)]
     legend = " ".join(f'<span style="background:{c};padding:1px 6px">{name}</span>'
-                      for name, c in COLOURS.items())
+                      for name, c in COLORS.items())
     return (f'<div style="font-family:monospace;font-size:12px"><table style="border-collapse:collapse">'
             f'{"".join(rows)}</table><p>{legend}</p></div>')

@@ -277,7 +277,7 @@ def read_documents(inputs: Iterable[str | Path], fmt: str = "auto", text_field: 
 
 
 def clean_text(text: str) -> str:
-    """Normalise whitespace: every run of spaces, tabs and newlines becomes one space.
+    """Normalize whitespace: every run of spaces, tabs and newlines becomes one space.
 
     BERT's pre-tokenizer splits on any whitespace, so nothing the model sees is lost.
    

@@ -33,7 +33,7 @@ def choose_dtype(vocab_size: int, dtype: str = "auto") -> np.dtype:
         raise ValueError(f"dtype must be auto, uint16 or uint32, got {dtype!r}")
     if vocab_size > np.iinfo(dtype).max + 1:
         raise ValueError(f"a vocabulary of {vocab_size:,} tokens does not fit in {dtype} "
-                         f"(at most {np.iinfo(dtype).max + 1:,}); use --dtype uint32 or auto")
+                         f"(at most {np.iinfo(dtype).max + 1:,}); use --set dtype=uint32 or auto")
     return np.dtype(dtype)
 
 

@@ -135,7 +135,7 @@ def encoder(tok):
 
 
 def tokenizer_fingerprint(tok) -> str:
-    """SHA-256 of what decides the token ids (normaliser, pre-tokenizer, model, vocabulary),
+    """SHA-256 of what decides the token ids (normalizer, pre-tokenizer, model, vocabulary),
     ignoring truncation and padding settings.
     """
     spec = json.loads(tok.backend_tokenizer.to_str())
