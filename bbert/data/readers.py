@@ -163,7 +163,7 @@ def group_rows(records: Iterable[dict], text_field: str = "text", document_field
         key = lambda indexed: indexed[0] // rows_per_document  # noqa: E731
     for _, rows in itertools.groupby(enumerate(records), key):
         texts = [str(record[text_field] or "") for _, record in rows]
-        if stats is not None:
+        if stats is not None and len(texts) > 1:
             stats.rows_grouped += len(texts)
         yield " ".join(texts)
 
