@@ -271,10 +271,11 @@ def _build_and_swap(config: PrepareConfig, out: Path, tok, fingerprint: str) -> 
         manifest = _write_data_dir(config, build, tok, fingerprint, dtype, docs, stats)
     except BaseException as e:
         shutil.rmtree(build, ignore_errors=True)  # frees the space a full disk needs back
-        if isinstance(e, OSError) and not isinstance(e, DataDirError):
+        if isinstance(e, OSError) and not isinstance(e, ConnectionError):  # the hub's says enough
+            where = f": {e.filename}" if e.filename else ""
             kept = f"{out} is left as it was" if out.exists() else "nothing was kept"
-            raise DataDirError(f"writing the data dir failed ({e.strerror or e}{': ' + str(e.filename) if e.filename else ''}); "
-                               f"{kept}. Fix the cause (free disk space?) and re-run") from e
+            raise DataDirError(f"preparing the data dir failed ({e.strerror or e}{where}); {kept}. "
+                               "Fix the cause (free disk space?) and re-run") from e
         raise
     old = out.parent / f".{out.name}.old"
     if out.exists():
