@@ -660,7 +660,7 @@ def test_vocabulary_shortfall_is_said_and_uint16_is_checked_before_training(tmp_
                               val_fraction=0))
     err = capsys.readouterr().err
     assert f"the corpus yields only {m['vocab_size']:,} WordPiece tokens of the 70,000 asked" in err
-    assert "stored as uint32" in err and m["vocab_size"] < 65_536 and m["dtype"] == "uint16"
+    assert "shards are stored as uint32" in err and m["vocab_size"] < 65_536 and m["dtype"] == "uint16"
     started = time.perf_counter()
     with pytest.raises(ValueError, match="--vocab-size 70,000 needs token ids above 65,535.*dtype=auto"):
         prepare(PrepareConfig([str(corpus)], str(tmp_path / "u"), vocab_size=70_000, dtype="uint16"))

@@ -120,8 +120,8 @@ def _get_tokenizer(config: PrepareConfig, reuse_from: Path | None):
     if reuse_from is not None and (reuse_from / "tokenizer" / "tokenizer.json").exists():
         return load_tokenizer(reuse_from / "tokenizer")  # same arguments: the tokenizer trained last time
     if config.vocab_size > UINT16_VOCAB:
-        _note(f"a vocabulary of more than 65,536 tokens is stored as uint32: shards take 4 bytes per "
-              f"token instead of 2 (--vocab-size {config.vocab_size:,})")
+        _note(f"--vocab-size {config.vocab_size:,}: if the trained vocabulary has more than 65,536 "
+              "tokens, the shards are stored as uint32, 4 bytes per token instead of 2")
     stats = ReadStats()
     budget = config.tokenizer_train_bytes
 
