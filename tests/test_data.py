@@ -41,7 +41,7 @@ def tree_state(folder: Path) -> dict:
 
 
 # ---------------------------------------------------------------- embedded corpus
-def test_embedded_corpus_is_small_real_prose_with_sources_and_licence():
+def test_embedded_corpus_is_small_real_prose_with_sources_and_license():
     path = sample_corpus_path()
     assert path.exists() and path.stat().st_size < 10 * 2**20
     docs = read_sample_corpus()
@@ -50,8 +50,8 @@ def test_embedded_corpus_is_small_real_prose_with_sources_and_licence():
     assert all(d["text"].strip() and d["title"] for d in docs)
     assert "In the beginning God created the heaven and the earth." in docs[0]["text"]
     assert len(read_sample_corpus("wordnet")) < len(docs)
-    licence = (path.parent / "SOURCE.md").read_text()
-    assert "Public domain" in licence and "PSF" in licence and "WordNet 3.0" in licence
+    license = (path.parent / "SOURCE.md").read_text()
+    assert "Public domain" in license and "PSF" in license and "WordNet 3.0" in license
 
 
 # ---------------------------------------------------------------- readers
@@ -117,17 +117,47 @@ def test_hf_dataset_saved_to_disk_reads_offline(tmp_path, monkeypatch):
     assert list(read_documents([f"hf:{tmp_path / 'saved'}"], text_field="body")) == ["one doc", "two doc"]
 
 
-def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
+def test_text_that_is_not_utf8_is_refused_naming_the_file_and_the_fix(tmp_path):
     path = tmp_path / "latin1.txt"
-    path.write_bytes("caf\xe9 au lait is served here\n\nplain ascii paragraph\n".encode("latin-1"))
-    stats = ReadStats()
-    docs = list(read_documents([path], stats=stats))
-    assert stats.invalid_utf8 == 1
-    assert docs[0].startswith("caf\ufffd au lait") and docs[1] == "plain ascii paragraph\n"
+    path.write_bytes("plain ascii paragraph\n\ncaf\xe9 au lait is served here\n".encode("latin-1"))
+    with pytest.raises(CorpusError, match=r"latin1.txt:3 is not utf-8 text .*--encoding latin-1"):
+        list(read_documents([path]))
+    docs = list(read_documents([path], encoding="latin-1"))
+    assert docs == ["plain ascii paragraph\n", "caf\xe9 au lait is served here\n"]
+    noise = tmp_path / "noise.bin.txt"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+    with pytest.raises(CorpusError, match="noise.bin.txt:.* is not utf-8 text"):
+        list(read_documents([noise]))
+    # Declared as Latin-1, random bytes still decode, but their NULs give them away.
+    with pytest.raises(CorpusError, match="contains NUL characters: a binary file"):
+        list(read_documents([noise], encoding="latin-1"))
+    with pytest.raises(CorpusError, match="unknown encoding 'latin-9x'"):
+        list(read_documents([path], encoding="latin-9x"))
+
+
+def test_prepare_refuses_latin1_and_keeps_its_accents_when_declared(tmp_path, capsys):
+    from bbert.cli import main
+
+    corpus = tmp_path / "fr.txt"
+    para = "Le caf\xe9 est servi au comptoir avec une tartine et un verre d'eau fra\xeeche."
+    corpus.write_bytes("\n\n".join([para] * 60).encode("latin-1"))
+    out = tmp_path / "fr"
+    args = ["prepare", str(corpus), "--out", str(out), "--vocab-size", "300", "--cased", "--quiet",
+            "--val-fraction", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fr.txt:1 is not utf-8 text" in err and "--encoding latin-1" in err
+    assert not out.exists()
+    assert main(args + ["--encoding", "latin-1"]) == 0
+    assert "documents: 60 read, 60 kept; dropped 0 empty" in capsys.readouterr().out
+    tok = load_tokenizer(out)
+    ids = np.fromfile(out / "train-00000.bin", dtype=np.uint16)
+    text = tok.decode(ids.tolist(), skip_special_tokens=True)
+    assert "caf\xe9" in text and "fra\xeeche" in text
 
 
 # ---------------------------------------------------------------- cleaning and split
-def test_cleaning_drops_empty_and_short_and_normalises_whitespace():
+def test_cleaning_drops_empty_and_short_and_normalizes_whitespace():
     stats = ReadStats()
     raw = ["  Hello \t world,\n\n  this is   long enough. ", "", "   \n", "tiny", "x" * 30]
     out = list(iter_clean_documents(raw, min_chars=20, val_fraction=0, stats=stats))
@@ -248,7 +278,7 @@ def test_vocabulary_too_big_for_dtype(tmp_path):
 
 
 # ---------------------------------------------------------------- prepare: re-runs and bad input
-def test_rerun_skips_and_repairs_and_interruption_leaves_no_fake_shard(tmp_path, monkeypatch, data_dir):
+def test_rerun_skips_a_good_dir_and_redoes_a_damaged_one(tmp_path, data_dir, capsys):
     out = tmp_path / "d"
     cfg = PrepareConfig(out=str(out), samples_per_shard=400, tokenizer=str(data_dir / "tokenizer"),
                         **{**SMALL, "max_documents": 120})
@@ -259,34 +289,81 @@ def test_rerun_skips_and_repairs_and_interruption_leaves_no_fake_shard(tmp_path,
 
     shards = [s["file"] for s in m1["splits"]["train"]["shards"]]
     (out / shards[1]).write_bytes(b"corrupt")
-    (out / shards[0]).unlink()
-    assert sorted(verify_shards(out, m1)) == sorted(shards[:2])
+    capsys.readouterr()
     m2 = prepare(cfg)
+    err = capsys.readouterr().err
+    assert f"shard {out / shards[1]} does not match its SHA-256" in err and "redoing the data dir" in err
     assert m2["splits"] == m1["splits"] and verify_shards(out, m2) == []
-    assert m2["shards_skipped"] == len(shards) + 1 - 2  # all but the two repaired (val included)
 
-    # Kill the run while it writes the second shard: no partial shard under its final name.
+
+def _failing_write_shard(monkeypatch, fail_at: int, error: BaseException):
     prep = importlib.import_module("bbert.data.prepare")  # the module, not the function
+    real, calls = prep.write_shard, []
 
-    real_write = prep.write_shard
-    calls = []
-
-    def dying_write(path, array):
+    def write_shard(path, array):
         calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_write(path, array)
+        if len(calls) == fail_at:
+            raise error
+        return real(path, array)
 
-    monkeypatch.setattr(prep, "write_shard", dying_write)
-    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(prep, "write_shard", write_shard)
+    return calls
+
+
+def test_failed_overwrite_leaves_the_old_data_dir_byte_identical(tmp_path, monkeypatch, data_dir, capsys):
+    import errno
+
+    from bbert.cli import main
+
+    out = tmp_path / "d"
+    base = ["prepare", "--out", str(out), "--tokenizer", str(data_dir / "tokenizer"), "--quiet",
+            "--max-documents", "120", "--set", "samples_per_shard=400"]
+    assert main(base) == 0
+    before = tree_state(out)
+    capsys.readouterr()
+    calls = _failing_write_shard(monkeypatch, 2, OSError(errno.ENOSPC, "No space left on device",
+                                                         str(out) + ".x"))
+    assert main(base + ["--max-seq-length", "64", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(calls) == 2 and len(err.splitlines()) == 1
+    assert "No space left on device" in err and f"{out} is left as it was" in err
+    assert tree_state(out) == before and load_manifest(out)["max_seq_length"] == 128
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d.lock", "d"]  # no half-built folder left
+
+    # Killed mid-write: the old dir is untouched too, and nothing half-built looks finished.
+    monkeypatch.undo()
+    _failing_write_shard(monkeypatch, 1, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
-        prepare(PrepareConfig(**{**cfg.__dict__, "out": str(fresh)}))
-    assert sorted(p.name for p in fresh.glob("*.bin")) == ["train-00000.bin"]
-    with pytest.raises(DataDirError, match="unfinished"):
-        load_manifest(fresh)
-    monkeypatch.setattr(prep, "write_shard", real_write)
-    m3 = prepare(PrepareConfig(**{**cfg.__dict__, "out": str(fresh)}))
-    assert m3["splits"] == m1["splits"] and m3["shards_skipped"] == 1
+        prepare(PrepareConfig(out=str(tmp_path / "fresh"), **{**SMALL, "max_documents": 60}))
+    assert not (tmp_path / "fresh").exists() and tree_state(out) == before
+
+
+def test_an_interrupted_prepare_is_noticed_and_redone(tmp_path, data_dir, capsys):
+    cfg = PrepareConfig(out=str(tmp_path / "d"), tokenizer=str(data_dir / "tokenizer"),
+                        **{**SMALL, "max_documents": 60})
+    # What a prepare killed by SIGKILL (no cleanup) leaves: a half-built sibling folder ...
+    build = tmp_path / ".d.building"
+    build.mkdir()
+    (build / "train-00000.bin").write_bytes(b"\0" * 256)
+    m = prepare(cfg)
+    assert "unfinished build" in capsys.readouterr().err and not build.exists()
+    assert verify_shards(tmp_path / "d", m) == []
+    # ... or, from an older bbert, shards in the folder itself without a finished manifest.
+    partial = tmp_path / "p"
+    partial.mkdir()
+    (partial / "train-00000.bin").write_bytes(b"\0" * 256)
+    with pytest.raises(DataDirError, match="no manifest.json; create it"):
+        load_manifest(partial)
+    m = prepare(PrepareConfig(**{**cfg.__dict__, "out": str(partial)}))
+    assert "p is an unfinished data dir (shards without a finished manifest" in capsys.readouterr().err
+    assert load_manifest(partial) == m and verify_shards(partial, m) == []
+    # A folder of something else is never replaced without --overwrite.
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(DataDirError, match="exists and is not a data dir"):
+        prepare(PrepareConfig(**{**cfg.__dict__, "out": str(other)}))
+    assert (other / "notes.txt").read_text() == "keep me"
 
 
 def test_other_tokenizer_or_arguments_in_existing_dir_is_refused_untouched(tmp_path, data_dir):
@@ -373,22 +450,34 @@ def test_whole_word_masking_masks_whole_words(data_dir, tokenizer):
     assert abs(predicted.sum() / (~special).sum() - 0.15) < 0.01
 
 
-def test_static_masking_materialises_duplicates(tmp_path, data_dir):
-    out = tmp_path / "static"
-    small = {**SMALL, "max_documents": 40, "tokenizer": str(data_dir / "tokenizer")}
-    m = prepare(PrepareConfig(out=str(out), masking="static", duplication_factor=3, **small))
-    dyn = prepare(PrepareConfig(out=str(tmp_path / "dyn"), **small))
-    n = dyn["splits"]["train"]["num_samples"]
-    assert m["splits"]["train"]["num_samples"] == 3 * n and m["static_masking"]["duplication_factor"] == 3
-    ds = PretrainingDataset(out, "train", shuffle=False, infinite=False)
-    plain = np.fromfile(tmp_path / "dyn" / "train-00000.bin", dtype=np.uint16).reshape(-1, 128)
-    items = [ds.sample(i) for i in (0, n, 2 * n)]  # the three copies of sample 0
-    for item in items:
-        predicted = item["labels"] != IGNORE_INDEX
-        assert 0.1 < predicted.float().mean() < 0.2
-        assert (item["labels"][predicted].numpy() == plain[0][predicted.numpy()]).all()
-    assert not torch.equal(items[0]["labels"], items[1]["labels"])  # copies differ
-    assert m["bytes_per_token"] > 2 * 3 * 2  # ids + labels, three times
+def test_static_masking_cycles_duplication_factor_masks_and_dynamic_does_not(data_dir):
+    static = PretrainingDataset(data_dir, "train", seed=3, masking=MaskingConfig(mode="static", duplication_factor=10))
+    dynamic = PretrainingDataset(data_dir, "train", seed=3)
+    for index in (0, 7):
+        labels = [static.sample(index, epoch)["labels"] for epoch in (0, 1, 10, 11, 20)]
+        assert torch.equal(labels[0], labels[2]) and torch.equal(labels[0], labels[4])  # e, e+10, e+20
+        assert torch.equal(labels[1], labels[3])
+        assert not torch.equal(labels[0], labels[1])  # e and e+1 differ
+        assert len({tuple(static.sample(index, e)["input_ids"].tolist()) for e in range(10)}) == 10
+        assert not torch.equal(dynamic.sample(index, 0)["labels"], dynamic.sample(index, 10)["labels"])
+    # Static epoch 0 is the dynamic epoch 0: the same stream, only cycled.
+    assert torch.equal(static.sample(5, 0)["labels"], dynamic.sample(5, 0)["labels"])
+
+
+def test_max_predictions_per_seq_caps_and_bad_values_are_refused(data_dir, tokenizer):
+    samples = np.fromfile(data_dir / "train-00000.bin", dtype=np.uint16).reshape(-1, 128).astype(np.int64)
+    for wwm in (False, True):
+        _, labels, _ = _mask_many(tokenizer, samples, MaskingConfig(max_predictions_per_seq=12,
+                                                                     whole_word_masking=wwm), n=200)
+        per_seq = (labels != IGNORE_INDEX).sum(axis=1)
+        assert per_seq.max() == 12 and per_seq.min() >= 1  # 15% of 126 is 19: the cap binds
+    _, labels, _ = _mask_many(tokenizer, samples, MaskingConfig(max_predictions_per_seq=20), n=200)
+    assert (labels != IGNORE_INDEX).sum(axis=1).max() == 19  # BERT's 20 at length 128 rarely binds
+    for bad, message in ((dict(mode="statik"), "mode must be dynamic or static"),
+                         (dict(duplication_factor=0), "duplication_factor must be a whole number >= 1"),
+                         (dict(max_predictions_per_seq=0), "max_predictions_per_seq must be")):
+        with pytest.raises(ValueError, match=message):
+            MaskingConfig(**bad)
 
 
 # ---------------------------------------------------------------- loader
@@ -469,3 +558,193 @@ def test_loader_leaves_the_global_torch_rng_alone(data_dir):
     batches = iter(build_pretraining_loader(data_dir, "train", 4, seed=1))
     next(batches)
     assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------- checksums and a changing data dir
+def _copy_dir(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)  # copy2 keeps the modification times, like rsync -a
+    return dst
+
+
+def test_a_flipped_byte_of_the_same_size_is_caught_at_the_start(tmp_path, data_dir):
+    from bbert.data import check_data_dir
+    from bbert.data.shards import VERIFIED_FILE
+
+    d = _copy_dir(data_dir, tmp_path / "d")
+    m = check_data_dir(d)  # untouched: passes
+    assert m == load_manifest(d) and (d / VERIFIED_FILE).is_file()
+    shard = d / m["splits"]["train"]["shards"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[1000] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(DataDirError, match=r"train-00000.bin does not match its SHA-256.*"
+                                           r"bbert prepare \.\.\. --out .*/d --overwrite"):
+        check_data_dir(d)
+    with pytest.raises(DataDirError, match="train-00000.bin does not match"):
+        build_pretraining_loader(d, "train", 8)
+    # A manifest edited to another checksum is refused the same way.
+    d2 = _copy_dir(data_dir, tmp_path / "d2")
+    m2 = json.loads((d2 / "manifest.json").read_text())
+    m2["splits"]["val"]["shards"][0]["sha256"] = "0" * 64
+    (d2 / "manifest.json").write_text(json.dumps(m2))
+    with pytest.raises(DataDirError, match="val-00000.bin does not match"):
+        PretrainingDataset(d2, "train")
+
+
+def test_checksums_are_hashed_once_then_checked_by_size_and_time(tmp_path, data_dir, monkeypatch):
+    from bbert.data import check_data_dir
+    from bbert.data import shards as shards_module
+
+    d = _copy_dir(data_dir, tmp_path / "d")
+    hashed = []
+    real = shards_module.sha256_file
+    monkeypatch.setattr(shards_module, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    check_data_dir(d)
+    first = len(hashed)
+    check_data_dir(d)
+    assert first == len(hashed)  # prepare's sidecar made even the first check free
+    (d / shards_module.VERIFIED_FILE).unlink()
+    check_data_dir(d)
+    check_data_dir(d)
+    assert sorted(hashed) == sorted(s["file"] for sp in load_manifest(d)["splits"].values() for s in sp["shards"])
+
+
+def test_a_data_dir_replaced_under_a_reader_is_refused(tmp_path, data_dir):
+    d = _copy_dir(data_dir, tmp_path / "d")
+    ds = PretrainingDataset(d, "val", shuffle=False)
+    ds.sample(0)
+    (d / "manifest.json").write_text((d / "manifest.json").read_text() + "\n")  # e.g. prepare --overwrite
+    ds.sample(1)  # an open shard keeps serving the data it started with
+    ds._arrays.clear()  # as when the next shard is opened
+    with pytest.raises(DataDirError, match="changed while this run was reading it"):
+        ds.sample(2)
+
+
+def test_data_fingerprint_names_what_a_resumed_run_depends_on(tmp_path, data_dir):
+    from bbert.data import data_fingerprint
+
+    m = load_manifest(data_dir)
+    fp = data_fingerprint(m)
+    assert fp["tokenizer_fingerprint"] == m["tokenizer_fingerprint"] and fp["vocab_size"] == m["vocab_size"]
+    assert fp["max_seq_length"] == 128 and fp["num_samples"]["train"] == m["splits"]["train"]["num_samples"]
+    other = json.loads(json.dumps(m))
+    other["splits"]["train"]["shards"][0]["sha256"] = "f" * 64
+    assert data_fingerprint(other)["shards_sha256"] != fp["shards_sha256"]
+    assert data_fingerprint(json.loads(json.dumps(m))) == fp
+
+
+# ---------------------------------------------------------------- tokenizer messages
+def test_tokenizer_paths_get_messages_that_say_what_is_wrong(tmp_path, monkeypatch, data_dir):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TokenizerError, match=r"tokenizer folder .*/nope does not exist; check the path"):
+        load_tokenizer(tmp_path / "nope")
+    with pytest.raises(TokenizerError, match="tokenizer folder data/nope-tok does not exist"):
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "data").mkdir()
+        load_tokenizer("data/nope-tok")
+    (tmp_path / "notatok").mkdir()
+    (tmp_path / "notatok" / "README.md").write_text("hello")
+    with pytest.raises(TokenizerError, match="notatok is not a tokenizer folder: it should hold tokenizer.json"):
+        load_tokenizer(tmp_path / "notatok")
+    with pytest.raises(HubUnavailableError, match="no local folder of that name"):
+        load_tokenizer("google-bert/bert-base-uncased")
+    assert len(load_tokenizer(data_dir)) == load_manifest(data_dir)["vocab_size"]  # a data dir works
+
+
+def test_vocabulary_shortfall_is_said_and_uint16_is_checked_before_training(tmp_path, capsys):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": d["text"]}) for d in read_sample_corpus("wordnet")[:30]))
+    m = prepare(PrepareConfig([str(corpus)], str(tmp_path / "o"), vocab_size=70_000, progress=False,
+                              val_fraction=0))
+    err = capsys.readouterr().err
+    assert f"the corpus yields only {m['vocab_size']:,} WordPiece tokens of the 70,000 asked" in err
+    assert "shards are stored as uint32" in err and m["vocab_size"] < 65_536 and m["dtype"] == "uint16"
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="--vocab-size 70,000 needs token ids above 65,535.*dtype=auto"):
+        prepare(PrepareConfig([str(corpus)], str(tmp_path / "u"), vocab_size=70_000, dtype="uint16"))
+    assert time.perf_counter() - started < 0.5 and not (tmp_path / "u").exists()  # before training
+
+
+# ---------------------------------------------------------------- sentence-per-row datasets
+def _books():
+    rng = np.random.default_rng(0)
+    words = [w for d in read_sample_corpus("wordnet")[:20] for w in d["text"].split()]
+    return {f"book{b}": [" ".join(rng.choice(words, 12)) + "." for _ in range(30)] for b in range(40)}
+
+
+def test_sentence_per_row_dataset_is_grouped_into_documents(tmp_path, monkeypatch):
+    import datasets
+
+    from bbert.data.readers import iter_clean_documents
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    books = _books()
+    rows = [(b, s) for b, sentences in books.items() for s in sentences]
+    with_id = tmp_path / "with_id"
+    datasets.Dataset.from_dict({"book_id": [b for b, _ in rows], "text": [s for _, s in rows]}).save_to_disk(with_id)
+    plain = tmp_path / "plain"
+    datasets.Dataset.from_dict({"text": [s for _, s in rows]}).save_to_disk(plain)
+    expected = [" ".join(s) for s in books.values()]
+    assert list(read_documents([f"hf:{with_id}"])) == expected  # by the book_id column
+    assert list(read_documents([f"hf:{plain}"], rows_per_document=30)) == expected  # by blocks of rows
+    assert len(list(read_documents([f"hf:{plain}"]))) == len(rows)  # one per row, as asked
+    # Wikipedia (one article per row, an "id" column) read in the same run stays one per row.
+    wiki = tmp_path / "wiki"
+    articles = [f"article {i} about something" for i in range(5)]
+    datasets.Dataset.from_dict({"id": [str(i) for i in range(5)], "text": articles}).save_to_disk(wiki)
+    assert list(read_documents([f"hf:{wiki}", f"hf:{plain}"], rows_per_document=30)) == articles + expected
+
+    # Split by document: each book lies wholly on one side, and no text is lost.
+    split_of = {}
+    for split, text in iter_clean_documents(read_documents([f"hf:{with_id}"]), val_fraction=0.3, seed=0):
+        book = next(b for b, s in books.items() if s[0] in text)
+        split_of.setdefault(book, set()).add(split)
+        assert text == " ".join(books[book])
+    assert all(len(v) == 1 for v in split_of.values()) and len(split_of) == len(books)
+    assert {"train", "val"} == set().union(*split_of.values())
+
+    # Packed: one [SEP] per book, none between its sentences.
+    out = tmp_path / "out"
+    m = prepare(PrepareConfig([f"hf:{with_id}"], str(out), vocab_size=800, val_fraction=0, progress=False))
+    tok = load_tokenizer(out)
+    ids = np.fromfile(out / "train-00000.bin", dtype=np.uint16).reshape(-1, 128)[:, 1:-1].ravel()
+    ids = ids[ids != tok.pad_token_id]
+    assert (ids == tok.sep_token_id).sum() == len(books) and m["stats"]["rows_grouped"] == len(rows)
+    first_doc = tok.decode(ids[:np.flatnonzero(ids == tok.sep_token_id)[0]].tolist())
+    assert first_doc.replace(" ", "") == "".join(books["book0"]).lower().replace(" ", "")
+
+
+# ---------------------------------------------------------------- CLI: --config and --set
+def test_cli_takes_config_file_set_and_flags_in_that_order(tmp_path, capsys):
+    from bbert.cli import main
+
+    cfg = tmp_path / "prep.yaml"
+    cfg.write_text("max_documents: 50\nvocab_size: 900\nval_fraction: 0.2\nseed: 3\n")
+    out = tmp_path / "o"
+    assert main(["prepare", "--config", str(cfg), "--set", "vocab_size=800", "--set", "max_seq_length=64",
+                 "--vocab-size", "700", "--out", str(out), "--quiet"]) == 0
+    args = load_manifest(out)["args"]
+    assert (args["max_documents"], args["vocab_size"], args["max_seq_length"], args["seed"]) == (50, 700, 64, 3)
+    capsys.readouterr()
+    assert main(["prepare", "--set", "vocab_sise=10", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bbert prepare: error: unknown config field 'vocab_sise'. Did you mean 'vocab_size'?")
+    assert len(err.splitlines()) == 1
+    assert main(["prepare", "--set", "max_documents=many", "--out", str(tmp_path / "x")]) == 2
+    assert "max_documents must be a number" in capsys.readouterr().err
+
+
+def test_a_data_dir_from_an_older_bbert_is_reused_when_its_settings_match(tmp_path, data_dir, capsys):
+    d = _copy_dir(data_dir, tmp_path / "d")
+    m = json.loads((d / "manifest.json").read_text())
+    for key in ("encoding", "document_field", "rows_per_document"):
+        del m["args"][key]  # fields it did not have yet
+    m["args"].update(masking="dynamic", duplication_factor=10, mlm_probability=0.15, whole_word_masking=False)
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert prepare(PrepareConfig(out=str(d), **SMALL)) == m
+    m["args"]["masking"] = "static"
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataDirError, match="other arguments .differing: masking"):
+        prepare(PrepareConfig(out=str(d), **SMALL))

@@ -4,7 +4,11 @@ Sample order: epoch ``e`` shuffles all samples with a seed-derived permutation; 
 ``W`` takes positions ``r, r + W, r + 2W, ...`` of it, and every rank stops after the same
 number of full micro-batches (the uneven tail of the epoch is dropped, the same on all ranks).
 ``start_sample`` counts the global samples already consumed, so resuming needs no re-reading.
-Chapter: notebooks/02_data.ipynb.
+
+Opening a dataset checks the shards' checksums (:func:`bbert.data.shards.check_data_dir`, fast
+after the first time), and the dataset refuses to go on if its data dir's manifest is replaced
+while it reads (a ``bbert prepare --overwrite`` into the same folder).
+Chapter: ``notebooks/02_data.ipynb``.
 """
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from bbert.data.masking import IGNORE_INDEX, MaskingConfig, Masker
-from bbert.data.shards import DataDirError, load_manifest, shard_array
+from bbert.data.masking import MaskingConfig, Masker
+from bbert.data.shards import DataDirError, check_data_dir, load_manifest, manifest_path, shard_array
+from bbert.data.tokenizer import load_tokenizer
 
 _SHUFFLE_STREAM = 1  # domain tag of the epoch permutation's random numbers
 
@@ -24,15 +29,15 @@ class PretrainingDataset(torch.utils.data.IterableDataset):
     """Masked-LM samples from a data dir: dicts of int64 tensors ``input_ids``,
     ``attention_mask`` and ``labels`` (each ``[max_seq_length]``, labels -100 where not predicted).
 
-    Dynamic masking (the default) masks at load time as a pure function of
-    (seed, epoch, sample index); a data dir prepared with static masking serves its stored
-    masked copies instead. ``micro_batch_size`` only sets how the epoch's tail is dropped.
-    Chapter: notebooks/02_data.ipynb.
+    Masks are drawn at load time as a pure function of (seed, epoch, sample index), dynamic or
+    static as ``masking.mode`` says. ``micro_batch_size`` only sets how the epoch's tail is
+    dropped. ``verify`` checks the shards against the manifest's checksums first.
     """
 
     def __init__(self, data_dir, split: str = "train", rank: int = 0, world_size: int = 1,
                  seed: int = 0, start_sample: int = 0, masking: MaskingConfig | None = None,
-                 micro_batch_size: int = 1, infinite: bool = True, shuffle: bool | None = None):
+                 micro_batch_size: int = 1, infinite: bool = True, shuffle: bool | None = None,
+                 verify: bool = True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if start_sample < 0 or start_sample % (world_size * micro_batch_size):
@@ -40,13 +45,16 @@ class PretrainingDataset(torch.utils.data.IterableDataset):
                              f"world_size * micro_batch_size = {world_size * micro_batch_size} "
                              "(it counts global samples already consumed)")
         self.data_dir = Path(data_dir)
-        self.manifest = load_manifest(data_dir)
+        self._manifest_stamp = self._stamp()
+        self.manifest = check_data_dir(data_dir) if verify else load_manifest(data_dir)
         if split not in self.manifest["splits"]:
             raise DataDirError(f"{data_dir} has no split {split!r}; it has {list(self.manifest['splits'])}")
         self.split, self.rank, self.world_size, self.seed = split, rank, world_size, seed
         self.start_sample, self.micro_batch_size, self.infinite = start_sample, micro_batch_size, infinite
         self.shuffle = (split == "train") if shuffle is None else shuffle
-        self.static = self.manifest["masking"] == "static"
+        if self.manifest.get("masking", "dynamic") != "dynamic":
+            raise DataDirError(f"{data_dir} stores statically masked copies (an older bbert); prepare it "
+                               "again and set masking.mode=static for the run instead")
         shards = self.manifest["splits"][split]["shards"]
         self.num_samples = sum(s["num_samples"] for s in shards)
         global_batch = world_size * micro_batch_size
@@ -59,18 +67,27 @@ class PretrainingDataset(torch.utils.data.IterableDataset):
         self._shards = shards
         self._offsets = np.cumsum([0] + [s["num_samples"] for s in shards])
         self._arrays: dict[int, np.memmap] = {}
-        self._labels: dict[int, np.memmap] = {}
-        self.masker = None
-        if not self.static:
-            from bbert.data.tokenizer import load_tokenizer
-
-            self.masker = Masker.from_tokenizer(load_tokenizer(self.data_dir / "tokenizer"),
-                                                masking or MaskingConfig())
+        self.masker = Masker.from_tokenizer(load_tokenizer(self.data_dir / "tokenizer"),
+                                            masking or MaskingConfig())
         self.pad_id = self.manifest["special_ids"]["pad"]
 
     def __len__(self) -> int:
         """Samples this rank yields per epoch."""
         return self.samples_per_epoch // self.world_size
+
+    def _stamp(self) -> tuple:
+        try:
+            st = manifest_path(self.data_dir).stat()
+        except OSError:
+            return ()
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _check_unchanged(self) -> None:
+        # Cheap (one stat per shard opened): a data dir swapped under a run would mix two corpora.
+        if self._stamp() != self._manifest_stamp:
+            raise DataDirError(f"{self.data_dir} changed while this run was reading it (its manifest was "
+                               "replaced, e.g. by bbert prepare --overwrite); the samples would mix two "
+                               "data dirs. Restart the run on the new data (or restore the old folder)")
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The global sample order of ``epoch`` (identity when not shuffling)."""
@@ -83,17 +100,10 @@ class PretrainingDataset(torch.utils.data.IterableDataset):
         shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
         row = index - self._offsets[shard]
         if shard not in self._arrays:
+            self._check_unchanged()
             self._arrays[shard] = shard_array(self.data_dir, self.manifest, self._shards[shard])
-            if self.static:
-                self._labels[shard] = shard_array(self.data_dir, self.manifest, self._shards[shard],
-                                                  "labels_file")
         ids = np.asarray(self._arrays[shard][row])
-        if self.static:
-            input_ids = ids.astype(np.int64)
-            labels = self._labels[shard][row].astype(np.int64)
-            labels[labels == self.pad_id] = IGNORE_INDEX
-        else:
-            input_ids, labels = self.masker(ids, self.seed, epoch, index)
+        input_ids, labels = self.masker(ids, self.seed, epoch, index)
         return {"input_ids": torch.from_numpy(input_ids),
                 "attention_mask": torch.from_numpy((ids != self.pad_id).astype(np.int64)),
                 "labels": torch.from_numpy(labels)}
@@ -123,16 +133,16 @@ def build_pretraining_loader(data_dir, split: str, micro_batch_size: int, rank: 
                              world_size: int = 1, seed: int = 0, start_sample: int = 0,
                              masking: MaskingConfig | None = None, infinite: bool = True,
                              shuffle: bool | None = None, num_workers: int = 0,
-                             pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                             pin_memory: bool = False, verify: bool = True) -> torch.utils.data.DataLoader:
     """A ``DataLoader`` of micro-batches (``[B, L]`` int64 tensors) over :class:`PretrainingDataset`.
 
     Every rank gets the same number of batches per epoch; with ``infinite=False`` it stops
     after one epoch (the rest of the epoch when resuming). ``num_workers`` > 0 masks in
-    background processes (for fast GPUs) and yields exactly the same batches.
-    Chapter: notebooks/02_data.ipynb.
+    background processes (for fast GPUs) and yields exactly the same batches. ``verify`` checks
+    the shards' checksums first (see :func:`bbert.data.shards.check_data_dir`).
     """
     dataset = PretrainingDataset(data_dir, split, rank, world_size, seed, start_sample, masking,
-                                 micro_batch_size, infinite, shuffle)
+                                 micro_batch_size, infinite, shuffle, verify)
     # The DataLoader draws a base seed when iterated; its own generator keeps the global torch
     # RNG (dropout, which a resumed run restores exactly) untouched.
     return torch.utils.data.DataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,

@@ -2,12 +2,17 @@
 
     read -> clean -> split train/val -> (train a) tokenizer -> encode_batch -> pack -> shards
 
-Chapter: notebooks/02_data.ipynb.
+The new data dir is built beside its final place (``.NAME.building``) under an exclusive lock
+(:class:`bbert.locks.DirLock`), its manifest written last, and renamed into place only when
+complete: a failed or interrupted run leaves the previous data dir as it was, and never a
+folder that looks finished. Chapter: ``notebooks/02_data.ipynb``.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
 import shutil
 import sys
 import tempfile
@@ -18,26 +23,29 @@ from pathlib import Path
 
 import numpy as np
 
-from bbert.data.masking import MaskingConfig, Masker
-from bbert.data.readers import (CorpusError, ReadStats, iter_clean_documents, read_documents,
-                                sample_corpus_path)
-from bbert.data.shards import (FORMAT_VERSION, DataDirError, Packer, choose_dtype, manifest_path,
-                               verify_shards, write_shard)
-from bbert.data.tokenizer import (TokenizerError, encoder, load_tokenizer, special_ids,
-                                  tokenizer_fingerprint, train_tokenizer)
-from bbert.utils import HubUnavailableError, atomic_path, atomic_write_json
+from bbert.configs import add_config_arguments, command, from_dict, load_yaml, merge, parse_assignments
+from bbert.data.readers import CorpusError, ReadStats, iter_clean_documents, read_documents, sample_corpus_path
+from bbert.data.shards import (FORMAT_VERSION, DataDirError, Packer, check_data_dir, choose_dtype,
+                               manifest_path, record_verified, write_shard)
+from bbert.data.tokenizer import encoder, load_tokenizer, special_ids, tokenizer_fingerprint, train_tokenizer
+from bbert.locks import DirLock
+from bbert.utils import atomic_write_json
 
 SPLITS = ("train", "val")
 EMBEDDED = "embedded:sample"  # how the manifest names the shipped corpus (its path varies by install)
+UINT16_VOCAB = 2**16  # token ids 0..65,535 fit in two bytes
 
 
 @dataclass
 class PrepareConfig:
-    """Everything ``prepare`` needs; ``bbert prepare --help`` lists the same options.
+    """Everything ``prepare`` needs (``bbert prepare --set FIELD=VALUE`` sets any of them).
 
     ``inputs`` empty means the embedded sample corpus. ``tokenizer`` None trains a WordPiece
     tokenizer of ``vocab_size`` tokens; otherwise it is a tokenizer folder or a hub name.
-    Chapter: notebooks/02_data.ipynb.
+    ``encoding`` decodes text files (undecodable input is refused, not mangled).
+    ``document_field``/``rows_per_document`` join rows of JSONL or hub datasets stored one
+    sentence per row (BookCorpus) into documents: by a document-id column (one of
+    ``readers.DOCUMENT_ID_FIELDS`` is found by itself), else by blocks of rows.
     """
 
     inputs: list[str] = field(default_factory=list)
@@ -45,6 +53,9 @@ class PrepareConfig:
     format: str = "auto"
     text_field: str = "text"
     text_unit: str = "paragraph"
+    encoding: str = "utf-8"
+    document_field: str | None = None
+    rows_per_document: int = 1
     hf_split: str = "train"
     tokenizer: str | None = None
     vocab_size: int = 30522
@@ -56,10 +67,6 @@ class PrepareConfig:
     max_document_chars: int = 1_000_000
     max_documents: int | None = None
     max_bytes: int | None = None
-    masking: str = "dynamic"
-    duplication_factor: int = 10
-    mlm_probability: float = 0.15
-    whole_word_masking: bool = False
     dtype: str = "auto"
     samples_per_shard: int = 1 << 20
     seed: int = 0
@@ -76,11 +83,30 @@ class PrepareConfig:
                           for p in self.inputs] or [EMBEDDED]
         return args
 
+    def check(self) -> None:
+        """Refuse bad values before anything is read or written."""
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be at least 1, got {self.samples_per_shard}")
+        if self.rows_per_document < 1:
+            raise ValueError(f"rows_per_document must be at least 1, got {self.rows_per_document}")
+        if self.dtype not in ("auto", "uint16", "uint32"):
+            raise ValueError(f"dtype must be auto, uint16 or uint32, got {self.dtype!r}")
+        if not self.tokenizer and self.dtype == "uint16" and self.vocab_size > UINT16_VOCAB:
+            raise ValueError(f"--vocab-size {self.vocab_size:,} needs token ids above 65,535, which "
+                             "uint16 shards can't hold: use --set dtype=auto (uint32 shards, twice the "
+                             "size) or a vocabulary of at most 65,536")
+
+
+def _note(message: str) -> None:
+    """What the user must know even with --quiet: to stderr, one line."""
+    print(f"bbert prepare: {message}", file=sys.stderr)
+
 
 def _raw_documents(config: PrepareConfig, stats: ReadStats):
     inputs = config.inputs or [sample_corpus_path()]
     raw = read_documents(inputs, config.format, config.text_field, config.text_unit,
-                         config.hf_split, stats)
+                         config.hf_split, stats, config.encoding, config.document_field,
+                         config.rows_per_document)
     return iter_clean_documents(raw, min_chars=config.min_document_chars,
                                 max_chars=config.max_document_chars,
                                 val_fraction=config.val_fraction, seed=config.seed,
@@ -88,18 +114,14 @@ def _raw_documents(config: PrepareConfig, stats: ReadStats):
                                 stats=stats)
 
 
-def _read_existing_manifest(out: Path) -> dict | None:
-    import json
-
-    path = manifest_path(out)
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _get_tokenizer(config: PrepareConfig, out: Path, reuse: bool):
+def _get_tokenizer(config: PrepareConfig, reuse_from: Path | None):
     if config.tokenizer:
         return load_tokenizer(config.tokenizer)
-    if reuse and (out / "tokenizer" / "tokenizer.json").exists():
-        return load_tokenizer(out / "tokenizer")  # same arguments: the tokenizer trained last time
+    if reuse_from is not None and (reuse_from / "tokenizer" / "tokenizer.json").exists():
+        return load_tokenizer(reuse_from / "tokenizer")  # same arguments: the tokenizer trained last time
+    if config.vocab_size > UINT16_VOCAB:
+        _note(f"--vocab-size {config.vocab_size:,}: if the trained vocabulary has more than 65,536 "
+              "tokens, the shards are stored as uint32, 4 bytes per token instead of 2")
     stats = ReadStats()
     budget = config.tokenizer_train_bytes
 
@@ -119,6 +141,10 @@ def _get_tokenizer(config: PrepareConfig, out: Path, reuse: bool):
         raise CorpusError(_empty_message(config, stats))
     tok = train_tokenizer(itertools.chain([first], texts), vocab_size=config.vocab_size,
                           lowercase=config.lowercase, max_seq_length=config.max_seq_length)
+    if len(tok) < config.vocab_size:
+        _note(f"the corpus yields only {len(tok):,} WordPiece tokens of the {config.vocab_size:,} asked "
+              "(--vocab-size): too little text for that vocabulary. The data dir uses "
+              f"{len(tok):,}; give more text for a larger one")
     with tempfile.TemporaryDirectory() as tmp:  # fingerprint it exactly as it will load later
         tok.save_pretrained(tmp)
         return load_tokenizer(tmp)
@@ -128,144 +154,147 @@ def _empty_message(config: PrepareConfig, stats: ReadStats) -> str:
     where = ", ".join(map(str, config.inputs)) or "the embedded corpus"
     return (f"no usable documents in {where}: {stats.documents_read} read, {stats.empty} empty, "
             f"{stats.too_short} shorter than min_document_chars={config.min_document_chars}. "
-            "Check the path and --format/--text-field, or lower --min-document-chars")
+            "Check the path and --format/--text-field, or lower --set min_document_chars=N")
 
 
 class _SplitWriter:
     """Collect one split's samples and write them as shards of ``samples_per_shard``."""
 
-    def __init__(self, split, out, config, dtype, masker, pad_id):
-        self.split, self.out, self.config, self.dtype = split, out, config, dtype
-        self.masker, self.pad_id = masker, pad_id
+    def __init__(self, split: str, out: Path, samples_per_shard: int):
+        self.split, self.out, self.samples_per_shard = split, out, samples_per_shard
         self.pending: list[np.ndarray] = []
         self.pending_rows = 0
         self.shards: list[dict] = []
-        self.samples_written = 0  # unique packed samples, before any static duplication
-        self.shards_skipped = 0
 
     def add(self, samples: np.ndarray, final: bool = False):
         if len(samples):
             self.pending.append(samples)
             self.pending_rows += len(samples)
-        while self.pending_rows >= self.config.samples_per_shard or (final and self.pending_rows):
+        while self.pending_rows >= self.samples_per_shard or (final and self.pending_rows):
             block = np.concatenate(self.pending)
-            n = min(len(block), self.config.samples_per_shard)
-            self._write(block[:n])
+            n = min(len(block), self.samples_per_shard)
+            name = f"{self.split}-{len(self.shards):05d}.bin"
+            sha256 = write_shard(self.out / name, block[:n])
+            self.shards.append({"file": name, "sha256": sha256, "num_samples": n})
             self.pending = [block[n:]]
             self.pending_rows = len(block) - n
 
-    def _write(self, samples: np.ndarray):
-        name = f"{self.split}-{len(self.shards):05d}.bin"
-        record = {"file": name}
-        if self.masker is None:
-            record["sha256"], written = write_shard(self.out / name, samples)
-            record["num_samples"] = len(samples)
-        else:
-            inputs, labels = self._static_copies(samples)
-            record["sha256"], written = write_shard(self.out / name, inputs)
-            record["labels_file"] = name.replace(".bin", ".labels.bin")
-            record["labels_sha256"], _ = write_shard(self.out / record["labels_file"], labels)
-            record["num_samples"] = len(inputs)
-        self.shards_skipped += not written
-        self.shards.append(record)
-        self.samples_written += len(samples)
 
-    def _static_copies(self, samples):
-        # The paper's static masking: duplication_factor masked copies of every sample, copy d
-        # masked as dynamic masking would in epoch d. Labels store [PAD] where nothing is predicted.
-        copies = []
-        for d in range(self.config.duplication_factor):
-            masked = np.empty_like(samples)
-            labels = np.empty_like(samples)
-            for row, ids in enumerate(samples):
-                m, lab = self.masker(ids, self.config.seed, d, self.samples_written + row)
-                masked[row] = m
-                labels[row] = np.where(lab < 0, self.pad_id, lab)
-            copies.append((masked, labels))
-        return np.concatenate([c[0] for c in copies]), np.concatenate([c[1] for c in copies])
+def _existing_state(out: Path, config: PrepareConfig) -> dict | None:
+    """The finished manifest in ``out`` (None if there is none), after refusing what must not be
+    replaced silently and announcing what will be redone."""
+    if out.exists() and not out.is_dir():
+        raise DataDirError(f"--out {out} is a file, not a folder; choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    path = manifest_path(out)
+    manifest = json.loads(path.read_text()) if path.is_file() else None
+    if manifest is not None and manifest.get("complete"):
+        return manifest
+    looks_ours = path.is_file() or (out / "tokenizer").is_dir() or any(out.glob("*.bin"))
+    if not looks_ours and not config.overwrite:
+        raise DataDirError(f"--out {out} exists and is not a data dir (no manifest.json); choose "
+                           "another --out, or pass --overwrite to replace it")
+    if looks_ours:
+        _note(f"{out} is an unfinished data dir (shards without a finished manifest: an interrupted "
+              "prepare); redoing it")
+    return None
 
 
 def prepare(config: PrepareConfig) -> dict:
     """Run the whole pipeline into ``config.out`` and return the manifest.
 
-    Safe to re-run: a finished data dir with the same arguments is verified and returned;
-    after an interruption, shards whose checksum matches are kept and only the rest written.
-    Chapter: notebooks/02_data.ipynb.
+    Safe to re-run: a finished data dir with the same arguments is checked against its
+    checksums and returned as it is; a damaged or unfinished one is redone. A data dir made
+    with other arguments is refused unless ``overwrite``. Another ``prepare`` writing the same
+    folder makes this one fail at once with :class:`bbert.locks.LockedError`.
     """
-    from tqdm.auto import tqdm
-
-    if config.masking not in ("dynamic", "static"):
-        raise ValueError(f"masking must be dynamic or static, got {config.masking!r}")
-    if config.samples_per_shard < 1 or config.duplication_factor < 1:
-        raise ValueError("samples_per_shard and duplication_factor must be at least 1")
+    config.check()
     out = Path(config.out)
-    args = config.output_args()
-    existing = None if config.overwrite else _read_existing_manifest(out)
-    if existing:
-        old_args = existing.get("args", {})
-        differ = sorted(k for k in set(args) | set(old_args) if args.get(k) != old_args.get(k))
-        if differ:
-            what = ("another tokenizer" if {"tokenizer", "vocab_size", "lowercase"} & set(differ)
-                    else "other arguments")
-            raise DataDirError(f"{out} was prepared with {what} (differing: {', '.join(differ)}). "
-                               "Mixing them would corrupt the data: use a new --out folder, or pass "
-                               "--overwrite to replace it")
+    with DirLock(out, "written"):
+        existing = _existing_state(out, config)
+        if existing and not config.overwrite:
+            _refuse_other_arguments(out, existing, config)
+        reuse = out if existing and not config.overwrite else None
+        tok = _get_tokenizer(config, reuse)
+        fingerprint = tokenizer_fingerprint(tok)
+        if reuse is not None:
+            if existing["tokenizer_fingerprint"] != fingerprint:
+                raise DataDirError(
+                    f"{out} was prepared with another tokenizer (fingerprint "
+                    f"{existing['tokenizer_fingerprint'][:12]}); {config.tokenizer or 'the trained one'} "
+                    f"now has fingerprint {fingerprint[:12]}. Mixing them would corrupt the data: use a "
+                    "new --out folder, or pass --overwrite to replace it")
+            try:
+                check_data_dir(out, existing)
+                if config.progress:
+                    print(f"{out}: already prepared with these arguments; shards verified, skipping")
+                return existing
+            except DataDirError as e:
+                _note(f"{e.args[0].split(';')[0]}; redoing the data dir")
+        return _build_and_swap(config, out, tok, fingerprint)
 
-    tok = _get_tokenizer(config, out, reuse=existing is not None)
-    fingerprint = tokenizer_fingerprint(tok)
-    old_fingerprint = (existing or {}).get("tokenizer", {}).get("fingerprint")
-    if existing and old_fingerprint != fingerprint:
-        raise DataDirError(
-            f"{out} was prepared with another tokenizer (fingerprint {str(old_fingerprint)[:12]}); "
-            f"{config.tokenizer or 'the trained one'} now has fingerprint {fingerprint[:12]}. Mixing "
-            "them would corrupt the data: use a new --out folder, or pass --overwrite to replace it")
 
-    if existing and existing.get("complete") and not verify_shards(out, existing):
-        if config.progress:
-            print(f"{out}: already prepared with these arguments; all shards verified, skipping")
-        return existing
+# Fields older data dirs recorded, at the values that wrote what this bbert writes.
+_RETIRED_ARGS = {"masking": "dynamic", "duplication_factor": 10, "mlm_probability": 0.15,
+                 "whole_word_masking": False}
 
-    vocab_size = len(tok)
-    dtype = choose_dtype(vocab_size, config.dtype)
-    ids = special_ids(tok)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "complete": False,
-        "tokenizer": {"fingerprint": fingerprint, "source": config.tokenizer or "trained",
-                      "vocab_size": vocab_size},
-        "tokenizer_fingerprint": fingerprint,
-        "vocab_size": vocab_size,
-        "max_seq_length": config.max_seq_length,
-        "special_ids": ids,
-        "dtype": dtype.name,
-        "masking": config.masking,
-        "args": args,
-    }
-    if config.masking == "static":
-        manifest["static_masking"] = {"duplication_factor": config.duplication_factor,
-                                      "seed": config.seed,
-                                      **asdict(MaskingConfig(config.mlm_probability,
-                                                             whole_word_masking=config.whole_word_masking))}
+
+def _refuse_other_arguments(out: Path, existing: dict, config: PrepareConfig) -> None:
+    args, old_args = config.output_args(), existing.get("args", {})
+    # A field an older manifest lacks had its default then; a retired one must hold its old default.
+    defaults = {**PrepareConfig().output_args(), **_RETIRED_ARGS}
+    differ = sorted(k for k in set(args) | set(old_args)
+                    if args.get(k, defaults.get(k)) != old_args.get(k, defaults.get(k)))
+    if differ:
+        what = ("another tokenizer" if {"tokenizer", "vocab_size", "lowercase"} & set(differ)
+                else "other arguments")
+        raise DataDirError(f"{out} was prepared with {what} (differing: {', '.join(differ)}). "
+                           "Mixing them would corrupt the data: use a new --out folder, or pass "
+                           "--overwrite to replace it")
+
+
+def _build_and_swap(config: PrepareConfig, out: Path, tok, fingerprint: str) -> dict:
+    build = out.parent / f".{out.name}.building"
+    if build.exists():
+        _note(f"found {build}, an unfinished build of {out} (an interrupted prepare); redoing it")
+        shutil.rmtree(build)
     stats = ReadStats()
     docs = _raw_documents(config, stats)
     first = next(docs, None)  # fail on empty input before anything is written
     if first is None:
         raise CorpusError(_empty_message(config, stats))
     docs = itertools.chain([first], docs)
+    dtype = choose_dtype(len(tok), config.dtype)
+    try:
+        build.mkdir(parents=True)
+        manifest = _write_data_dir(config, build, tok, fingerprint, dtype, docs, stats)
+    except BaseException as e:
+        shutil.rmtree(build, ignore_errors=True)  # frees the space a full disk needs back
+        if isinstance(e, OSError) and not isinstance(e, ConnectionError):  # the hub's says enough
+            where = f": {e.filename}" if e.filename else ""
+            kept = f"{out} is left as it was" if out.exists() else "nothing was kept"
+            raise DataDirError(f"preparing the data dir failed ({e.strerror or e}{where}); {kept}. "
+                               "Fix the cause (free disk space?) and re-run") from e
+        raise
+    old = out.parent / f".{out.name}.old"
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(build, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return manifest
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(manifest_path(out), manifest)  # marks the folder as ours, unfinished
-    with atomic_path(out / "tokenizer") as tmp:
-        tok.save_pretrained(str(tmp))
 
-    masker = None
-    if config.masking == "static":
-        masker = Masker.from_tokenizer(tok, MaskingConfig(config.mlm_probability,
-                                                          whole_word_masking=config.whole_word_masking))
+def _write_data_dir(config: PrepareConfig, build: Path, tok, fingerprint: str, dtype, docs,
+                    stats: ReadStats) -> dict:
+    from tqdm.auto import tqdm  # deferred: tqdm.auto imports IPython machinery in notebooks
 
+    ids = special_ids(tok)
+    tok.save_pretrained(str(build / "tokenizer"))
     backend = encoder(tok)
     packers = {s: Packer(config.max_seq_length, ids["cls"], ids["sep"], ids["pad"], dtype) for s in SPLITS}
-    writers = {s: _SplitWriter(s, out, config, dtype, masker, ids["pad"]) for s in SPLITS}
+    writers = {s: _SplitWriter(s, build, config.samples_per_shard) for s in SPLITS}
     corpus_tokens = 0
     started = time.perf_counter()
     bar = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not config.progress)
@@ -308,93 +337,93 @@ def prepare(config: PrepareConfig) -> dict:
     for split in SPLITS:
         writers[split].add(packers[split].finish(), final=True)
     bar.close()
-    seconds = time.perf_counter() - started
 
     total_positions = sum(p.samples for p in packers.values()) * config.max_seq_length
     real = sum(p.real_tokens for p in packers.values())
-    shard_bytes = sum((out / sh[k]).stat().st_size for w in writers.values()
-                      for sh in w.shards for k in ("file", "labels_file") if k in sh)
-    manifest.update({
+    shard_bytes = sum((build / sh["file"]).stat().st_size for w in writers.values() for sh in w.shards)
+    manifest = {
+        "format_version": FORMAT_VERSION,
         "complete": True,
+        "tokenizer": {"fingerprint": fingerprint, "source": config.tokenizer or "trained",
+                      "vocab_size": len(tok), "requested_vocab_size": config.vocab_size},
+        "tokenizer_fingerprint": fingerprint,
+        "vocab_size": len(tok),
+        "max_seq_length": config.max_seq_length,
+        "special_ids": ids,
+        "dtype": dtype.name,
+        "masking": "dynamic",  # the shards hold token ids only; the loader masks (dynamic or static)
+        "args": config.output_args(),
         "splits": {s: {"num_samples": sum(sh["num_samples"] for sh in writers[s].shards),
-                       "unique_samples": writers[s].samples_written,
                        "num_tokens": packers[s].real_tokens,
                        "shards": writers[s].shards} for s in SPLITS},
         "packing_efficiency": real / max(total_positions, 1),
         "corpus_tokens": corpus_tokens,
         "bytes_per_token": shard_bytes / max(corpus_tokens, 1),
         "stats": asdict(stats),
-        "seconds": round(seconds, 3),
-        "shards_skipped": sum(w.shards_skipped for w in writers.values()),
-    })
+        "seconds": round(time.perf_counter() - started, 3),
+    }
     if config.val_fraction > 0 and manifest["splits"]["val"]["num_samples"] == 0:
-        print(f"warning: no document fell into the validation split (val_fraction={config.val_fraction}, "
-              f"{stats.documents_kept} documents); raise --val-fraction", file=sys.stderr)
-    _remove_stale_shards(out, manifest)
-    atomic_write_json(manifest_path(out), manifest)
+        _note(f"warning: no document fell into the validation split (val_fraction={config.val_fraction}, "
+              f"{stats.documents_kept} documents); raise --val-fraction")
+    record_verified(build, manifest)  # the hashes were just computed: a run's first check is free
+    atomic_write_json(manifest_path(build), manifest)  # last: the data dir is complete from here on
     return manifest
 
 
-def _remove_stale_shards(out: Path, manifest: dict):
-    keep = {sh[k] for s in manifest["splits"].values() for sh in s["shards"]
-            for k in ("file", "labels_file") if k in sh}
-    for path in out.glob("*.bin"):
-        if path.name not in keep:
-            path.unlink()
-    for path in out.glob(".tmp-*"):  # leftovers of a killed run
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The options of ``bbert prepare``. Chapter: notebooks/02_data.ipynb."""
-    d = PrepareConfig()
-    p = argparse.ArgumentParser(prog="bbert prepare", description=__doc__.split("\n\n")[0])
+    """The options of ``bbert prepare``: the common ones as flags, every field with ``--set``."""
+    p = argparse.ArgumentParser(prog="bbert prepare", description=__doc__.split("\n\n")[0],
+                                epilog="Any PrepareConfig field: --set FIELD=VALUE, e.g. "
+                                       "--set max_documents=1000 --set dtype=uint32. Flags win over "
+                                       "--set, which wins over --config.")
     p.add_argument("inputs", nargs="*", help="text/JSONL files, folders, or hf:NAME[:CONFIG]; "
                    "default: the embedded sample corpus")
-    p.add_argument("--out", default=d.out, help="data dir to write (default: %(default)s)")
-    p.add_argument("--format", default=d.format,
-                   choices=["auto", "text", "jsonl", "books", "wikiextractor", "hf"])
-    p.add_argument("--text-field", default=d.text_field, help="JSONL/hub field holding the text")
-    p.add_argument("--text-unit", default=d.text_unit, choices=["paragraph", "line", "file"],
+    p.add_argument("--input", dest="more_inputs", action="append", default=[], metavar="PATH",
+                   help="one more input (repeatable), the same as a positional one")
+    p.add_argument("--out", help="data dir to write (default: data/sample)")
+    p.add_argument("--format", choices=["auto", "text", "jsonl", "books", "wikiextractor", "hf"])
+    p.add_argument("--text-field", help="JSONL/hub field holding the text (default: text)")
+    p.add_argument("--text-unit", choices=["paragraph", "line", "file"],
                    help="plain text: one document per blank-line block, per line, or per file")
-    p.add_argument("--hf-split", default=d.hf_split)
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer folder or hub name; default: train a WordPiece on the corpus")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
-    p.add_argument("--cased", dest="lowercase", action="store_false", help="keep case (default: lowercase)")
-    p.add_argument("--tokenizer-train-bytes", type=int, default=d.tokenizer_train_bytes)
-    p.add_argument("--max-seq-length", type=int, default=d.max_seq_length)
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--min-document-chars", type=int, default=d.min_document_chars)
-    p.add_argument("--max-document-chars", type=int, default=d.max_document_chars)
-    p.add_argument("--max-documents", type=int, default=None, help="use only the first N documents")
-    p.add_argument("--max-bytes", type=int, default=None, help="use only about the first N characters")
-    p.add_argument("--masking", default=d.masking, choices=["dynamic", "static"])
-    p.add_argument("--duplication-factor", type=int, default=d.duplication_factor,
-                   help="static masking: masked copies of each sample")
-    p.add_argument("--mlm-probability", type=float, default=d.mlm_probability)
-    p.add_argument("--whole-word-masking", action="store_true")
-    p.add_argument("--dtype", default=d.dtype, choices=["auto", "uint16", "uint32"])
-    p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--overwrite", action="store_true", help="replace a data dir made with other settings")
-    p.add_argument("--quiet", dest="progress", action="store_false")
+    p.add_argument("--encoding", help="encoding of text files (default: utf-8), e.g. latin-1")
+    p.add_argument("--rows-per-document", type=int,
+                   help="join this many consecutive JSONL/hub rows into one document "
+                        "(sentence-per-row corpora such as BookCorpus); a document-id column wins")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub name; default: train a WordPiece on the corpus")
+    p.add_argument("--vocab-size", type=int, help="size of the trained WordPiece vocabulary (default: 30522)")
+    p.add_argument("--cased", dest="lowercase", action="store_false", default=None,
+                   help="keep case (default: lowercase)")
+    p.add_argument("--max-seq-length", type=int, help="tokens per sample (default: 128)")
+    p.add_argument("--val-fraction", type=float, help="share of documents held out (default: 0.01)")
+    p.add_argument("--max-documents", type=int, help="use only the first N documents")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace a data dir made with other settings")
+    p.add_argument("--quiet", dest="progress", action="store_false", default=None)
+    add_config_arguments(p, "PrepareConfig")
     return p
 
 
+@command("bbert prepare")
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``bbert prepare``. Chapter: notebooks/02_data.ipynb."""
-    config = PrepareConfig(**vars(build_parser().parse_args(argv)))
-    try:
-        manifest = prepare(config)
-    except (CorpusError, DataDirError, TokenizerError, HubUnavailableError, ValueError, OSError) as e:
-        print(f"bbert prepare: error: {e}", file=sys.stderr)
-        return 2
-    t = manifest["splits"]
+    """Entry point of ``bbert prepare``."""
+    args = build_parser().parse_args(argv)
+    data = load_yaml(args.config) if args.config else {}
+    data = merge(data, parse_assignments(args.assignments))
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("config", "assignments", "inputs", "more_inputs") and v is not None}
+    inputs = list(args.inputs) + list(args.more_inputs)
+    if inputs:
+        flags["inputs"] = inputs
+    config = from_dict(PrepareConfig, merge(data, flags))
+    manifest = prepare(config)
+    t, s = manifest["splits"], manifest["stats"]
     print(f"{config.out}: {t['train']['num_samples']:,} train + {t['val']['num_samples']:,} val samples "
           f"of {manifest['max_seq_length']} tokens, vocab {manifest['vocab_size']:,} ({manifest['dtype']}), "
           f"packing efficiency {manifest['packing_efficiency']:.2%}, "
           f"{manifest['bytes_per_token']:.3f} bytes/token")
+    print(f"documents: {s['documents_read']:,} read, {s['documents_kept']:,} kept; dropped "
+          f"{s['empty']:,} empty and {s['too_short']:,} shorter than min_document_chars; "
+          f"{s['long_documents_split']:,} long ones cut; {s.get('rows_grouped', 0):,} rows joined into documents")
     return 0
 
 

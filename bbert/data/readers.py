@@ -1,13 +1,16 @@
 """Corpus readers, cleaning and the document-level train/validation split.
 
 Every reader yields documents as plain strings; a document is the unit that the
-train/validation split keeps whole. Chapter: notebooks/02_data.ipynb.
+train/validation split keeps whole. Text is decoded strictly: a file that is not valid in the
+declared encoding (UTF-8 unless ``encoding`` says otherwise) is refused, never mangled.
+Chapter: ``notebooks/02_data.ipynb``.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import json
+import itertools
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,18 +24,19 @@ TEXT_UNITS = ("paragraph", "line", "file")
 TEXT_SUFFIXES = (".txt", ".text", ".jsonl", ".json", ".txt.gz", ".jsonl.gz")
 _WIKI_FILE = re.compile(r"^wiki_\d+(\.gz)?$")
 _DOC_TAG = re.compile(r"<doc\b[^>]*>(.*?)</doc>", re.S)
+# Columns that name the document a row belongs to (found by themselves, in this order). "id" is
+# last: Wikipedia's one-article-per-row datasets have it, so they stay one document per row even
+# when rows_per_document joins the rows of a sentence-per-row corpus read in the same run.
+DOCUMENT_ID_FIELDS = ("document_id", "doc_id", "book_id", "article_id", "id")
 
 
 class CorpusError(ValueError):
-    """Raised for input that can't be turned into documents (empty, no text files, bad JSON).
-
-    Chapter: notebooks/02_data.ipynb.
-    """
+    """Raised for input that can't be turned into documents (empty, undecodable, bad JSON)."""
 
 
 @dataclass
 class ReadStats:
-    """Counts of what happened to the input, reported in the manifest. Chapter: notebooks/02_data.ipynb."""
+    """Counts of what happened to the input, reported on the console and in the manifest."""
 
     files: int = 0
     documents_read: int = 0
@@ -40,15 +44,13 @@ class ReadStats:
     empty: int = 0
     too_short: int = 0
     long_documents_split: int = 0
-    invalid_utf8: int = 0
+    rows_grouped: int = 0  # rows of sentence-per-row datasets joined into documents
     characters: int = 0
     by_split: dict = field(default_factory=lambda: {"train": 0, "val": 0})
 
 
 def sample_corpus_path() -> Path:
     """The embedded sample corpus (gzip'd JSONL with text/source/title), installed with the package.
-
-    Chapter: notebooks/02_data.ipynb.
     """
     path = Path(str(resources.files("bbert.data") / "corpus" / "sample.jsonl.gz"))
     if not path.exists():
@@ -61,7 +63,7 @@ def read_sample_corpus(source: str | None = None) -> list[dict]:
     """The embedded corpus as a list of ``{"text", "source", "title"}`` dicts.
 
     ``source`` keeps one source only (``kjv``, ``python_docs`` or ``wordnet``).
-    Chapter: notebooks/02_data.ipynb.
+   
     """
     with gzip.open(sample_corpus_path(), "rt", encoding="utf-8") as f:
         docs = [json.loads(line) for line in f]
@@ -72,30 +74,37 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _decode(raw: bytes, stats: ReadStats) -> str:
-    # Invalid bytes become U+FFFD rather than dropping the document; the count is reported.
+def _decode(raw: bytes, encoding: str, where: str) -> str:
+    # Strict: replacing or dropping bytes silently loses letters ("café" -> "caf").
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        stats.invalid_utf8 += 1
-        return raw.decode("utf-8", errors="replace")
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise CorpusError(
+            f"{where} is not {encoding} text (byte 0x{raw[e.start]:02x} at offset {e.start} cannot be "
+            f"decoded); if it is text in another encoding pass it, e.g. --encoding latin-1 "
+            f"(encoding=... in PrepareConfig), otherwise remove the file from the inputs") from None
+    except LookupError:
+        raise CorpusError(f"unknown encoding {encoding!r}; use a Python codec name such as "
+                          "utf-8, latin-1 or cp1252") from None
+    if "\x00" in text:
+        raise CorpusError(f"{where} contains NUL characters: a binary file, or text in UTF-16 "
+                          f"(pass --encoding utf-16); decoded as {encoding}. Remove it from the "
+                          "inputs or give its encoding")
+    return text
 
 
-def read_text_file(path: Path, unit: str = "paragraph", stats: ReadStats | None = None) -> Iterator[str]:
-    """Documents from a plain-text file: one per blank-line-separated block, per line, or per file.
-
-    Chapter: notebooks/02_data.ipynb.
-    """
+def read_text_file(path: Path, unit: str = "paragraph", stats: ReadStats | None = None,
+                   encoding: str = "utf-8") -> Iterator[str]:
+    """Documents from a plain-text file: one per blank-line-separated block, per line, or per file."""
     if unit not in TEXT_UNITS:
         raise CorpusError(f"text unit must be one of {TEXT_UNITS}, got {unit!r}")
-    stats = stats or ReadStats()
     with _open_binary(path) as f:
         if unit == "file":
-            yield _decode(f.read(), stats)
+            yield _decode(f.read(), encoding, str(path))
             return
         block: list[str] = []
-        for raw in f:
-            line = _decode(raw, stats)
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(raw, encoding, f"{path}:{lineno}")
             if unit == "line":
                 yield line
             elif line.strip():
@@ -107,18 +116,13 @@ def read_text_file(path: Path, unit: str = "paragraph", stats: ReadStats | None 
             yield "".join(block)
 
 
-def read_jsonl(path: Path, text_field: str = "text", stats: ReadStats | None = None) -> Iterator[str]:
-    """Documents from a JSONL file (optionally gzip'd): the ``text_field`` of each line.
-
-    Chapter: notebooks/02_data.ipynb.
-    """
-    stats = stats or ReadStats()
+def _jsonl_records(path: Path, text_field: str, encoding: str) -> Iterator[dict]:
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
-                record = json.loads(_decode(raw, stats))
+                record = json.loads(_decode(raw, encoding, f"{path}:{lineno}"))
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{path}:{lineno} is not valid JSON ({e.msg}); "
                                   "JSONL needs one JSON object per line") from None
@@ -126,44 +130,88 @@ def read_jsonl(path: Path, text_field: str = "text", stats: ReadStats | None = N
                 keys = list(record) if isinstance(record, dict) else type(record).__name__
                 raise CorpusError(f"{path}:{lineno} has no field {text_field!r} (found {keys}); "
                                   "pass --text-field NAME")
+            yield record
+
+
+def group_rows(records: Iterable[dict], text_field: str = "text", document_field: str | None = None,
+               rows_per_document: int = 1, stats: ReadStats | None = None) -> Iterator[str]:
+    """Join consecutive rows into documents, for datasets stored one sentence per row.
+
+    Rows with the same ``document_field`` value form one document; without that field (None,
+    and none of ``DOCUMENT_ID_FIELDS`` in the first row), blocks of ``rows_per_document``
+    rows do. ``rows_per_document=1`` with no id field keeps one document per row.
+    """
+    if rows_per_document < 1:
+        raise CorpusError(f"rows_per_document must be at least 1, got {rows_per_document}")
+    records = iter(records)
+    first = next(records, None)
+    if first is None:
+        return
+    records = itertools.chain([first], records)
+    if document_field is None:
+        document_field = next((f for f in DOCUMENT_ID_FIELDS if f in first), None)
+    elif document_field not in first:
+        raise CorpusError(f"the rows have no field {document_field!r} (found {list(first)}); "
+                          "pass the column that names each row's document, or --rows-per-document N")
+    if document_field is None and rows_per_document == 1:
+        for record in records:
             yield str(record[text_field] or "")
+        return
+    if document_field is not None:
+        key = lambda indexed: indexed[1][document_field]  # noqa: E731
+    else:
+        key = lambda indexed: indexed[0] // rows_per_document  # noqa: E731
+    for _, rows in itertools.groupby(enumerate(records), key):
+        texts = [str(record[text_field] or "") for _, record in rows]
+        if stats is not None and len(texts) > 1:
+            stats.rows_grouped += len(texts)
+        yield " ".join(texts)
 
 
-def read_wikiextractor(path: Path, stats: ReadStats | None = None) -> Iterator[str]:
+def read_jsonl(path: Path, text_field: str = "text", stats: ReadStats | None = None,
+               encoding: str = "utf-8", document_field: str | None = None,
+               rows_per_document: int = 1) -> Iterator[str]:
+    """Documents from a JSONL file (optionally gzip'd): the ``text_field`` of each line, or of
+    each group of lines (see :func:`group_rows`)."""
+    yield from group_rows(_jsonl_records(path, text_field, encoding), text_field, document_field,
+                          rows_per_document, stats)
+
+
+def read_wikiextractor(path: Path, stats: ReadStats | None = None, encoding: str = "utf-8") -> Iterator[str]:
     """Documents from one WikiExtractor output file: the body of each ``<doc ...>...</doc>`` block.
 
-    The first line of a block is the article title, which is dropped. Chapter: notebooks/02_data.ipynb.
+    The first line of a block is the article title, which is dropped.
     """
-    stats = stats or ReadStats()
     with _open_binary(path) as f:
-        text = _decode(f.read(), stats)
+        text = _decode(f.read(), encoding, str(path))
     for match in _DOC_TAG.finditer(text):
         body = match.group(1).strip()
         yield body.split("\n", 1)[1] if "\n" in body else ""
 
 
 def read_hf_dataset(name: str, config: str | None = None, split: str = "train",
-                    text_field: str = "text") -> Iterator[str]:
+                    text_field: str = "text", document_field: str | None = None,
+                    rows_per_document: int = 1, stats: ReadStats | None = None) -> Iterator[str]:
     """Documents from a Hugging Face dataset on the hub, streamed (e.g. ``wikimedia/wikipedia``),
     or from a local folder written by ``Dataset.save_to_disk``.
 
-    Fails at once when offline, naming the local readers instead. Chapter: notebooks/02_data.ipynb.
+    Rows are grouped into documents by :func:`group_rows`: BookCorpus on the hub stores one
+    sentence per row, and a sentence is not a document. Fails at once when offline, naming the
+    local readers instead.
     """
-    import datasets
+    import datasets  # deferred: importing datasets takes seconds, and most inputs are files
 
     if Path(name).is_dir():  # saved earlier with save_to_disk: no hub needed
         loaded = datasets.load_from_disk(name)
         if isinstance(loaded, datasets.DatasetDict):
             loaded = loaded[split]
-        for record in loaded:
-            yield str(record[text_field] or "")
-        return
-    require_hub(f"the dataset {name!r}",
-                "download it once elsewhere and pass local files: JSONL (--format jsonl), "
-                "plain text, a folder of .txt books (--format books), WikiExtractor output, "
-                "or hf:PATH of a dataset saved with save_to_disk")
-    for record in datasets.load_dataset(name, config, split=split, streaming=True):
-        yield str(record[text_field] or "")
+    else:
+        require_hub(f"the dataset {name!r}",
+                    "download it once elsewhere and pass local files: JSONL (--format jsonl), "
+                    "plain text, a folder of .txt books (--format books), WikiExtractor output, "
+                    "or hf:PATH of a dataset saved with save_to_disk")
+        loaded = datasets.load_dataset(name, config, split=split, streaming=True)
+    yield from group_rows(loaded, text_field, document_field, rows_per_document, stats)
 
 
 def _detect_format(path: Path) -> str:
@@ -191,11 +239,13 @@ def _files_in(folder: Path, fmt: str) -> list[Path]:
 
 def read_documents(inputs: Iterable[str | Path], fmt: str = "auto", text_field: str = "text",
                    text_unit: str = "paragraph", hf_split: str = "train",
-                   stats: ReadStats | None = None) -> Iterator[str]:
+                   stats: ReadStats | None = None, encoding: str = "utf-8",
+                   document_field: str | None = None, rows_per_document: int = 1) -> Iterator[str]:
     """Raw documents from files, folders or ``hf:NAME[:CONFIG]`` hub datasets.
 
     ``fmt`` is ``auto`` (by file name and content), ``text``, ``jsonl``, ``books`` (one
-    document per .txt file), ``wikiextractor`` or ``hf``. Chapter: notebooks/02_data.ipynb.
+    document per .txt file), ``wikiextractor`` or ``hf``. Files are decoded with ``encoding``;
+    JSONL and hub rows are grouped into documents by ``document_field``/``rows_per_document``.
     """
     if fmt not in FORMATS:
         raise CorpusError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -207,7 +257,8 @@ def read_documents(inputs: Iterable[str | Path], fmt: str = "auto", text_field: 
         item_str = str(item)
         if fmt == "hf" or item_str.startswith("hf:"):
             name, _, config = item_str.removeprefix("hf:").partition(":")
-            yield from read_hf_dataset(name, config or None, hf_split, text_field)
+            yield from read_hf_dataset(name, config or None, hf_split, text_field, document_field,
+                                       rows_per_document, stats)
             continue
         path = Path(item)
         if not path.exists():
@@ -216,28 +267,26 @@ def read_documents(inputs: Iterable[str | Path], fmt: str = "auto", text_field: 
             stats.files += 1
             kind = _detect_format(file) if fmt == "auto" else fmt
             if kind == "jsonl":
-                yield from read_jsonl(file, text_field, stats)
+                yield from read_jsonl(file, text_field, stats, encoding, document_field, rows_per_document)
             elif kind == "wikiextractor":
-                yield from read_wikiextractor(file, stats)
+                yield from read_wikiextractor(file, stats, encoding)
             elif kind == "books":
-                yield from read_text_file(file, "file", stats)
+                yield from read_text_file(file, "file", stats, encoding)
             else:
-                yield from read_text_file(file, text_unit, stats)
+                yield from read_text_file(file, text_unit, stats, encoding)
 
 
 def clean_text(text: str) -> str:
-    """Normalise whitespace: every run of spaces, tabs and newlines becomes one space.
+    """Normalize whitespace: every run of spaces, tabs and newlines becomes one space.
 
     BERT's pre-tokenizer splits on any whitespace, so nothing the model sees is lost.
-    Chapter: notebooks/02_data.ipynb.
+   
     """
     return " ".join(text.split())
 
 
 def split_long_document(text: str, max_chars: int) -> list[str]:
     """Cut a document longer than ``max_chars`` at whitespace, so one huge line can't exhaust memory.
-
-    Chapter: notebooks/02_data.ipynb.
     """
     if len(text) <= max_chars:
         return [text]
@@ -254,7 +303,7 @@ def split_long_document(text: str, max_chars: int) -> list[str]:
 
 def is_validation(text: str, val_fraction: float, seed: int = 0) -> bool:
     """Deterministic document-level split: a keyed hash of the text decides, so a document
-    (and any exact duplicate of it) lands in exactly one split. Chapter: notebooks/02_data.ipynb.
+    (and any exact duplicate of it) lands in exactly one split.
     """
     if val_fraction <= 0:
         return False
@@ -269,7 +318,7 @@ def iter_clean_documents(raw_docs: Iterable[str], *, min_chars: int = 20, max_ch
                          stats: ReadStats | None = None) -> Iterator[tuple[str, str]]:
     """Yield ``(split, cleaned_text)``: drops empty and too-short documents, splits huge ones,
     and assigns each document to ``train`` or ``val``. ``max_documents``/``max_bytes`` take a
-    slice of the input. Chapter: notebooks/02_data.ipynb.
+    slice of the input.
     """
     stats = stats if stats is not None else ReadStats()
     for raw in raw_docs:

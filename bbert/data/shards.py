@@ -1,6 +1,9 @@
 """Packing token streams into fixed-length samples, and the shard files and manifest that hold them.
 
-Chapter: notebooks/02_data.ipynb.
+A data dir is checked before it is used: every shard against the SHA-256 in the manifest. The
+full hash is done once per shard and remembered in a small sidecar (``.verified.json``: size,
+modification time and hash of each shard), so later runs only compare sizes and times.
+Chapter: ``notebooks/02_data.ipynb``.
 """
 from __future__ import annotations
 
@@ -10,22 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from bbert.utils import atomic_path
+from bbert.utils import atomic_path, atomic_write_json
 
 FORMAT_VERSION = 1
+VERIFIED_FILE = ".verified.json"  # the sidecar of shards already hashed
 
 
 class DataDirError(ValueError):
     """Raised when a data dir is incomplete, corrupt, or was made with other settings.
-
-    Chapter: notebooks/02_data.ipynb.
     """
 
 
 def choose_dtype(vocab_size: int, dtype: str = "auto") -> np.dtype:
     """``uint16`` when every id fits (vocab <= 65,536), else ``uint32``; a named dtype is checked.
-
-    Chapter: notebooks/02_data.ipynb.
     """
     if dtype == "auto":
         dtype = "uint16" if vocab_size <= 2**16 else "uint32"
@@ -33,7 +33,7 @@ def choose_dtype(vocab_size: int, dtype: str = "auto") -> np.dtype:
         raise ValueError(f"dtype must be auto, uint16 or uint32, got {dtype!r}")
     if vocab_size > np.iinfo(dtype).max + 1:
         raise ValueError(f"a vocabulary of {vocab_size:,} tokens does not fit in {dtype} "
-                         f"(at most {np.iinfo(dtype).max + 1:,}); use --dtype uint32 or auto")
+                         f"(at most {np.iinfo(dtype).max + 1:,}); use --set dtype=uint32 or auto")
     return np.dtype(dtype)
 
 
@@ -41,7 +41,7 @@ class Packer:
     """Concatenate documents (each followed by [SEP]) into one stream and cut it into samples
     ``[CLS] + (max_seq_length - 2) tokens + [SEP]``: RoBERTa's full-sentence packing, one
     segment, no next-sentence prediction, padding only in the very last sample.
-    Chapter: notebooks/02_data.ipynb.
+   
     """
 
     def __init__(self, max_seq_length: int, cls_id: int, sep_id: int, pad_id: int, dtype):
@@ -88,7 +88,7 @@ class Packer:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file, read in 4 MB chunks. Chapter: notebooks/02_data.ipynb."""
+    """SHA-256 of a file, read in 4 MB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -96,29 +96,26 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def write_shard(path: Path, array: np.ndarray) -> tuple[str, bool]:
-    """Write ``array`` to ``path`` atomically unless an identical file is already there.
+def write_shard(path: Path, array: np.ndarray) -> str:
+    """Write ``array`` to ``path`` atomically and return its SHA-256.
 
-    Returns ``(sha256, written)``. A shard exists only after the rename, so an interrupted
-    write never leaves a partial file under the final name. Chapter: notebooks/02_data.ipynb.
+    A shard exists only after the rename, so an interrupted write never leaves a partial file
+    under the final name.
     """
     data = np.ascontiguousarray(array).tobytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if path.exists() and path.stat().st_size == len(data) and sha256_file(path) == digest:
-        return digest, False  # verified by checksum: skip
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
-    return digest, True
+    return hashlib.sha256(data).hexdigest()
 
 
 def manifest_path(data_dir: str | Path) -> Path:
-    """Where a data dir keeps its manifest. Chapter: notebooks/02_data.ipynb."""
+    """Where a data dir keeps its manifest."""
     return Path(data_dir) / "manifest.json"
 
 
 def load_manifest(data_dir: str | Path) -> dict:
-    """Read and check ``data_dir/manifest.json``. Chapter: notebooks/02_data.ipynb."""
+    """Read and check ``data_dir/manifest.json``."""
     path = manifest_path(data_dir)
     if not path.exists():
         raise DataDirError(f"{data_dir} has no manifest.json; create it with "
@@ -129,35 +126,95 @@ def load_manifest(data_dir: str | Path) -> dict:
                            f"reads {FORMAT_VERSION}; re-run bbert prepare into a new folder")
     if not manifest.get("complete"):
         raise DataDirError(f"{data_dir} is unfinished (prepare was interrupted); re-run the same "
-                           "`bbert prepare` command to finish it: finished shards are kept")
+                           f"`bbert prepare --out {data_dir}` command, which redoes it")
     return manifest
 
 
-def shard_array(data_dir: str | Path, manifest: dict, shard: dict, key: str = "file") -> np.memmap:
-    """Memory-map one shard as ``[num_samples, max_seq_length]``. Chapter: notebooks/02_data.ipynb."""
-    path = Path(data_dir) / shard[key]
+def shard_array(data_dir: str | Path, manifest: dict, shard: dict) -> np.memmap:
+    """Memory-map one shard as ``[num_samples, max_seq_length]``."""
+    path = Path(data_dir) / shard["file"]
     rows = shard["num_samples"]
     length = manifest["max_seq_length"]
     expected = rows * length * np.dtype(manifest["dtype"]).itemsize
     if not path.exists() or path.stat().st_size != expected:
         raise DataDirError(f"shard {path} is missing or has the wrong size (expected {expected} bytes); "
-                           "re-run bbert prepare with the same arguments to repair it")
+                           f"{rebuild_hint(data_dir)}")
     return np.memmap(path, dtype=manifest["dtype"], mode="r", shape=(rows, length))
 
 
 def verify_shards(data_dir: str | Path, manifest: dict) -> list[str]:
-    """Names of shard files that are missing or whose SHA-256 differs from the manifest.
+    """Names of shard files that are missing or whose SHA-256 differs from the manifest
+    (a full hash of every shard; :func:`check_data_dir` is the fast check for a run's start)."""
+    return [name for name, sha in _shard_files(manifest)
+            if not (Path(data_dir) / name).is_file() or sha256_file(Path(data_dir) / name) != sha]
 
-    Chapter: notebooks/02_data.ipynb.
-    """
-    bad = []
+
+def rebuild_hint(data_dir: str | Path) -> str:
+    """How to rebuild a damaged data dir, for error messages."""
+    return (f"rebuild it with `bbert prepare ... --out {data_dir} --overwrite` and the arguments "
+            f"recorded under \"args\" in {manifest_path(data_dir)}")
+
+
+def _shard_files(manifest: dict):
     for split in manifest["splits"].values():
         for shard in split["shards"]:
-            for key in ("file", "labels_file"):
-                if key not in shard:
-                    continue
-                path = Path(data_dir) / shard[key]
-                want = shard["sha256" if key == "file" else "labels_sha256"]
-                if not path.exists() or sha256_file(path) != want:
-                    bad.append(shard[key])
-    return bad
+            yield shard["file"], shard["sha256"]
+
+
+def _stamp(path: Path, sha256: str) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+
+
+def record_verified(data_dir: str | Path, manifest: dict) -> None:
+    """Write the sidecar for shards whose hashes were just computed (by ``prepare``)."""
+    data_dir = Path(data_dir)
+    atomic_write_json(data_dir / VERIFIED_FILE,
+                      {name: _stamp(data_dir / name, sha) for name, sha in _shard_files(manifest)})
+
+
+def check_data_dir(data_dir: str | Path, manifest: dict | None = None) -> dict:
+    """Check every shard of ``data_dir`` against the manifest's SHA-256; return the manifest.
+
+    A shard whose size and modification time match the sidecar entry of an earlier full check
+    is not read again, so this costs one ``stat`` per shard after the first time (a copy that
+    keeps the times, or a change that keeps them, is not re-hashed). Raises
+    :class:`DataDirError` naming the first bad shard and how to rebuild the data dir.
+    """
+    data_dir = Path(data_dir)
+    manifest = manifest if manifest is not None else load_manifest(data_dir)
+    sidecar = data_dir / VERIFIED_FILE
+    try:
+        known = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        known = {}
+    checked = {}
+    for name, sha in _shard_files(manifest):
+        path = data_dir / name
+        if not path.is_file():
+            raise DataDirError(f"shard {path} is missing; {rebuild_hint(data_dir)}")
+        stamp = _stamp(path, sha)
+        if known.get(name) != stamp:
+            if sha256_file(path) != sha:
+                raise DataDirError(f"shard {path} does not match its SHA-256 in the manifest (changed "
+                                   f"or corrupt since it was written); {rebuild_hint(data_dir)}")
+        checked[name] = stamp
+    if checked != known:
+        try:
+            atomic_write_json(sidecar, checked)
+        except OSError:
+            pass  # a read-only data dir: the shards are hashed again next time
+    return manifest
+
+
+def data_fingerprint(manifest: dict) -> dict:
+    """What a run depends on in a data dir, to compare a resumed run's data with its first:
+    the tokenizer fingerprint, vocabulary size, sequence length, dtype, sample counts and one
+    hash over all shard checksums."""
+    shards = hashlib.sha256("".join(sha for _, sha in _shard_files(manifest)).encode()).hexdigest()
+    return {"tokenizer_fingerprint": manifest["tokenizer_fingerprint"],
+            "vocab_size": manifest["vocab_size"],
+            "max_seq_length": manifest["max_seq_length"],
+            "dtype": manifest["dtype"],
+            "num_samples": {s: v["num_samples"] for s, v in manifest["splits"].items()},
+            "shards_sha256": shards}

@@ -1,7 +1,7 @@
 """WordPiece tokenizer: train one on the corpus with `tokenizers`, or load an existing one.
 
 Saved tokenizers load with ``transformers.AutoTokenizer.from_pretrained(dir)`` and add
-[CLS]/[SEP]. Chapter: notebooks/02_data.ipynb.
+[CLS]/[SEP]. Chapter: ``notebooks/02_data.ipynb``.
 """
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Iterable
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# What save_pretrained writes; either file makes a folder a tokenizer folder.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
 class TokenizerError(ValueError):
     """Raised when a tokenizer can't be used (too small a vocabulary, missing special tokens).
-
-    Chapter: notebooks/02_data.ipynb.
     """
 
 
@@ -25,11 +25,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 30522, lowercase: bo
     """Train a BERT WordPiece tokenizer on ``texts`` and wrap it for ``transformers``.
 
     Returns a ``transformers.BertTokenizer`` (the fast, tokenizers-backed class in transformers 5).
-    Chapter: notebooks/02_data.ipynb.
+   
     """
-    from tokenizers import BertWordPieceTokenizer
-
-    from tokenizers import models
+    from tokenizers import BertWordPieceTokenizer, models
 
     # strip_accents=None: BERT's convention (strip when lowercasing), which transformers re-creates on load.
     wordpiece = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=None)
@@ -51,7 +49,7 @@ def wrap_tokenizer(backend, lowercase: bool = True, model_max_length: int = 512)
 
     Not ``PreTrainedTokenizerFast``: in transformers 5 that class replaces the post-processor
     with one that adds no [CLS]/[SEP]. And never ``BertTokenizerFast(vocab_file=...)``, which
-    silently builds a 5-token vocabulary. Chapter: notebooks/02_data.ipynb.
+    silently builds a 5-token vocabulary.
     """
     from transformers import BertTokenizer
 
@@ -65,7 +63,7 @@ def wrap_tokenizer(backend, lowercase: bool = True, model_max_length: int = 512)
 def load_tokenizer(path: str | Path):
     """Load a tokenizer folder (or, online, a hub name such as ``bert-large-uncased``).
 
-    Checks that the vocabulary is real and the special tokens exist. Chapter: notebooks/02_data.ipynb.
+    Checks that the vocabulary is real and the special tokens exist.
     """
     from transformers import AutoTokenizer
 
@@ -75,17 +73,31 @@ def load_tokenizer(path: str | Path):
     if local.is_dir() and (local / "tokenizer" / "tokenizer.json").exists():
         local = local / "tokenizer"  # a data dir or model folder holding a tokenizer/
     if not local.exists():
-        require_hub(f"the tokenizer {str(path)!r}",
+        if _looks_local(str(path)):
+            raise TokenizerError(f"tokenizer folder {path} does not exist; check the path (a data dir's "
+                                 "tokenizer is DATA_DIR/tokenizer), or leave out --tokenizer to train one")
+        require_hub(f"the tokenizer {str(path)!r} (no local folder of that name)",
                     "train one on your corpus (bbert prepare --vocab-size N, the default) or pass "
                     "a local tokenizer folder, e.g. DATA_DIR/tokenizer from an earlier prepare")
+    elif not (local.is_dir() and any((local / f).is_file() for f in TOKENIZER_FILES)):
+        raise TokenizerError(f"{path} is not a tokenizer folder: it should hold tokenizer.json (or "
+                             "vocab.txt) and tokenizer_config.json, as save_pretrained writes them; "
+                             "a data dir's tokenizer is DATA_DIR/tokenizer")
     tok = AutoTokenizer.from_pretrained(str(local))
     check_tokenizer(tok)
     return tok
 
 
+def _looks_local(name: str) -> bool:
+    # A hub id is NAME or OWNER/NAME; a path starts with / . ~, has more parts, or its parent exists.
+    parent = Path(name).parent
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+            or (str(parent) != "." and parent.exists()))
+
+
 def check_tokenizer(tok, expected_vocab_size: int | None = None) -> None:
     """Raise :class:`TokenizerError` unless ``tok`` has a real vocabulary, the BERT special
-    tokens, and adds [CLS]/[SEP] around a sentence. Chapter: notebooks/02_data.ipynb.
+    tokens, and adds [CLS]/[SEP] around a sentence.
     """
     size = len(tok)
     if expected_vocab_size is not None and size != expected_vocab_size:
@@ -105,14 +117,14 @@ def check_tokenizer(tok, expected_vocab_size: int | None = None) -> None:
 
 
 def special_ids(tok) -> dict[str, int]:
-    """The ids of [PAD], [CLS], [SEP], [MASK] and [UNK]. Chapter: notebooks/02_data.ipynb."""
+    """The ids of [PAD], [CLS], [SEP], [MASK] and [UNK]."""
     return {"pad": tok.pad_token_id, "cls": tok.cls_token_id, "sep": tok.sep_token_id,
             "mask": tok.mask_token_id, "unk": tok.unk_token_id}
 
 
 def encoder(tok):
     """The raw ``tokenizers.Tokenizer`` behind ``tok``, without truncation or padding, for
-    fast ``encode_batch`` over many documents. Chapter: notebooks/02_data.ipynb.
+    fast ``encode_batch`` over many documents.
     """
     from tokenizers import Tokenizer
 
@@ -123,8 +135,8 @@ def encoder(tok):
 
 
 def tokenizer_fingerprint(tok) -> str:
-    """SHA-256 of what decides the token ids (normaliser, pre-tokenizer, model, vocabulary),
-    ignoring truncation and padding settings. Chapter: notebooks/02_data.ipynb.
+    """SHA-256 of what decides the token ids (normalizer, pre-tokenizer, model, vocabulary),
+    ignoring truncation and padding settings.
     """
     spec = json.loads(tok.backend_tokenizer.to_str())
     spec.pop("truncation", None)
