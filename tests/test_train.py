@@ -222,7 +222,8 @@ def test_one_run_per_run_dir_and_a_dead_holder_does_not_block(data_dir, tmp_path
         cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        args = ["--preset", "tiny-cpu", "--data-dir", str(data_dir), "--run-dir", str(run), "--set", "max_steps=1"]
+        args = ["--preset", "tiny-cpu", "--data-dir", str(data_dir), "--run-dir", str(run), "--set", "max_steps=1",
+                "--set", "max_seq_length=64"]
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{run} is being trained into by PID {holder.pid}" in err[0]
