@@ -23,18 +23,19 @@ GLUE_DIR = Path(__file__).parent / "fixtures" / "glue" / "glue_data"
 
 # ---- presets ------------------------------------------------------------------------------
 
-# Restated from the source, so that a change of the preset alone fails here: Izsak, Berchansky &
-# Levy (2021), appendix B, table "Finetuning Hyperparameters" (tab:glue_hp); 5 seeds, median of
-# the best configuration.
-PAPER_GRID = {"lr": (5e-5,), "batch_size": (32,), "num_epochs": (3,), "seeds": 5}
+# Restated from the sources, so that a change of the preset alone fails here. Izsak, Berchansky &
+# Levy (2021), appendix B: 5 seeds, the median of the best configuration. The grid's values (the
+# paper's appendix table) are not in its text or repository; they stand in from BERT's grid,
+# Devlin et al. (2019), appendix A.3, as PAPER_GRID_TABLE says.
+PAPER_GRID = {"lr": (2e-5, 3e-5, 5e-5), "batch_size": (16, 32), "num_epochs": (2, 3, 4), "seeds": 5}
 
 
 def _docstring_table(text: str) -> dict[str, tuple]:
-    """``| name | v1, v2 |`` rows of a Markdown table -> ``{name: (v1, v2)}`` as numbers."""
+    """``| name | v1, v2 | source |`` rows of a Markdown table -> ``{name: (v1, v2)}`` as numbers."""
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 2 and cells[0] not in ("hyperparameter", "---"):
+        if len(cells) >= 2 and cells[0] not in ("hyperparameter", "---"):
             rows[cells[0]] = tuple(float(v) for v in cells[1].split(","))
     return rows
 
@@ -43,6 +44,7 @@ def test_paper_preset_matches_the_table_it_cites():
     preset = glue.GRID_PRESETS["paper"]
     table = _docstring_table(glue.PAPER_GRID_TABLE)
     assert "Izsak" in glue.PAPER_GRID_TABLE and "median of the best configuration" in glue.PAPER_GRID_TABLE
+    assert "stand-in" in glue.PAPER_GRID_TABLE  # until the paper's own values are found
     for axis in ("lr", "batch_size", "num_epochs"):
         assert tuple(preset[axis]) == pytest.approx(table[axis]), axis
         assert tuple(preset[axis]) == pytest.approx(PAPER_GRID[axis]), axis

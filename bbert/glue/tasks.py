@@ -157,7 +157,7 @@ BERT_BASE_TEST = {"MNLI-m": 84.6, "MNLI-mm": 83.4, "QQP": 71.2, "QNLI": 90.5, "S
 class TaskData:
     """A task's examples: ``splits[split]`` is a list of dicts ``{idx, text_a, text_b, label}``.
 
-    ``label`` is a class id (int), a float score (regression) or None (unlabelled test set).
+    ``label`` is a class id (int), a float score (regression) or None (unlabeled test set).
     """
 
     spec: TaskSpec
@@ -271,7 +271,7 @@ def load_glue_hub(task: str | TaskSpec) -> TaskData:
             "idx": int(r["idx"]),
             "text_a": r[cols[0]],
             "text_b": r[cols[1]] if len(cols) > 1 else None,
-            # the hub marks unlabelled test rows with -1
+            # the hub marks unlabeled test rows with -1
             "label": (None if split.startswith("test") or r["label"] == -1 else
                       (float(r["label"]) if spec.is_regression else int(r["label"]))),
         } for r in rows]
