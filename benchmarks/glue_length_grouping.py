@@ -4,7 +4,8 @@
 
 Both arms finetune the same randomly initialised bbert classifier on the offline corpus-source
 task (sentences of very different lengths) with dynamic padding; the only difference is
-whether batches are grouped by length (bbert.glue.length_grouped_batches). The arms alternate,
+whether batches are grouped by length (bbert.glue.length_grouped_batches: transformers'
+get_length_grouped_indices, then the batches in random order). The arms alternate,
 so background load hits both alike. Prints the share of pad tokens of each arm and the
 time-per-run ratio baseline / grouped (> 1 means grouping is faster).
 Chapter: notebooks/05_finetuning.ipynb
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                                        max_length=128)["input_ids"]]
     gen = torch.Generator().manual_seed(0)
     grouped = glue.length_grouped_batches(lengths, 32, gen)
-    order = torch.randperm(len(lengths), generator=gen).tolist()
-    plain = [order[i:i + 32] for i in range(0, len(order), 32)]
+    plain = glue.random_batches(len(lengths), 32, gen)
     print(f"model {preset}, {len(lengths)} training sentences, batch 32, torch threads {torch.get_num_threads()}")
     print(f"pad share: random batches {pad_share(lengths, plain):.1%}, "
           f"length-grouped {pad_share(lengths, grouped):.1%}")
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     times = {True: [], False: []}
     for r in range(repeats):
         for grouping in (False, True):  # baseline first, then grouped, alternating
-            cfg = glue.FinetuneConfig(learning_rate=1e-4, batch_size=32, num_epochs=1, seed=r,
+            cfg = glue.FinetuneConfig(lr=1e-4, batch_size=32, num_epochs=1, seed=r,
                                       length_grouping=grouping, save_best_model=False, progress=False)
             times[grouping].append(glue.finetune(work / "model", data, cfg)["seconds"])
             print(f"  repeat {r}: {'length-grouped' if grouping else 'random (baseline)':<18} "

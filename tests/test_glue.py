@@ -5,13 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from bbert import glue
-from bbert.utils import HubUnavailableError
+from bbert.glue import grid as glue_grid
+from bbert.utils import HubUnavailableError, atomic_write_json, atomic_write_text
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 GLUE_DIR = FIXTURES / "glue_data"
@@ -146,7 +148,8 @@ def test_metrics_match_hand_computed_values():
 
 def _result(config, seed, score, spec):
     dev = {s: {m: score for m in spec.metrics} for s in spec.dev_splits}
-    return {"task": spec.name, "config": config, "seed": seed, "score": score, "dev": dev}
+    return {"result_version": glue.RESULT_VERSION, "task": spec.name, "config": config, "seed": seed,
+            "score": score, "dev": dev}
 
 
 def test_median_of_best_selection():
@@ -166,8 +169,7 @@ def test_median_of_best_selection():
 
 
 def test_grid_runs_and_folder_names():
-    grid = glue.GridConfig(learning_rates=(1e-5, 3e-5), batch_sizes=(16,), num_epochs=(2, 3),
-                           seeds=(0, 1, 2))
+    grid = glue.GridConfig(lr=(1e-5, 3e-5), batch_size=(16,), num_epochs=(2, 3), seed=(0, 1, 2))
     runs = grid.runs()
     assert len(runs) == 12
     assert {r.name for r in runs} == {"lr1e-05-bs16-ep2", "lr1e-05-bs16-ep3",
@@ -177,20 +179,19 @@ def test_grid_runs_and_folder_names():
 
 def test_rerun_skips_finished_runs(tmp_path, monkeypatch):
     data = glue.load_glue_dir("rte", GLUE_DIR)
-    grid = glue.GridConfig(learning_rates=(1e-4, 2e-4), batch_sizes=(4,), num_epochs=(1,),
-                           seeds=(0, 1))
+    grid = glue.GridConfig(lr=(1e-4, 2e-4), batch_size=(4,), num_epochs=(1,), seed=(0, 1))
     calls = []
 
     def fake_finetune(model_path, data, config, out_dir):
         calls.append((config.name, config.seed))
-        result = _result(config.name, config.seed, config.learning_rate * 1000 + config.seed, data.spec)
-        glue.atomic_write_json(Path(out_dir) / "result.json", result)
+        result = _result(config.name, config.seed, config.lr * 1000 + config.seed, data.spec)
+        atomic_write_json(Path(out_dir) / "result.json", result)
         return result
 
-    monkeypatch.setattr(glue, "finetune", fake_finetune)
+    monkeypatch.setattr(glue_grid, "finetune", fake_finetune)
     # one run finished earlier; one crashed mid-write (truncated result.json) and must re-run
     done = glue.run_dir(tmp_path, "rte", grid.runs()[0])
-    glue.atomic_write_json(done / "result.json", _result("lr0.0001-bs4-ep1", 0, 0.42, data.spec))
+    atomic_write_json(done / "result.json", _result("lr0.0001-bs4-ep1", 0, 0.42, data.spec))
     crashed = glue.run_dir(tmp_path, "rte", grid.runs()[3])
     crashed.mkdir(parents=True)
     (crashed / "result.json").write_text('{"task": "rte", "sco')
@@ -236,8 +237,8 @@ def test_submission_files_names_and_formats(tmp_path):
         runs[task] = tmp_path / "runs" / task
         for split in data.spec.test_splits:
             ex = data.splits[split]
-            text = glue._predictions_tsv(data.spec, ex, p[:len(ex)])
-            glue.atomic_write_text(runs[task] / f"predictions-{split}.tsv", text)
+            text = glue.predictions_tsv(data.spec, ex, p[:len(ex)])
+            atomic_write_text(runs[task] / f"predictions-{split}.tsv", text)
     path = glue.write_submission(runs, tmp_path)
     with zipfile.ZipFile(path) as zf:
         names = sorted(zf.namelist())
@@ -256,12 +257,16 @@ def test_submission_files_names_and_formats(tmp_path):
 
 
 def test_cli_rejects_missing_source(capsys):
-    with pytest.raises(SystemExit, match="--glue-dir"):
-        glue.main(["model", "--out", "x", "--tasks", "rte"])
-    with pytest.raises(SystemExit, match="--dev-file"):
-        glue.main(["model", "--out", "x", "--train-file", "a.tsv"])
-    with pytest.raises(SystemExit, match=r"bbert finetune: .*train.tsv not found.*<glue_dir>/RTE/train.tsv"):
-        glue.main(["model", "--out", "x", "--glue-dir", "no/such/dir", "--tasks", "rte"])
+    for argv, message in [
+        (["model", "--out", "x", "--tasks", "rte"], "--glue-dir"),
+        (["model", "--out", "x", "--train-file", "a.tsv"], "--dev-file"),
+        (["model", "--out", "x", "--glue-dir", "no/such/dir", "--tasks", "rte"],
+         r"train.tsv not found.*<glue_dir>/RTE/train.tsv"),
+    ]:
+        assert glue.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("bbert finetune: error: ")
+        assert re.search(message, err), err
 
 
 # ---- end to end: a tiny pretrained checkpoint, finetuned on a learnable offline task ----
@@ -301,8 +306,7 @@ def _tiny_end_to_end(tmp_path):
     data = glue.make_corpus_source_task(tmp_path / "task", train_per_source=150, eval_per_source=50)
     # a tiny model wants a higher lr than BERT's grid; one seed (selection is tested above)
     config = glue.FinetuneConfig(batch_size=16, progress=False)
-    grid = glue.GridConfig(learning_rates=(2e-3,), batch_sizes=(16,), num_epochs=(3,), seeds=(0,),
-                           base=config)
+    grid = glue.GridConfig(lr=(2e-3,), batch_size=(16,), num_epochs=(3,), seed=(0,), base=config)
     report = glue.run_glue(ckpt, [data], grid, tmp_path / "results", model_name="tiny")
     sel = report["selections"]["corpus-source"]
     # three balanced classes: chance is 1/3

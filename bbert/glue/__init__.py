@@ -1,0 +1,56 @@
+"""GLUE finetuning: the paper's yardstick for a pretrained model.
+
+The paper judges its pretrained model by finetuning it on GLUE with a small grid of
+hyperparameters, 5 seeds per configuration, and reporting the median score of the best
+configuration. This package does exactly that, for a bbert checkpoint or a transformers BERT:
+
+    tasks.py      the nine GLUE tasks, their loaders (GLUE download, hub, your own files,
+                  an offline task from the shipped corpus) and metrics
+    config.py     FinetuneConfig (one run) and GridConfig (the grid), with the grid presets
+                  (paper, bert, official, tiny) and their sources
+    finetuning.py one run: classification head, AdamW + warm-up/decay, length grouping, best epoch
+    grid.py       the grid (restartable), median of the best configuration, results table,
+                  leaderboard submission, the grid's cost in GPU-hours
+    command.py    ``bbert finetune``
+
+Every public name is re-exported here (``from bbert.glue import finetune``). They load lazily:
+the submodules import torch, transformers and scikit-learn, which ``bbert finetune --help``
+should not wait for. Chapter: ``notebooks/05_finetuning.ipynb``.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "bbert.glue.tasks": [
+        "TsvLayout", "TaskSpec", "TaskData", "GLUE_TASKS", "GLUE_TRAIN_SIZES", "get_task",
+        "PAPER_24HBERT_TEST", "BERT_BASE_TEST", "load_glue_dir", "load_glue_hub", "custom_task",
+        "load_custom_task", "load_task", "make_corpus_source_task", "compute_metrics",
+        "prediction_strings", "predictions_tsv", "main_score"],
+    "bbert.glue.config": [
+        "FinetuneConfig", "GridConfig", "GRID_PRESETS", "GRID_SOURCES", "PAPER_GRID_TABLE", "PRECISIONS",
+        "grid_preset"],
+    "bbert.glue.finetuning": [
+        "RESULT_VERSION", "load_classifier", "length_grouped_batches", "random_batches",
+        "resolve_precision", "predict", "evaluate", "Progress", "finetune"],
+    "bbert.glue.grid": [
+        "run_dir", "load_result", "grid_search", "select_best", "results_rows",
+        "write_results_table", "write_submission", "run_glue", "gpu_seconds_per_example",
+        "grid_cost"],
+    "bbert.glue.command": ["build_parser", "build_grid", "main"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bbert.glue' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
