@@ -229,7 +229,7 @@ def test_glue_finetune_on_the_gpu(tmp_path):
     run_dir = pretrain(tiny_config(data_dir, tmp_path / "run", precision="bf16", max_steps=30,
                                    time_budget_hours=0.1, lr=2e-3))
     task = glue.make_corpus_source_task(tmp_path / "task", train_per_source=150, eval_per_source=50)
-    grid = glue.GridConfig(learning_rates=(2e-3,), batch_sizes=(16,), num_epochs=(3,), seeds=(0,),
+    grid = glue.GridConfig(lr=(2e-3,), batch_size=(16,), num_epochs=(3,), seed=(0,),
                            base=glue.FinetuneConfig(batch_size=16, progress=False))
     report = glue.run_glue(run_dir, [task], grid, tmp_path / "results", model_name="tiny")
     result = report["selections"]["corpus-source"]

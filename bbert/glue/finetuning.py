@@ -30,7 +30,7 @@ from bbert.glue.config import FinetuneConfig
 from bbert.glue.tasks import TaskData, compute_metrics, main_score, predictions_tsv
 from bbert.hf import load_pretrained
 from bbert.model import BertForSequenceClassification
-from bbert.optim import StepBasedSchedule, build_optimizer, set_lr
+from bbert.optim import Schedule, build_optimizer, set_lr
 from bbert.utils import atomic_path, atomic_write_json, atomic_write_text, set_seed
 
 # Bump when result.json changes shape: a record of another version counts as not finished, so a
@@ -232,7 +232,7 @@ def finetune(model_path: str | os.PathLike, data: TaskData, config: FinetuneConf
     total_steps = max(1, config.num_epochs * steps_per_epoch)
     warmup = (config.warmup_proportion if config.warmup_steps is None
               else min(config.warmup_steps / total_steps, 0.5))
-    schedule = StepBasedSchedule(config.lr, total_steps, warmup)
+    schedule = Schedule("steps", total_steps, config.lr, warmup)
     optimizer = build_optimizer(model, "adamw", config.lr, betas=config.betas,
                                 eps=config.eps, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -249,7 +249,7 @@ def finetune(model_path: str | os.PathLike, data: TaskData, config: FinetuneConf
             batch = {k: v.to(device) for k, v in collate([features[i] for i in ids]).items()}
             if spec.is_regression:
                 batch["labels"] = batch["labels"].float()
-            set_lr(optimizer, schedule.lr_at(step))
+            set_lr(optimizer, schedule.lr_at(step=step))
             with _autocast(device, precision):
                 loss, _ = _forward(model, batch)
             if scaler is not None:
