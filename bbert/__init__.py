@@ -13,7 +13,7 @@ The public API, loaded lazily so that ``import bbert`` stays quick:
 """
 from __future__ import annotations
 
-import importlib
+from bbert.utils import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -35,15 +35,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bbert' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -5,16 +5,35 @@ See the introduction chapter (``book/intro.md``) for how scale and offline use w
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import random
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 SCALES = ("tiny", "full")
+
+
+def lazy_exports(package: str, exports: dict[str, str]):
+    """A package's ``__getattr__`` and ``__dir__`` (PEP 562) that import each public name from
+    its module (``exports``: name -> module) on first use, so that importing the package is quick."""
+    def __getattr__(name: str):
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def __dir__():
+        return sorted(set(vars(sys.modules[package])) | set(exports))
+
+    return __getattr__, __dir__
 
 
 def resolve_scale(scale: str | None = None) -> str:

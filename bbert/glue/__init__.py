@@ -19,7 +19,7 @@ should not wait for. Chapter: ``notebooks/05_finetuning.ipynb``.
 """
 from __future__ import annotations
 
-import importlib
+from bbert.utils import lazy_exports
 
 _EXPORTS = {
     "bbert.glue.tasks": [
@@ -42,15 +42,4 @@ _EXPORTS = {
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
 
-
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bbert.glue' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _MODULE_OF)
