@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
+import transformers
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from bbert import __version__
 from bbert.configs import UsageError, command
@@ -76,8 +79,6 @@ def find_tokenizer_folder(folder) -> Path | None:
 
 
 def _load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
     candidate = find_tokenizer_folder(folder)
     if candidate is None:
         warnings.warn(f"no tokenizer found beside {folder}; returning tokenizer=None")
@@ -129,7 +130,6 @@ def _load_from_hub(name: str):
     require_hub(f"no local folder {name!r} exists, so it was taken as a hub id; loading it", "download the model once elsewhere with "
                 f"`transformers.AutoModelForMaskedLM.from_pretrained({name!r}).save_pretrained(DIR)` "
                 "(and its tokenizer), copy DIR here and pass its path")
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     hf_model = AutoModelForMaskedLM.from_pretrained(name)
     return import_from_transformers(hf_model), AutoTokenizer.from_pretrained(name)
@@ -145,7 +145,6 @@ def import_from_transformers(source) -> BertForMaskedLM:
     A folder without an MLM head (a plain ``BertModel``) gets a freshly initialised head.
     """
     if isinstance(source, (str, Path)):
-        from transformers import AutoConfig, AutoModelForMaskedLM
 
         hf_config = AutoConfig.from_pretrained(str(source))
         if hf_config.model_type not in (HF_BERT, HF_PRELN):
@@ -233,7 +232,6 @@ def to_transformers(model: BertForMaskedLM):
     """The equivalent transformers model (in memory): ``BertForMaskedLM`` for post-LN,
     ``RobertaPreLayerNormForMaskedLM`` for pre-LN.
     """
-    import transformers
 
     if not isinstance(model, BertForMaskedLM):
         raise TypeError(f"export takes a bbert BertForMaskedLM, got {type(model).__name__}")
@@ -291,7 +289,6 @@ def transformers_baseline(config: BertConfig, attn_implementation: str = "sdpa")
     the model a user would otherwise pick, which the benchmark and the model chapter time bbert
     against.
     """
-    import transformers
 
     hf_config = transformers.BertConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
@@ -377,7 +374,6 @@ def export_to_transformers(model: BertForMaskedLM, tokenizer, out_dir, overwrite
 def _quiet_save() -> Iterator[None]:
     """Silence what transformers' ``save_pretrained`` prints that is not about the export."""
     # deferred like every transformers import here: it takes seconds
-    from transformers.utils import logging as hf_logging
 
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Writing model shards" for a single file

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bbert.utils import atomic_path
@@ -241,8 +242,6 @@ class _PretrainedMixin:
 
     def save_pretrained(self, save_directory) -> Path:
         """Write the model folder atomically."""
-        from safetensors.torch import save_file
-
         save_directory = Path(save_directory)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"model_type": "bbert", "architectures": [type(self).__name__],
@@ -267,8 +266,6 @@ class _PretrainedMixin:
         """Load a bbert model folder. Loading a BertForMaskedLM folder into a classifier (or the
         reverse) keeps the encoder and initialises the other head.
         """
-        from safetensors.torch import load_file
-
         folder = Path(model_directory)
         cfg_file, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
         if not cfg_file.is_file() or not weights.is_file():

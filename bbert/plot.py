@@ -4,6 +4,16 @@ Chapters: budget, model, pretraining, finetuning.
 """
 from __future__ import annotations
 
+import statistics
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from bbert import run_dir
+from bbert.budget import PAPER_RUN, paper_plan, plan_budget
+from bbert.optim import linear_warmup_decay
+from bbert.speed import KNOWN_GPUS
+
 # ---- budget + pretraining chapters --------------------------------------------------
 # Chapters: notebooks/01_budget.ipynb, notebooks/04_pretraining.ipynb.
 
@@ -13,16 +23,12 @@ def read_metrics(source, record_type: str | None = None) -> list[dict]:
 
     :func:`bbert.run_dir.read_metrics`, refusing a folder that holds no run.
     """
-    from bbert import run_dir  # deferred: it imports torch, which the budget figures don't need
-
     if not run_dir.metrics_path(source).is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {source}: pass a run dir made by bbert pretrain")
     return run_dir.read_metrics(source, record_type)
 
 
 def _new_figure(ncols: int = 1, width: float = 6.4, height: float = 3.6):
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
     plt.close(fig)  # returned, not shown twice: a notebook displays it as the cell's value
     return fig, list(axes[0])
@@ -34,10 +40,6 @@ def plot_schedule(warmup_proportion: float = 0.06, time_budget_hours: float = 24
 
     Chapter: ``notebooks/04_pretraining.ipynb``.
     """
-    import numpy as np
-
-    from bbert.optim import linear_warmup_decay
-
     fig, (ax,) = _new_figure() if ax is None else (ax.figure, [ax])
     unit, per_hour = ("hours", 1.0) if time_budget_hours >= 2 else ("minutes", 60.0)
     fractions = np.linspace(0.0, 1.0, 501)
@@ -92,10 +94,6 @@ def plot_budget_plan(plan, reference=None):
     Left: optimizer steps reached against hours. Right: GPU-hours and cost.
     Chapter: ``notebooks/01_budget.ipynb``.
     """
-    import numpy as np
-
-    from bbert.budget import paper_plan
-
     reference = reference or paper_plan(plan.price_per_gpu_hour)
     fig, (ax_steps, ax_cost) = _new_figure(ncols=2, width=10, height=3.8)
     for p, name in ((plan, "this plan"), (reference, "paper (estimate)")):
@@ -125,9 +123,6 @@ def plot_gpu_table(num_gpus: int = 8, hours: float = 24.0, model: str = "large",
 
     Chapter: ``notebooks/01_budget.ipynb``.
     """
-    from bbert.budget import PAPER_RUN, plan_budget
-    from bbert.speed import KNOWN_GPUS
-
     plans = [plan_budget(num_gpus, name, hours, model=model, batch_size=batch_size) for name in KNOWN_GPUS]
     fig, (ax,) = _new_figure(width=7, height=4.2)
     ax.barh([p.gpu for p in plans], [p.optimizer_steps for p in plans], color="C0")
@@ -230,8 +225,6 @@ def plot_grid_search(results: list[dict], best: str | None = None, ax=None):
     ``best`` (from ``bbert.glue.select_best``) is highlighted: the reported number is its median,
     not the single best dot. Chapter: ``notebooks/05_finetuning.ipynb``.
     """
-    import statistics
-
     fig, (ax,) = _new_figure(width=7.5) if ax is None else (ax.figure, [ax])
     configs = sorted({r["config"] for r in results}, key=lambda c: [r["config"] for r in results].index(c))
     for x, config in enumerate(configs):

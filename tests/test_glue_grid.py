@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from bbert import glue
+from bbert.budget import DEFAULT_MFU, model_config
+from bbert.speed import get_gpu, training_flops_per_sequence
 from bbert.glue import grid as glue_grid
 from bbert.utils import atomic_write_json
 
@@ -172,13 +174,11 @@ def test_grid_cost_arithmetic():
     assert rows[0]["runs"] == 24 and rows[-1]["runs"] == 48
     assert rows[0]["hours"] == pytest.approx(60_000 * 0.05 / 3600)
     assert rows[-1]["hours"] == pytest.approx(72_000 * 0.05 / 3600)
-    # the budget arithmetic: large-model FLOPs over the GPU's peak x assumed MFU
-    from bbert.budget import get_gpu, model_config, training_flops_per_sequence
-
+    # the budget arithmetic: large-model FLOPs over the GPU's peak x the planner's MFU
     card = get_gpu("titan-v")
     flops = training_flops_per_sequence(model_config("large"), 128, masked_fraction=0.0)
     assert glue.gpu_seconds_per_example("titan-v") == pytest.approx(
-        flops / (card.peak_tflops * 1e12 * card.assumed_mfu))
+        flops / (card.peak_tflops * 1e12 * DEFAULT_MFU))
     assert glue.gpu_seconds_per_example("h100") < glue.gpu_seconds_per_example("titan-v")
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from bbert.budget import get_gpu, model_config, training_flops_per_sequence
+from bbert.budget import DEFAULT_MFU, model_config
+from bbert.speed import get_gpu, training_flops_per_sequence
 from bbert.glue.config import FinetuneConfig, GridConfig
 from bbert.glue.finetuning import RESULT_VERSION, finetune
 from bbert.glue.tasks import (BERT_BASE_TEST, GLUE_TRAIN_SIZES, PAPER_24HBERT_TEST, TaskData,
@@ -240,14 +241,14 @@ def run_glue(model_path: str | os.PathLike, tasks: list[TaskData], grid: GridCon
 def gpu_seconds_per_example(gpu: str = "titan-v", model: str = "large", seq_len: int = 128) -> float:
     """Seconds one training example of ``model`` takes on ``gpu``, by bbert's budget arithmetic.
 
-    The training FLOPs of one sequence (``bbert.budget.training_flops_per_sequence``, no MLM
-    head: the classification head is negligible) over the GPU's table peak times its assumed
-    MFU (``bbert.budget.KNOWN_GPUS``). ``seq_len=128`` is the padded maximum: dynamic padding
+    The training FLOPs of one sequence (``bbert.speed.training_flops_per_sequence``, no MLM
+    head: the classification head is negligible) over the GPU's table peak
+    (``bbert.speed.KNOWN_GPUS``) times the planner's MFU (``bbert.budget.DEFAULT_MFU``). ``seq_len=128`` is the padded maximum: dynamic padding
     makes most GLUE batches shorter, so this errs on the long side.
     """
     card = get_gpu(gpu)
     flops = training_flops_per_sequence(model_config(model), seq_len, masked_fraction=0.0)
-    return flops / (card.peak_tflops * 1e12 * card.assumed_mfu)
+    return flops / (card.peak_tflops * 1e12 * DEFAULT_MFU)
 
 
 def grid_cost(grid: GridConfig, seconds_per_example: float, speed_factor: float = 1.0,
