@@ -13,7 +13,7 @@ Nothing is lost on the way:
   (checkpoints rotate, a resumed run rewrites ``final/``), so an export inside it could vanish or
   be taken for the run's model; export beside it instead (``runs/x-hf``).
 - A folder that already holds other files is replaced only with ``--overwrite``; an earlier
-  export (recognised by the ``bbert-export.json`` it holds) is simply refreshed.
+  export (recognized by the ``bbert-export.json`` it holds) is simply refreshed.
 - The new folder is built beside ``--out`` and swapped in whole, so a failed export leaves the
   old one as it was.
 
@@ -142,7 +142,7 @@ def import_from_transformers(source) -> BertForMaskedLM:
     """Convert a transformers ``BertForMaskedLM``/``BertModel`` (post-LN) or
     ``RobertaPreLayerNormForMaskedLM`` (pre-LN) -- a folder or a loaded model -- into bbert.
 
-    A folder without an MLM head (a plain ``BertModel``) gets a freshly initialised head.
+    A folder without an MLM head (a plain ``BertModel``) gets a freshly initialized head.
     """
     if isinstance(source, (str, Path)):
 
@@ -285,7 +285,7 @@ def to_transformers(model: BertForMaskedLM):
 
 
 def transformers_baseline(config: BertConfig, attn_implementation: str = "sdpa"):
-    """A freshly initialised ``transformers.BertForMaskedLM`` of the same shape as ``config``:
+    """A freshly initialized ``transformers.BertForMaskedLM`` of the same shape as ``config``:
     the model a user would otherwise pick, which the benchmark and the model chapter time bbert
     against.
     """

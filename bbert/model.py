@@ -4,7 +4,7 @@
     BertModel                        embeddings -> N x BertLayer (pre- or post-LayerNorm) -> final LayerNorm
     BertForMaskedLM                  + the MLM head, sparse: run only at the masked positions
     BertForSequenceClassification    + pooler and classifier, for GLUE
-    layer_grad_norms                 each layer's gradient norm at initialisation (pre- vs post-LN)
+    layer_grad_norms                 each layer's gradient norm at initialization (pre- vs post-LN)
 
 The speed-ups the paper relies on, each switchable for the model chapter to measure:
 - ``sparse_mlm_head``: the head transform and the vocabulary decoder run only on the ~15% of
@@ -264,7 +264,7 @@ class _PretrainedMixin:
     @classmethod
     def from_pretrained(cls, model_directory, **kwargs):
         """Load a bbert model folder. Loading a BertForMaskedLM folder into a classifier (or the
-        reverse) keeps the encoder and initialises the other head.
+        reverse) keeps the encoder and initializes the other head.
         """
         folder = Path(model_directory)
         cfg_file, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
@@ -430,7 +430,7 @@ class BertForSequenceClassification(nn.Module, _PretrainedMixin):
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """BERT initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
+    """BERT initialization: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=std)
         if getattr(module, "bias", None) is not None:
@@ -456,7 +456,7 @@ def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
 def layer_grad_norms(model: BertForMaskedLM, batch: dict) -> list[float]:
     """The gradient norm of each encoder layer's parameters after one backward pass of the MLM loss.
 
-    At initialisation, post-LN gradients grow towards the output layers while pre-LN ones stay
+    At initialization, post-LN gradients grow towards the output layers while pre-LN ones stay
     level (Xiong et al. 2020): why pre-LN tolerates the recipe's high learning rate.
     """
     model.zero_grad(set_to_none=True)

@@ -52,7 +52,7 @@ def plot_schedule(warmup_proportion: float = 0.06, time_budget_hours: float = 24
         at = [r.get("lr_elapsed_seconds", r["elapsed_seconds"]) for r in train]
         ax.plot([t / 3600 * per_hour for t in at], [r["lr"] for r in train], ".",
                 ms=4, label="lr logged by the run (at each step's start)")
-    ax.axvline(warmup_proportion * time_budget_hours * per_hour, color="grey", ls=":", lw=1)
+    ax.axvline(warmup_proportion * time_budget_hours * per_hour, color="gray", ls=":", lw=1)
     ax.set_xlabel(f"elapsed wall-clock time ({unit})")
     ax.set_ylabel("learning rate")
     ax.set_title(f"Time-based schedule, budget {time_budget_hours * per_hour:g} {unit}")
@@ -166,13 +166,13 @@ def plot_speedups(speedups: dict, mfu: dict | None = None, title: str = "trainin
         ax.bar_label(bars, labels=[f"{v:.0f}%" for v in values], padding=3)
         ax.set_xlim(0, max(100, max(values) * 1.2))
         ax.set_xlabel(f"MFU: % of the measured {peak} torch.mm peak")
-        ax.set_title("model FLOPs utilisation")
+        ax.set_title("model FLOPs utilization")
     fig.tight_layout()
     return fig
 
 
 def plot_layer_grad_norms(norms: dict, ax=None):
-    """Gradient norm of each layer's weights at initialisation, one line per model (pre- vs post-LN).
+    """Gradient norm of each layer's weights at initialization, one line per model (pre- vs post-LN).
 
     Chapter: ``notebooks/03_model.ipynb``.
     """
@@ -182,7 +182,7 @@ def plot_layer_grad_norms(norms: dict, ax=None):
     ax.set_ylim(bottom=0)
     ax.set_xlabel("layer")
     ax.set_ylabel("gradient norm")
-    ax.set_title("gradients at initialisation")
+    ax.set_title("gradients at initialization")
     ax.legend()
     fig.tight_layout()
     return fig

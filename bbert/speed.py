@@ -178,7 +178,7 @@ def random_mlm_batch(batch_size: int, seq_len: int, vocab_size: int, mlm_probabi
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
                amp_dtype: torch.dtype | str | None = "auto", scaler=None) -> float:
-    """One optimisation step: forward under autocast, backward, optimizer step. Returns the loss.
+    """One optimization step: forward under autocast, backward, optimizer step. Returns the loss.
 
     ``amp_dtype="auto"`` is bf16 where the device runs it natively (``bbert.utils.fast_bf16``),
     else fp32; None is fp32. bf16 needs no loss scaling; for fp16 on a GPU pass

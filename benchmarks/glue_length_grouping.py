@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/glue_length_grouping.py [--quick]
 
-Both arms finetune the same randomly initialised bbert classifier on the offline corpus-source
+Both arms finetune the same randomly initialized bbert classifier on the offline corpus-source
 task (sentences of very different lengths) with dynamic padding; the only difference is
 whether batches are grouped by length (bbert.glue.length_grouped_batches: transformers'
 get_length_grouped_indices, then the batches in random order). The arms alternate,

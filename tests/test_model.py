@@ -163,7 +163,7 @@ def test_token_type_ids_used_only_with_two_segments():
     assert not torch.allclose(out[0, 2:], ref[0, 2:])
 
 
-def test_bert_initialisation():
+def test_bert_initialization():
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig.from_preset("mini", vocab_size=V))
     w = model.bert.layers[0].ffn.fc1.weight

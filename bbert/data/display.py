@@ -16,7 +16,7 @@ COLORS = {"mask": "#f4a6a6", "random": "#f7d58b", "kept": "#a8d8a8", "special": 
 def masking_html(tokenizer, original, masked, labels, per_row: int = 16) -> str:
     """An HTML table of one sample: each cell shows the input token, and, where the model must
     predict, the original below it. Red: [MASK], yellow: a random token, green: kept as is
-    (but still predicted), grey: special tokens.
+    (but still predicted), gray: special tokens.
     """
     original, masked, labels = (np.asarray(x) for x in (original, masked, labels))
     shown = tokenizer.convert_ids_to_tokens(masked.tolist())
