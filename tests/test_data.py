@@ -748,3 +748,17 @@ def test_a_data_dir_from_an_older_bbert_is_reused_when_its_settings_match(tmp_pa
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DataDirError, match="other arguments .differing: masking"):
         prepare(PrepareConfig(out=str(d), **SMALL))
+
+
+def test_prepare_into_a_pipe_prints_plain_lines_not_a_bar(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(repo))
+    result = subprocess.run([sys.executable, "-m", "bbert.cli", "prepare", "--out", str(tmp_path / "d"),
+                             "--set", "max_bytes=300000", "--vocab-size", "1000"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "\r" not in output and "samples of 128 tokens" in output

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bbert import glue
+from bbert import glue, utils
 from bbert.budget import DEFAULT_MFU, model_config
 from bbert.speed import get_gpu, training_flops_per_sequence
 from bbert.glue import grid as glue_grid
@@ -225,6 +225,17 @@ def test_progress_to_a_file_is_plain_periodic_lines():
     quiet.update(10)
     quiet.close()
     assert silent.getvalue() == ""
+
+
+def test_progress_without_a_total_counts_at_intervals(monkeypatch):
+    out, clock = io.StringIO(), [0.0]
+    monkeypatch.setattr(utils.time, "monotonic", lambda: clock[0])
+    bar = utils.Progress(None, "prepare", unit="tokens", seconds=30.0, stream=out)
+    for _ in range(6):
+        clock[0] += 10.0
+        bar.update(1_000, docs=3)
+    bar.close()
+    assert out.getvalue().splitlines() == ["prepare: 3,000 tokens, docs 3", "prepare: 6,000 tokens, docs 3"]
 
 
 def _tiny_model(folder: Path) -> Path:

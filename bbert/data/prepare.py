@@ -29,7 +29,7 @@ from bbert.data.shards import (FORMAT_VERSION, DataDirError, Packer, check_data_
                                manifest_path, record_verified, write_shard)
 from bbert.data.tokenizer import encoder, load_tokenizer, special_ids, tokenizer_fingerprint, train_tokenizer
 from bbert.locks import DirLock
-from bbert.utils import atomic_write_json
+from bbert.utils import Progress, atomic_write_json
 
 SPLITS = ("train", "val")
 EMBEDDED = "embedded:sample"  # how the manifest names the shipped corpus (its path varies by install)
@@ -288,8 +288,6 @@ def _build_and_swap(config: PrepareConfig, out: Path, tok, fingerprint: str) -> 
 
 def _write_data_dir(config: PrepareConfig, build: Path, tok, fingerprint: str, dtype, docs,
                     stats: ReadStats) -> dict:
-    from tqdm.auto import tqdm  # deferred: tqdm.auto imports IPython machinery in notebooks
-
     ids = special_ids(tok)
     tok.save_pretrained(str(build / "tokenizer"))
     backend = encoder(tok)
@@ -297,7 +295,7 @@ def _write_data_dir(config: PrepareConfig, build: Path, tok, fingerprint: str, d
     writers = {s: _SplitWriter(s, build, config.samples_per_shard) for s in SPLITS}
     corpus_tokens = 0
     started = time.perf_counter()
-    bar = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not config.progress)
+    bar = Progress(None, "prepare", config.progress, unit="tokens")
 
     def batches():
         texts, splits, chars = [], [], 0
@@ -313,13 +311,12 @@ def _write_data_dir(config: PrepareConfig, build: Path, tok, fingerprint: str, d
 
     def pack(encodings, splits):
         nonlocal corpus_tokens
+        before = corpus_tokens
         for split in SPLITS:
             token_lists = [e.ids for e, s in zip(encodings, splits) if s == split]
             writers[split].add(packers[split].add(token_lists))
-            n = sum(map(len, token_lists))
-            corpus_tokens += n
-            bar.update(n)
-        bar.set_postfix(docs=stats.documents_kept, refresh=False)
+            corpus_tokens += sum(map(len, token_lists))
+        bar.update(corpus_tokens - before, docs=stats.documents_kept)
 
     # encode_batch runs in Rust on all cores without the GIL; meanwhile this thread reads the
     # next batch and packs the previous one, so the Python work hides behind the tokenizer.

@@ -5,7 +5,6 @@
     predict/evaluate  raw predictions and the task's metrics on each dev split
     finetune          AdamW + linear warm-up/decay, mixed precision, evaluate each epoch, keep the
                       best epoch; result.json is written last, atomically, and marks a finished run
-    progress          a tqdm bar on a terminal, plain periodic lines in a file or a pipe
 
 Chapter: ``notebooks/05_finetuning.ipynb``.
 """
@@ -14,14 +13,12 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.utils import logging as hf_logging
@@ -31,7 +28,7 @@ from bbert.glue.tasks import TaskData, compute_metrics, main_score, predictions_
 from bbert.hf import load_pretrained
 from bbert.model import BertForSequenceClassification
 from bbert.optim import Schedule, build_optimizer, set_lr
-from bbert.utils import atomic_path, atomic_write_json, atomic_write_text, set_seed
+from bbert.utils import Progress, atomic_path, atomic_write_json, atomic_write_text, set_seed
 
 # Bump when result.json changes shape: a record of another version counts as not finished, so a
 # re-run redoes it instead of crashing on it (version 1 used learning_rate/bf16, not lr/precision).
@@ -159,38 +156,6 @@ def evaluate(model, tokenizer, data: TaskData, config: FinetuneConfig | None = N
 
 
 # ---- progress -----------------------------------------------------------------------------
-
-
-class Progress:
-    """A tqdm bar on a terminal; in a file or a pipe, one plain line every ``every`` of the work
-    or every ``seconds``, whichever comes first (a bar's ``\\r`` updates would flood a log)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True, every: float = 0.1,
-                 seconds: float = 30.0, stream=None):
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.every, self.seconds = every, seconds
-        self.stream = stream or sys.stderr
-        self.bar = tqdm(total=total, desc=desc, file=self.stream,
-                        disable=not (enabled and self.stream.isatty()))
-        self.done, self.last_fraction, self.last_time = 0, 0.0, time.monotonic()
-
-    def update(self, n: int = 1, **info) -> None:
-        self.done += n
-        self.bar.update(n)
-        if info:
-            self.bar.set_postfix(info, refresh=False)
-        if not self.enabled or not self.bar.disable:
-            return
-        fraction, now = self.done / max(self.total, 1), time.monotonic()
-        if fraction - self.last_fraction >= self.every or now - self.last_time >= self.seconds \
-                or self.done == self.total:
-            extra = "".join(f", {k} {v}" for k, v in info.items())
-            print(f"{self.desc}: {self.done}/{self.total} steps ({fraction:.0%}){extra}",
-                  file=self.stream, flush=True)
-            self.last_fraction, self.last_time = fraction, now
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 # ---- one run ------------------------------------------------------------------------------
