@@ -46,7 +46,11 @@ FINISHED_REASONS = ("budget", "max_steps", "early_stop", "nan")
 
 
 def expand_grid(grid: dict[str, list]) -> list[dict]:
-    """Every combination of the grid's values, in a fixed order (the last key varies fastest)."""
+    """Every combination of the grid's values, in a fixed order (the last key varies fastest).
+
+    A value may be a dict of fields that change together: ``{"batch": [{"batch_size": 16,
+    "debug.step_time_seconds": 1.5}, {"batch_size": 32, "debug.step_time_seconds": 3.0}]}``.
+    """
     if not grid:
         raise ValueError("the search grid is empty: give at least one field with values, e.g. lr=[5e-4, 1e-3]")
     for key, values in grid.items():
@@ -59,19 +63,27 @@ def expand_grid(grid: dict[str, list]) -> list[dict]:
 def trial_name(params: dict) -> str:
     """The trial's folder name: ``lr=0.001,batch_size=32`` (readable, and the same on every run)."""
     return ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
-                    for key, value in params.items())
+                    for key, value in _flat(params).items())
 
 
 def trial_config(base: TrainConfig, params: dict, run_dir) -> TrainConfig:
     """``base`` with the trial's values (dotted keys reach nested fields, e.g. ``early_stop.max_val_loss``)."""
     update: dict = {"run_dir": str(run_dir)}
-    for key, value in params.items():
+    for key, value in _flat(params).items():
         *parents, leaf = key.split(".")
         node = update
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
     return configs.from_dict(TrainConfig, configs.merge(configs.to_dict(base), update))
+
+
+def _flat(params: dict) -> dict:
+    # a grid value that is a dict sets several fields together, e.g. a batch size and its step time
+    flat = {}
+    for key, value in params.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return flat
 
 
 def _field(config, key: str):
@@ -119,7 +131,9 @@ def search(base: TrainConfig, grid: dict[str, list], out_dir, trials: list[int] 
     if bad:
         raise ValueError(f"trial index {bad[0]} is outside the grid's {len(points)} trials (0..{len(points) - 1})")
     # values from the command line are strings: name each trial by its parsed values
-    points = [{key: _field(trial_config(base, params, out_dir), key) for key in params} for params in points]
+    points = [{key: ({k: _field(config, k) for k in value} if isinstance(value, dict) else _field(config, key))
+               for key, value in params.items()}
+              for params, config in ((p, trial_config(base, p, out_dir)) for p in points)]
     configs_ = [trial_config(base, params, out_dir / trial_name(params)) for params in points]
     for config in configs_:
         config.validate(check_data=False)  # a bad grid value fails before any trial runs
@@ -161,7 +175,8 @@ def search_table(results: list[dict]) -> str:
              "|" + " --- |" * (len(keys) + 5)]
     for r in sorted(results, key=lambda r: (not math.isfinite(r["val_loss"]), r["val_loss"])):
         used = r["elapsed_seconds"] / r["budget_seconds"] if r["budget_seconds"] else math.nan
-        cells = [f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+        cells = [trial_name(r[k]) if isinstance(r[k], dict) else f"{r[k]:g}" if isinstance(r[k], float)
+                 else str(r[k]) for k in keys]
         cells += [str(r["end_reason"]), str(r["steps"]), f"{used:.0%}", f"{r['val_loss']:.3f}",
                   "**best**" if best is not None and r["run_dir"] == best["run_dir"] else ""]
         lines.append("| " + " | ".join(cells) + " |")

@@ -120,3 +120,14 @@ def test_command_runs_one_trial_and_reports_errors(data_dir, tmp_path, capsys):
     assert err.startswith("bbert search: error: --grid 'lr' must look like FIELD=V1,V2") and "\n" not in err
     assert main(["--config", str(config_file), "--grid", "lr=1e-3", "--out", str(out), "--trial", "5"]) == 2
     assert "outside the grid" in capsys.readouterr().err
+
+
+def test_a_dict_value_sets_fields_together(data_dir, tmp_path):
+    from bbert.search import trial_config
+
+    base = base_config(data_dir, tmp_path)
+    params = {"batch": {"batch_size": 16, "debug.step_time_seconds": 36.0}, "lr": 2e-3}
+    assert trial_name(params) == "batch_size=16,debug.step_time_seconds=36,lr=0.002"
+    config = trial_config(base, params, tmp_path / "t")
+    assert (config.batch_size, config.debug.step_time_seconds, config.lr) == (16, 36.0, 2e-3)
+    assert config.early_stop == base.early_stop and config.run_dir == str(tmp_path / "t")
