@@ -166,8 +166,17 @@ def budget_saved(results: list[dict]) -> tuple[float, float]:
     return saved, total
 
 
+def _cell(value) -> str:
+    if isinstance(value, dict):
+        return trial_name(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def search_table(results: list[dict]) -> str:
-    """The search as a Markdown table, best trial marked, sorted by final validation loss."""
+    """The search as a Markdown table, best trial marked, sorted by final validation loss.
+
+    A grid value that sets several fields shows the field named like its key (``batch_size``).
+    """
     best = best_trial(results)
     keys = [k for k in results[0] if k not in ("trial", "run_dir", "end_reason", "steps", "elapsed_seconds",
                                                "val_loss", "skipped", "budget_seconds")] if results else []
@@ -175,8 +184,7 @@ def search_table(results: list[dict]) -> str:
              "|" + " --- |" * (len(keys) + 5)]
     for r in sorted(results, key=lambda r: (not math.isfinite(r["val_loss"]), r["val_loss"])):
         used = r["elapsed_seconds"] / r["budget_seconds"] if r["budget_seconds"] else math.nan
-        cells = [trial_name(r[k]) if isinstance(r[k], dict) else f"{r[k]:g}" if isinstance(r[k], float)
-                 else str(r[k]) for k in keys]
+        cells = [_cell(r[k][k] if isinstance(r[k], dict) and k in r[k] else r[k]) for k in keys]
         cells += [str(r["end_reason"]), str(r["steps"]), f"{used:.0%}", f"{r['val_loss']:.3f}",
                   "**best**" if best is not None and r["run_dir"] == best["run_dir"] else ""]
         lines.append("| " + " | ".join(cells) + " |")
