@@ -19,9 +19,10 @@ BIB_KEYS = {
     "izsak2021", "devlin2019", "liu2019roberta", "geiping2023cramming", "portes2023mosaicbert",
     "warner2024modernbert", "you2020lamb", "xiong2020prelayernorm", "dao2022flashattention",
     "loshchilov2019adamw", "wang2019glue", "zhu2015bookcorpus", "micikevicius2018mixed",
-    "rajbhandari2020zero",
+    "rajbhandari2020zero", "rasley2020deepspeed", "li2020train", "kaplan2020scaling", "joshi2020spanbert",
+    "izsak2022steps",
 }
-CHAPTER_NOTEBOOKS = ["01_budget", "02_data", "03_model", "04_pretraining", "05_finetuning"]
+CHAPTER_NOTEBOOKS = ["01_budget", "02_data", "03_model", "04_pretraining", "05_finetuning", "06_findings"]
 MAX_DEFINITION_LINES = 15  # a notebook may define small glue/plot helpers, not the real code
 
 CITE_ROLE = re.compile(r"(?<!`)\{cite(?::[a-z]+)?\}`([^`]*)`")
@@ -93,7 +94,7 @@ def markdown_sources() -> dict[str, str]:
 def test_toc_lists_every_chapter_in_order():
     files = toc_files()
     expected = (["book/intro"] + [f"notebooks/{n}" for n in CHAPTER_NOTEBOOKS]
-                + ["book/going_further", "book/glossary", "book/bibliography"])
+                + ["book/going_further", "book/benchmarks", "book/glossary", "book/bibliography"])
     assert files == expected, f"_toc.yml chapters are {files}, expected {expected}"
 
 
