@@ -153,3 +153,19 @@ def test_fast_bf16_follows_the_cpu_flags_and_the_override(monkeypatch):
     assert utils.fast_bf16("cpu") is True and utils.autocast_dtype("cpu") is torch.bfloat16
     assert utils.fast_bf16("meta") is False
     assert utils.fast_bf16("cuda") is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def test_show_source_prints_the_live_source(capsys):
+    import inspect
+    import textwrap
+
+    from bbert.model import BertLayer
+    from bbert.show import show_source, source_of
+
+    assert show_source(BertLayer.forward) is None  # no notebook: plain text on stdout
+    out = capsys.readouterr().out
+    assert out.startswith("# bbert.model.BertLayer.forward\ndef forward(self")
+    assert textwrap.dedent(inspect.getsource(BertLayer.forward)).strip() in out
+    assert source_of(utils).startswith("# bbert.utils\n")
+    with pytest.raises(ValueError, match="no source for"):
+        source_of(len)
