@@ -65,6 +65,12 @@ window.addEventListener("load", function () {
       stderr: all(main, ".output.stderr").map(function (e) { return e.innerText.slice(0, 2000); }),
       outputs: all(main, ".cell_output").map(function (e) { return e.innerText.slice(0, 4000); }),
       toc: all(document, "nav.bd-docs-nav a.reference.internal").map(function (a) { return a.href; }),
+      dropdowns: all(main, "details").map(function (d) {
+        var summary = d.querySelector("summary");
+        return {open: d.open, summary: summary ? summary.innerText.trim() : "",
+                hidden_text: d.innerText.length};
+      }),
+      exercises: !!main.querySelector("section#exercises"),
       math_nodes: all(main, ".math").length,
       math_rendered: all(main, "mjx-container").length
     };
@@ -94,7 +100,9 @@ CHAPTERS = toc_files(yaml.safe_load((ROOT / "_toc.yml").read_text()))
 # The chapters whose plots the book promises (the planner, the speed-up bars, the schedule and
 # loss curves, the GLUE scores). Every other page must still load every image it has.
 PLOT_CHAPTERS = ["notebooks/01_budget", "notebooks/03_model", "notebooks/04_pretraining",
-                 "notebooks/05_finetuning"]
+                 "notebooks/05_finetuning", "notebooks/06_findings"]
+# Every chapter notebook ends with exercises whose solutions are folded away.
+EXERCISE_CHAPTERS = [c for c in CHAPTERS if c.startswith("notebooks/")]
 
 
 def find_chromium() -> str | None:
@@ -235,3 +243,34 @@ def test_widgets_render_offline(reports):
         unrendered = [v["model_id"] for v in report["widget_views"] if v["in_state"] and not v["rendered"]]
         assert not unrendered, f"{chapter}: widget views that did not render offline: {unrendered[:5]}"
         assert report["widget_class_elements"] > 0, f"{chapter}: no widget- elements in the DOM"
+
+
+@pytest.mark.parametrize("chapter", EXERCISE_CHAPTERS)
+def test_exercise_solutions_are_folded(reports, chapter):
+    """The solutions render as closed <details> dropdowns (sphinx-design: no JavaScript, no network)."""
+    report = report_for(reports, chapter)
+    assert report["exercises"], f"{chapter}: the page has no Exercises section"
+    solutions = [d for d in report["dropdowns"] if d["summary"].startswith("Solution")]
+    assert len(solutions) >= 3, f"{chapter}: {len(solutions)} solution dropdowns, want at least 3"
+    assert not any(d["open"] for d in solutions), f"{chapter}: a solution is shown unfolded"
+
+
+def test_findings_chapter_shows_its_results(reports):
+    """The new chapter's four experiments ran: tables of outcomes and a figure for each."""
+    report = report_for(reports, "notebooks/06_findings")
+    figures = [im for im in report["images"] if im["in_output"]]
+    assert len(figures) >= 4, f"the findings chapter shows {len(figures)} figures, want one per finding"
+    text = "\n".join(report["outputs"])
+    for expected in ("lr when the budget ends (share of the peak)", "time-based, slowed", "step-based, slowed",
+                     "steps in the budget", "final val loss", "Early stopping saved", "sparse MLM head"):
+        assert expected in text, f"the findings chapter's output lacks {expected!r}"
+
+
+def test_code_on_the_page_is_the_live_source(reports):
+    import inspect
+
+    from bbert.model import BertLayer
+
+    text = "\n".join(report_for(reports, "notebooks/03_model")["outputs"])
+    first_line = inspect.getsource(BertLayer.forward).strip().splitlines()[0]
+    assert first_line in text, "chapter 3 does not show the source of BertLayer.forward"

@@ -19,9 +19,10 @@ BIB_KEYS = {
     "izsak2021", "devlin2019", "liu2019roberta", "geiping2023cramming", "portes2023mosaicbert",
     "warner2024modernbert", "you2020lamb", "xiong2020prelayernorm", "dao2022flashattention",
     "loshchilov2019adamw", "wang2019glue", "zhu2015bookcorpus", "micikevicius2018mixed",
-    "rajbhandari2020zero",
+    "rajbhandari2020zero", "rasley2020deepspeed", "li2020train", "kaplan2020scaling", "joshi2020spanbert",
+    "izsak2022steps",
 }
-CHAPTER_NOTEBOOKS = ["01_budget", "02_data", "03_model", "04_pretraining", "05_finetuning"]
+CHAPTER_NOTEBOOKS = ["01_budget", "02_data", "03_model", "04_pretraining", "05_finetuning", "06_findings"]
 MAX_DEFINITION_LINES = 15  # a notebook may define small glue/plot helpers, not the real code
 
 CITE_ROLE = re.compile(r"(?<!`)\{cite(?::[a-z]+)?\}`([^`]*)`")
@@ -93,7 +94,7 @@ def markdown_sources() -> dict[str, str]:
 def test_toc_lists_every_chapter_in_order():
     files = toc_files()
     expected = (["book/intro"] + [f"notebooks/{n}" for n in CHAPTER_NOTEBOOKS]
-                + ["book/going_further", "book/glossary", "book/bibliography"])
+                + ["book/going_further", "book/benchmarks", "book/glossary", "book/bibliography"])
     assert files == expected, f"_toc.yml chapters are {files}, expected {expected}"
 
 
@@ -297,3 +298,43 @@ def test_options_named_in_the_prose_exist():
                                 wrong.append(f"{page.name}: BertConfig has no field {key.value!r}")
     assert checked >= 10, f"only {checked} option names found in book/*.md; is the pattern still right?"
     assert not wrong, "\n".join(wrong)
+
+
+# ---- exercises and spelling -------------------------------------------------------------------
+
+DROPDOWN = re.compile(r"^:::\{dropdown\}[^\n]*\n(.*?)^:::\s*$", re.S | re.M)
+
+
+@notebook_params
+def test_chapter_ends_with_exercises_and_hidden_solutions(path):
+    """3-5 numbered exercises under a last '## Exercises' heading, each followed by a solution in a
+    MyST dropdown (sphinx-design, bundled with Jupyter Book: no network needed); at least one
+    solution gives code to run."""
+    cells = load_notebook(path)["cells"]
+    heads = [i for i, c in enumerate(cells) if c["cell_type"] == "markdown"
+             and re.search(r"^## Exercises\s*$", source(c), re.M)]
+    assert heads, f"{path.name}: no '## Exercises' section"
+    tail = cells[heads[-1]:]
+    assert all(c["cell_type"] == "markdown" for c in tail), f"{path.name}: the exercises must be the last cells"
+    text = "\n\n".join(source(c) for c in tail)
+    assert not HEADING.findall(text.split("## Exercises", 1)[1]), f"{path.name}: a heading follows the exercises"
+    numbered = re.findall(r"^(\d+)\. \*\*", text, re.M)
+    assert 3 <= len(numbered) <= 5 and numbered == [str(i + 1) for i in range(len(numbered))], (
+        f"{path.name}: exercises numbered {numbered}; want 3-5, numbered from 1")
+    solutions = DROPDOWN.findall(text)
+    assert len(solutions) == len(numbered), f"{path.name}: {len(numbered)} exercises, {len(solutions)} dropdown solutions"
+    assert any("```python" in s for s in solutions), f"{path.name}: no solution gives code to run"
+
+
+BRITISH = re.compile(r"\b\w*(?:(?:optimis|normalis|initialis|summaris|utilis|recognis|organis|minimis|maximis|"
+                     r"parallelis|materialis|memoris|tokenis|visualis|serialis)(?:e|ed|es|er|ers|ing|ation|ations)\b|"
+                     r"analys(?:e|ed|es|ing)\b|colour|behaviour|neighbour|favour|modelling|labelled|licence|centre\b)\w*",
+                     re.I)
+
+
+def test_prose_uses_american_spelling():
+    found = {name: sorted(set(m.group(0) for m in BRITISH.finditer(text)))
+             for name, text in {**markdown_sources(),
+                                "README.md": (ROOT / "README.md").read_text(encoding="utf-8")}.items()}
+    found = {name: words for name, words in found.items() if words}
+    assert not found, f"British spellings (the book uses American English): {found}"

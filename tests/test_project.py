@@ -53,6 +53,29 @@ def test_readme_test_command_is_what_ci_runs():
     assert re.search(r"^\s*make test\b", ci, re.M)
 
 
+def readme_shell_lines() -> list[str]:
+    """The README's shell commands, continuation lines joined, comments dropped."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    joined = "\n".join(blocks).replace("\\\n", " ")
+    return [line.split("  #")[0].strip() for line in joined.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_readme_commands_name_real_cli_commands():
+    used = {m.group(1) for line in readme_shell_lines() for m in re.finditer(r"\bbbert (\w+)", line)}
+    assert {"prepare", "pretrain", "finetune", "search"} <= used
+    assert used <= set(COMMANDS), f"the README uses bbert commands that do not exist: {used - set(COMMANDS)}"
+
+
+def test_readme_runs_offline_without_glue_data():
+    """A fresh clone has no glue_data: the README's runnable lines must not need it (GLUE is prose)."""
+    lines = readme_shell_lines()
+    assert not [line for line in lines if "--glue-dir" in line or "--hub" in line]
+    finetune = next(line for line in lines if "bbert finetune" in line)
+    assert "--train-file data/corpus-source/train.tsv" in finetune
+    assert any("make_corpus_source_task('data/corpus-source')" in line for line in lines)
+
+
 def test_cli_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -130,3 +153,19 @@ def test_fast_bf16_follows_the_cpu_flags_and_the_override(monkeypatch):
     assert utils.fast_bf16("cpu") is True and utils.autocast_dtype("cpu") is torch.bfloat16
     assert utils.fast_bf16("meta") is False
     assert utils.fast_bf16("cuda") is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def test_show_source_prints_the_live_source(capsys):
+    import inspect
+    import textwrap
+
+    from bbert.model import BertLayer
+    from bbert.show import show_source, source_of
+
+    assert show_source(BertLayer.forward) is None  # no notebook: plain text on stdout
+    out = capsys.readouterr().out
+    assert out.startswith("# bbert.model.BertLayer.forward\ndef forward(self")
+    assert textwrap.dedent(inspect.getsource(BertLayer.forward)).strip() in out
+    assert source_of(utils).startswith("# bbert.utils\n")
+    with pytest.raises(ValueError, match="no source for"):
+        source_of(len)

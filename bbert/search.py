@@ -1,0 +1,241 @@
+"""Budgeted hyperparameter search: a grid of ordinary pretraining runs, bad ones stopped early.
+
+24hBERT chose its recipe with a grid over peak learning rate, batch size and warm-up
+proportion, and stopped every trial whose validation loss was still high after a few hours
+(Izsak et al. 2021). Here each trial is an ordinary budgeted run dir, made by
+``bbert.pretrain`` from the base config with the trial's values laid over it, so a trial can be
+inspected (``bbert.read_metrics``), resumed, exported and finetuned like any other run::
+
+    results = search(base, {"lr": [5e-4, 1e-3], "batch_size": [32, 64]}, "runs/search")
+    print(search_table(results))
+    best = best_trial(results)
+
+Switch the early stop on in the base config (``early_stop.enabled=true`` with a
+``max_val_loss`` and ``after_minutes``); what the stopped trials did not spend is
+:func:`budget_saved`. A second call skips the trials that finished (their metrics end with an
+``end`` record other than ``interrupted``) and resumes interrupted ones from their checkpoints.
+
+The command line runs the same search::
+
+    bbert search --preset tiny-cpu --set data_dir=data/sample --grid lr=5e-4,1e-3 \
+        --grid batch_size=32,64 --out runs/search
+    bbert search ... --trial 3      # only the fourth trial of the grid, e.g. one job of an array
+
+This loop runs trials one after the other, which is what a single machine (and the book) wants.
+Across GPUs or machines, keep the trial as the unit and hand the loop to an existing scheduler:
+a job array (Slurm ``--array=0-N`` with ``bbert search ... --trial $SLURM_ARRAY_TASK_ID``,
+all jobs writing to one shared ``--out``), or Ray Tune / Optuna with a shared storage
+(Optuna's RDB storage), whose objective calls ``bbert.pretrain`` on a run dir per trial and
+returns its final validation loss. Nothing here needs to change for that, because a trial is a
+folder that any process can finish or read.
+
+Chapter: ``notebooks/06_findings.ipynb``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+from pathlib import Path
+
+from bbert import configs
+from bbert.train import TrainConfig, pretrain, read_metrics
+
+# Trials that ended for one of these reasons are done; "interrupted" ones are resumed.
+FINISHED_REASONS = ("budget", "max_steps", "early_stop", "nan")
+
+
+def expand_grid(grid: dict[str, list]) -> list[dict]:
+    """Every combination of the grid's values, in a fixed order (the last key varies fastest).
+
+    A value may be a dict of fields that change together: ``{"batch": [{"batch_size": 16,
+    "debug.step_time_seconds": 1.5}, {"batch_size": 32, "debug.step_time_seconds": 3.0}]}``.
+    """
+    if not grid:
+        raise ValueError("the search grid is empty: give at least one field with values, e.g. lr=[5e-4, 1e-3]")
+    for key, values in grid.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"grid field {key!r} needs a non-empty list of values, got {values!r}")
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def trial_name(params: dict) -> str:
+    """The trial's folder name: ``lr=0.001,batch_size=32`` (readable, and the same on every run)."""
+    return ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                    for key, value in _flat(params).items())
+
+
+def trial_config(base: TrainConfig, params: dict, run_dir) -> TrainConfig:
+    """``base`` with the trial's values (dotted keys reach nested fields, e.g. ``early_stop.max_val_loss``)."""
+    update: dict = {"run_dir": str(run_dir)}
+    for key, value in _flat(params).items():
+        *parents, leaf = key.split(".")
+        node = update
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return configs.from_dict(TrainConfig, configs.merge(configs.to_dict(base), update))
+
+
+def _flat(params: dict) -> dict:
+    # a grid value that is a dict sets several fields together, e.g. a batch size and its step time
+    flat = {}
+    for key, value in params.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def _field(config, key: str):
+    value = config
+    for part in key.split("."):
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    return value
+
+
+def trial_result(run_dir, params: dict | None = None) -> dict:
+    """One row of the search table, read from a trial's run dir.
+
+    ``val_loss`` is the last validation loss (the run's final one when it reached its budget),
+    ``end_reason`` the reason in its ``end`` record (None while it has not ended).
+    """
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    vals = [r["val_loss"] for r in records if r.get("type") == "val"]
+    end = next((r for r in reversed(records) if r.get("type") == "end"), None)
+    last = records[-1] if records else {}
+    return {"trial": run_dir.name, **(params or {}), "run_dir": str(run_dir),
+            "end_reason": end["reason"] if end else None,
+            "steps": last.get("step", 0), "elapsed_seconds": last.get("elapsed_seconds", 0.0),
+            "val_loss": vals[-1] if vals else math.nan}
+
+
+def is_finished(run_dir) -> bool:
+    """True when the trial's metrics end with an ``end`` record that is not an interruption."""
+    return trial_result(run_dir)["end_reason"] in FINISHED_REASONS
+
+
+def search(base: TrainConfig, grid: dict[str, list], out_dir, trials: list[int] | None = None,
+           verbose: bool = True) -> list[dict]:
+    """Run every trial of ``grid`` over ``base`` as a run dir under ``out_dir``; return the table rows.
+
+    Each row holds the trial's values, its ``run_dir``, ``end_reason``, ``steps``,
+    ``elapsed_seconds`` (budget spent), final ``val_loss`` and ``skipped`` (True when it had
+    already finished and was not run again). ``trials`` picks grid indices to run (the others are
+    only read), e.g. one index per job of a job array.
+    """
+    out_dir = Path(out_dir)
+    points = expand_grid(grid)
+    chosen = set(range(len(points))) if trials is None else set(trials)
+    bad = sorted(i for i in chosen if not 0 <= i < len(points))
+    if bad:
+        raise ValueError(f"trial index {bad[0]} is outside the grid's {len(points)} trials (0..{len(points) - 1})")
+    # values from the command line are strings: name each trial by its parsed values
+    points = [{key: ({k: _field(config, k) for k in value} if isinstance(value, dict) else _field(config, key))
+               for key, value in params.items()}
+              for params, config in ((p, trial_config(base, p, out_dir)) for p in points)]
+    configs_ = [trial_config(base, params, out_dir / trial_name(params)) for params in points]
+    for config in configs_:
+        config.validate(check_data=False)  # a bad grid value fails before any trial runs
+    rows = []
+    for index, (params, config) in enumerate(zip(points, configs_)):
+        run_dir = Path(config.run_dir)
+        skipped = is_finished(run_dir)
+        if index in chosen and not skipped:
+            if verbose:
+                print(f"[search] trial {index + 1}/{len(points)}: {run_dir.name}", flush=True)
+            pretrain(config)  # resume="auto": an interrupted trial continues from its checkpoint
+        elif verbose and index in chosen:
+            print(f"[search] trial {index + 1}/{len(points)}: {run_dir.name} finished before, skipped", flush=True)
+        rows.append({**trial_result(run_dir, params), "skipped": skipped,
+                     "budget_seconds": config.time_budget_seconds})
+    return rows
+
+
+def best_trial(results: list[dict]) -> dict | None:
+    """The trial with the lowest final validation loss among those that ran to their end."""
+    done = [r for r in results if r["end_reason"] in ("budget", "max_steps") and math.isfinite(r["val_loss"])]
+    return min(done, key=lambda r: r["val_loss"]) if done else None
+
+
+def budget_saved(results: list[dict]) -> tuple[float, float]:
+    """``(seconds saved, seconds the whole grid would take)``: what the stopped trials did not spend."""
+    total = sum(r["budget_seconds"] for r in results)
+    saved = sum(max(r["budget_seconds"] - r["elapsed_seconds"], 0.0) for r in results
+                if r["end_reason"] in ("early_stop", "nan"))
+    return saved, total
+
+
+def _cell(value) -> str:
+    if isinstance(value, dict):
+        return trial_name(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def search_table(results: list[dict]) -> str:
+    """The search as a Markdown table, best trial marked, sorted by final validation loss.
+
+    A grid value that sets several fields shows the field named like its key (``batch_size``).
+    """
+    best = best_trial(results)
+    keys = [k for k in results[0] if k not in ("trial", "run_dir", "end_reason", "steps", "elapsed_seconds",
+                                               "val_loss", "skipped", "budget_seconds")] if results else []
+    lines = ["| " + " | ".join(keys + ["end", "steps", "budget used", "final val loss", ""]) + " |",
+             "|" + " --- |" * (len(keys) + 5)]
+    for r in sorted(results, key=lambda r: (not math.isfinite(r["val_loss"]), r["val_loss"])):
+        used = r["elapsed_seconds"] / r["budget_seconds"] if r["budget_seconds"] else math.nan
+        cells = [_cell(r[k][k] if isinstance(r[k], dict) and k in r[k] else r[k]) for k in keys]
+        cells += [str(r["end_reason"]), str(r["steps"]), f"{used:.0%}", f"{r['val_loss']:.3f}",
+                  "**best**" if best is not None and r["run_dir"] == best["run_dir"] else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    saved, total = budget_saved(results)
+    if total:
+        lines.append(f"\nEarly stopping saved {saved:.0f} s of the grid's {total:.0f} s ({saved / total:.0%}).")
+    return "\n".join(lines)
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """``["lr=5e-4,1e-3", "batch_size=32,64"]`` -> ``{"lr": ["5e-4", "1e-3"], "batch_size": ["32", "64"]}``.
+
+    Values stay strings; each trial's config parses them against the field's type.
+    """
+    grid: dict[str, list] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        values = [v.strip() for v in raw.split(",") if v.strip()]
+        if not sep or not key.strip() or not values:
+            raise configs.UsageError(f"--grid {item!r} must look like FIELD=V1,V2 (e.g. --grid lr=5e-4,1e-3)")
+        grid[key.strip()] = values
+    return grid
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bbert search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny-cpu", help="training preset to start from (default tiny-cpu)")
+    configs.add_config_arguments(parser, "TrainConfig")
+    parser.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
+                        help="a searched field and its values (repeatable), e.g. --grid lr=5e-4,1e-3")
+    parser.add_argument("--out", required=True, help="folder of the trials' run dirs")
+    parser.add_argument("--trial", type=int, action="append", metavar="INDEX",
+                        help="run only this grid index (0-based, repeatable); the others are only read")
+    return parser
+
+
+@configs.command("bbert search")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    base = configs.build_config(TrainConfig, configs.to_dict(TrainConfig.from_preset(args.preset)),
+                                args.config, args.assignments)
+    results = search(base, parse_grid(args.grid), args.out, trials=args.trial)
+    print(search_table(results))
+    best = best_trial(results)
+    print(f"best: {best['run_dir']} (final validation loss {best['val_loss']:.4f})" if best
+          else "best: none yet (no trial has reached its budget)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
