@@ -10,6 +10,8 @@ The public API, loaded lazily so that ``import bbert`` stays quick:
     bbert.launch                       start a run from a notebook cell (notebooks/04_pretraining.ipynb)
     bbert.plan_budget                  what a budget buys               (notebooks/01_budget.ipynb)
     bbert.finetune / grid_search       GLUE                             (notebooks/05_finetuning.ipynb)
+    bbert.search.search / search_table the budgeted hyperparameter search (notebooks/06_findings.ipynb)
+    bbert.show_source                  a package object's live source, on the page
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ _EXPORTS = {
     "FinetuneConfig": "bbert.glue", "GridConfig": "bbert.glue", "finetune": "bbert.glue",
     "grid_search": "bbert.glue", "load_task": "bbert.glue",
     "resolve_scale": "bbert.utils", "set_seed": "bbert.utils",
+    "search_table": "bbert.search", "best_trial": "bbert.search",
+    "show_source": "bbert.show", "DirLock": "bbert.locks", "check_data_dir": "bbert.data",
 }
 __all__ = sorted(_EXPORTS)
 

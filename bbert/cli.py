@@ -5,6 +5,7 @@
     bbert budget    what a budget buys            (bbert.budget)
     bbert export    run dir -> transformers folder (bbert.hf)
     bbert finetune  model -> GLUE results         (bbert.glue)
+    bbert search    a grid of budgeted runs       (bbert.search)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ COMMANDS = {
     "budget": ("bbert.budget", "plan what a GPU budget buys"),
     "export": ("bbert.hf", "export a bbert model to a transformers folder"),
     "finetune": ("bbert.glue", "finetune and score on GLUE (grid search, median of seeds)"),
+    "search": ("bbert.search", "budgeted hyperparameter search: a grid of pretraining runs, bad ones stopped early"),
 }
 
 
