@@ -332,38 +332,6 @@ def _preset_tiny_cpu() -> dict:
 PRESETS = {"24hbert": _preset_24hbert, "tiny-cpu": _preset_tiny_cpu}
 
 
-def _preset_24hbert() -> dict:
-    # Izsak et al. (2021): BERT-large shape, pre-LN, seq 128, AdamW lr 1e-3 (0.9, 0.98) eps 1e-6
-    # wd 0.01, no clipping, 6% warm-up of 24 h then linear decay, batch 4096 = 32 x 8 GPUs x 16,
-    # fp16 with DeepSpeed, validation, and early stop (loss > 6 after 180 minutes). ZeRO stage 1:
-    # DeepSpeed's fp16 is broken at stage 0 (see validate), and 1 also saves optimizer memory.
-    return dict(run_dir="runs/24hbert", model="large",
-                model_overrides={"pre_layernorm": True, "sparse_mlm_head": True},
-                max_seq_length=128, time_budget_hours=24.0, schedule="time", warmup_proportion=0.06,
-                optimizer="adamw", lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, max_grad_norm=0.0,
-                batch_size=4096, micro_batch_size=32, precision="fp16", engine="deepspeed", zero_stage=1,
-                validation_every_minutes=30.0, checkpoint_every_minutes=60.0,
-                checkpoint_fractions=[0.25, 0.5, 0.75],
-                early_stop={"enabled": True, "after_minutes": 180.0, "max_val_loss": 6.0},
-                log_every_steps=10)
-
-
-def _preset_tiny_cpu() -> dict:
-    # The same recipe, shrunk to about 3 minutes on a 2-core CPU: a 2-layer model, a small batch;
-    # bf16 only where the CPU has native bf16 (emulated it is ~100x slower than fp32).
-    return dict(run_dir="runs/tiny-cpu", model="tiny", model_overrides={}, max_seq_length=128,
-                time_budget_hours=0.04, schedule="time", warmup_proportion=0.06,
-                optimizer="adamw", lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, max_grad_norm=0.0,
-                batch_size=32, micro_batch_size=16, precision="bf16" if fast_bf16("cpu") else "fp32",
-                engine="torch", zero_stage=0, validation_every_minutes=0.5, max_val_batches=8,
-                checkpoint_every_minutes=1.0,
-                keep_last_checkpoints=2, checkpoint_fractions=[0.25, 0.5, 0.75],
-                early_stop={"enabled": False}, log_every_steps=10)
-
-
-PRESETS = {"24hbert": _preset_24hbert, "tiny-cpu": _preset_tiny_cpu}
-
-
 def override_dict(assignments) -> dict:
     """``--set`` assignments as a nested dict; ``model.<field>`` lands in ``model_overrides``.
 
