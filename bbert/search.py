@@ -39,7 +39,9 @@ import math
 from pathlib import Path
 
 from bbert import configs
-from bbert.train import TrainConfig, pretrain, read_metrics
+from bbert.run_dir import read_metrics
+from bbert.train import pretrain
+from bbert.train_config import TrainConfig
 
 # Trials that ended for one of these reasons are done; "interrupted" ones are resumed.
 FINISHED_REASONS = ("budget", "max_steps", "early_stop", "nan")

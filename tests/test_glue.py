@@ -206,7 +206,6 @@ def test_rerun_skips_finished_runs(tmp_path, monkeypatch):
 # ---- results table and submission ----------------------------------------------------
 
 def test_results_table_beside_the_papers(tmp_path):
-    mnli, mrpc = glue.get_task("mnli"), glue.get_task("mrpc")
     sels = {
         "mnli": {"config": "lr3e-05-bs32-ep3", "seeds": [0, 1, 2],
                  "dev": {"validation_matched": {"accuracy": 0.8012},
@@ -274,7 +273,9 @@ def test_cli_rejects_missing_source(capsys):
 def _pretrain_tiny_checkpoint(work: Path, seconds: float = 30.0) -> Path:
     """A tiny BERT pretrained for ``seconds`` on the shipped corpus with bbert.data + bbert.train."""
     from bbert.data import PrepareConfig, prepare
-    from bbert.train import TrainConfig, pretrain, read_metrics
+    from bbert.run_dir import read_metrics
+    from bbert.train import pretrain
+    from bbert.train_config import TrainConfig
 
     prepare(PrepareConfig(out=str(work / "data"), vocab_size=4096, max_bytes=1_000_000,
                           val_fraction=0.03, progress=False))

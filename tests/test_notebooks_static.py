@@ -262,7 +262,7 @@ def test_options_named_in_the_prose_exist():
 
     from bbert.data import MaskingConfig
     from bbert.model import BertConfig
-    from bbert.train import TrainConfig
+    from bbert.train_config import TrainConfig
 
     classes = {"BertConfig": BertConfig, "TrainConfig": TrainConfig, "MaskingConfig": MaskingConfig}
     fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in classes.items()}

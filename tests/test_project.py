@@ -1,5 +1,4 @@
 """The project's own plumbing: metadata agreement, the CLI dispatcher, shared utilities."""
-import os
 import re
 import subprocess
 import sys

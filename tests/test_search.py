@@ -8,7 +8,8 @@ import yaml
 
 from bbert.search import (best_trial, budget_saved, expand_grid, main, parse_grid, search, search_table,
                           trial_name)
-from bbert.train import TrainConfig, latest_checkpoint, read_metrics
+from bbert.run_dir import latest_checkpoint, read_metrics
+from bbert.train_config import TrainConfig
 from helpers_train import make_data_dir, tiny_config
 
 

@@ -5,7 +5,6 @@ compared step by step against one single-process PyTorch reference.
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -148,7 +147,8 @@ NO_DROPOUT = {"hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 
 PRETRAIN_AND_COUNT_GRAPHS = """
 import sys
 from torch._dynamo.utils import counters
-from bbert.train import TrainConfig, pretrain
+from bbert.train import pretrain
+from bbert.train_config import TrainConfig
 pretrain(TrainConfig.from_yaml(sys.argv[1]))
 print("unique_graphs", counters["stats"]["unique_graphs"])
 """
