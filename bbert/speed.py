@@ -15,9 +15,11 @@ one-thread clock and the training step it times.
 """
 from __future__ import annotations
 
+import csv
 import statistics
 import time
 from dataclasses import dataclass
+from importlib import resources
 
 import torch
 from torch import nn
@@ -104,20 +106,14 @@ class GPU:
     source: str
 
 
-KNOWN_GPUS: dict[str, GPU] = {g.name: g for g in [
-    GPU("titan-v", 12, 110.0, "NVIDIA TITAN V product page: 110 TFLOPS tensor performance"),
-    GPU("rtx-2080-ti", 11, 53.8, "NVIDIA Turing whitepaper: FP16 tensor, FP32 accumulate (reference clocks)"),
-    GPU("titan-rtx", 24, 130.5, "NVIDIA Turing whitepaper: FP16 tensor, FP32 accumulate"),
-    GPU("t4", 16, 65.0, "NVIDIA T4 datasheet: mixed-precision FP16/FP32"),
-    GPU("v100", 32, 125.0, "NVIDIA V100 datasheet (SXM2): tensor performance"),
-    GPU("rtx-3090", 24, 71.0, "NVIDIA Ampere GA102 whitepaper: FP16 tensor, FP32 accumulate, dense"),
-    GPU("a10", 24, 125.0, "NVIDIA A10 datasheet: BF16 tensor, dense (250 with sparsity)"),
-    GPU("a100", 80, 312.0, "NVIDIA A100 datasheet: BF16 tensor, dense (624 with sparsity)"),
-    GPU("rtx-4090", 24, 165.2, "NVIDIA Ada Lovelace whitepaper: FP16 tensor, FP32 accumulate, dense"),
-    GPU("l4", 24, 121.0, "NVIDIA L4 datasheet: BF16 tensor, dense (242 with sparsity)"),
-    GPU("h100", 80, 989.0, "NVIDIA H100 datasheet (SXM): BF16 tensor, dense (1979 with sparsity)"),
-    GPU("h200", 141, 989.0, "NVIDIA H200 datasheet (SXM): BF16 tensor, dense (1979 with sparsity)"),
-]}
+def _read_gpu_table() -> dict[str, GPU]:
+    # a datasheet table is data: bbert/gpus.csv, one GPU a row, with where its figure comes from
+    with resources.files("bbert").joinpath("gpus.csv").open(encoding="utf-8") as f:
+        return {row["name"]: GPU(row["name"], int(row["memory_gb"]), float(row["peak_tflops"]), row["source"])
+                for row in csv.DictReader(f)}
+
+
+KNOWN_GPUS: dict[str, GPU] = _read_gpu_table()
 
 
 def get_gpu(name: str) -> GPU:
