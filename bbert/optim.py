@@ -161,12 +161,12 @@ class Schedule:
 
     @classmethod
     def from_config(cls, config) -> "Schedule":
-        """The schedule of a :class:`bbert.train_config.TrainConfig`: the one place hours become seconds."""
+        """The schedule of a :class:`bbert.train_config.TrainConfig` (its budget in seconds or steps)."""
         if config.schedule == "step":
             if not config.max_steps:
                 raise ValueError("schedule='step' decays over max_steps: set max_steps=N, or use schedule='time'")
             return cls("steps", config.max_steps, config.lr, config.warmup_proportion, config.max_steps)
-        return cls("time", config.time_budget_hours * 3600.0, config.lr, config.warmup_proportion,
+        return cls("time", config.time_budget_seconds, config.lr, config.warmup_proportion,
                    config.max_steps)
 
     def _used(self, elapsed_seconds: float, step: int) -> float:

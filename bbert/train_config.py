@@ -147,6 +147,11 @@ class TrainConfig:
 
     # -- derived values ---------------------------------------------------------------------
 
+    @property
+    def time_budget_seconds(self) -> float:
+        """The budget on the wall clock: the one place where ``time_budget_hours`` becomes seconds."""
+        return self.time_budget_hours * 3600.0
+
     def gradient_accumulation_steps(self, world_size: int = 1) -> int:
         """Micro-batches per optimizer step on each rank: batch / (micro-batch x world size)."""
         per_pass = self.micro_batch_size * world_size
