@@ -24,18 +24,18 @@ def source_of(obj) -> str:
     return f"{header}\n{code.rstrip()}\n"
 
 
-def show_source(obj):
+def show_source(obj) -> None:
     """Display ``obj``'s live source: syntax-highlighted in a notebook, plain text elsewhere.
 
-    Returns the displayed object in a notebook (the cell shows it), else prints and returns None.
+    Displayed, not returned, so that several calls in one cell all show.
     """
     text = source_of(obj)
     try:
         from IPython import get_ipython  # deferred: IPython is only there when a notebook runs
-        from IPython.display import Markdown
+        from IPython.display import Markdown, display
     except ImportError:
         get_ipython = None
     if get_ipython is not None and get_ipython() is not None:
-        return Markdown(f"```python\n{text}```")
-    print(text, end="")
-    return None
+        display(Markdown(f"```python\n{text}```"))
+    else:
+        print(text, end="")

@@ -168,3 +168,17 @@ def test_show_source_prints_the_live_source(capsys):
     assert source_of(utils).startswith("# bbert.utils\n")
     with pytest.raises(ValueError, match="no source for"):
         source_of(len)
+
+
+def test_show_source_displays_each_call_in_a_notebook(monkeypatch):
+    import IPython
+    import IPython.display
+
+    from bbert.optim import Schedule
+    from bbert.show import show_source
+
+    shown = []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())  # as inside a kernel
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    assert show_source(Schedule.lr_at) is None and show_source(Schedule.progress) is None
+    assert [m.data.splitlines()[1] for m in shown] == ["# bbert.optim.Schedule.lr_at", "# bbert.optim.Schedule.progress"]
