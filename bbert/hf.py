@@ -131,7 +131,8 @@ def _load_from_hub(name: str):
                 f"`transformers.AutoModelForMaskedLM.from_pretrained({name!r}).save_pretrained(DIR)` "
                 "(and its tokenizer), copy DIR here and pass its path")
 
-    hf_model = AutoModelForMaskedLM.from_pretrained(name)
+    with _quiet_transformers():
+        hf_model = AutoModelForMaskedLM.from_pretrained(name)
     return import_from_transformers(hf_model), AutoTokenizer.from_pretrained(name)
 
 
@@ -145,12 +146,12 @@ def import_from_transformers(source) -> BertForMaskedLM:
     A folder without an MLM head (a plain ``BertModel``) gets a freshly initialized head.
     """
     if isinstance(source, (str, Path)):
-
         hf_config = AutoConfig.from_pretrained(str(source))
         if hf_config.model_type not in (HF_BERT, HF_PRELN):
             raise ValueError(f"{source}: model_type {hf_config.model_type!r} can't be imported; "
                              f"bbert imports '{HF_BERT}' and '{HF_PRELN}'")
-        hf = AutoModelForMaskedLM.from_pretrained(str(source), attn_implementation="eager")
+        with _quiet_transformers():
+            hf = AutoModelForMaskedLM.from_pretrained(str(source), attn_implementation="eager")
     else:
         hf = source
     c = hf.config
@@ -363,7 +364,7 @@ def export_to_transformers(model: BertForMaskedLM, tokenizer, out_dir, overwrite
     hf = to_transformers(model)
     out_dir = check_out_dir(out_dir, overwrite=overwrite)
     marker = {"exported_by": f"bbert {__version__}", "architecture": type(hf).__name__}
-    with atomic_path(out_dir) as tmp, _quiet_save():
+    with atomic_path(out_dir) as tmp, _quiet_transformers():
         hf.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
@@ -371,12 +372,11 @@ def export_to_transformers(model: BertForMaskedLM, tokenizer, out_dir, overwrite
 
 
 @contextlib.contextmanager
-def _quiet_save() -> Iterator[None]:
-    """Silence what transformers' ``save_pretrained`` prints that is not about the export."""
-    # deferred like every transformers import here: it takes seconds
-
+def _quiet_transformers() -> Iterator[None]:
+    """Silence what transformers prints around ``save_pretrained`` / ``from_pretrained`` that is
+    not about the export or the load: its progress bars, and DeepSpeed's start-up line."""
     bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # "Writing model shards" for a single file
+    hf_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" for a single file
     try:
         # save_pretrained unwraps the model through accelerate, which imports DeepSpeed (where it is
         # installed) only to check for a DeepSpeedEngine; DeepSpeed then logs its accelerator choice.

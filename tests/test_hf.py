@@ -296,3 +296,8 @@ def test_cli_export_prints_only_its_own_lines(tmp_path):
     assert refused.returncode == 2
     assert refused.stdout.splitlines() == [f"bbert export: error: --out {run} is the folder the export reads from; "
                                            f"write the export beside it, e.g. --out {tmp_path / 'run-hf'}"]
+    # loading the export back (as `bbert finetune` does) prints nothing either: no progress bar in a log
+    load = subprocess.run([sys.executable, "-c", "from bbert.hf import load_pretrained; import sys; "
+                           "load_pretrained(sys.argv[1])", str(tmp_path / "hf")], env=env, cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert load.returncode == 0 and load.stdout == "", load.stdout
