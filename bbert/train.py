@@ -43,7 +43,8 @@ import yaml
 
 from bbert import run_dir as rd
 from bbert.configs import add_config_arguments, command
-from bbert.data import build_pretraining_loader, data_fingerprint, load_manifest, load_tokenizer
+from bbert.data import (DataDirError, build_pretraining_loader, data_fingerprint, load_manifest,
+                        load_tokenizer)
 from bbert.engines import DistEnv, build_engine, deepspeed_config, init_distributed
 from bbert.locks import DirLock
 from bbert.model import BertForMaskedLM
@@ -316,6 +317,10 @@ class Trainer:
         loader = build_pretraining_loader(cfg.data_dir, "val", cfg.micro_batch_size, rank=dist.rank,
                                           world_size=dist.world_size, seed=cfg.seed, masking=cfg.masking,
                                           infinite=False)
+        if data_fingerprint(loader.dataset.manifest) != self.data:  # a new loader would read new data
+            raise DataDirError(f"{cfg.data_dir} changed during this run (replaced, e.g. by bbert prepare "
+                               "--overwrite), so validation would score other data: restore it, or resume "
+                               "with --allow-data-change")
         self.engine.train(False)
         total, count = 0.0, 0.0
         for i, batch in enumerate(loader):

@@ -255,3 +255,27 @@ def test_resume_refuses_other_data_unless_asked(data_dir, tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics  # nothing written
     pretrain(moved, resume=True, allow_data_change=True)
     assert [r["step"] for r in records(tmp_path / "run", "train")] == [1, 2, 3, 4]
+
+
+def test_a_data_dir_replaced_during_the_run_stops_it_at_the_next_validation(tmp_path, monkeypatch):
+    import bbert.train as train_module
+    from bbert.data import DataDirError, PrepareConfig, prepare, sample_corpus_path
+
+    data = make_data_dir(tmp_path / "data")
+    real, calls = train_module.build_pretraining_loader, {"val": 0}
+
+    def replaced_before_the_second_validation(data_dir, split, *args, **kwargs):
+        if split == "val":
+            calls["val"] += 1
+            if calls["val"] == 2:  # another corpus, same shapes: as `bbert prepare --overwrite` would leave it
+                prepare(PrepareConfig(inputs=[str(sample_corpus_path())], out=str(data), vocab_size=2048,
+                                      max_seq_length=64, max_documents=200, val_fraction=0.05, seed=1,
+                                      overwrite=True, progress=False))
+        return real(data_dir, split, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_pretraining_loader", replaced_before_the_second_validation)
+    config = tiny_config(data, tmp_path / "run", max_steps=6, checkpoint_fractions=[],
+                         debug={"step_time_seconds": 30.0})  # a validation every 2 steps
+    with pytest.raises(DataDirError, match="changed during this run"):
+        pretrain(config)
+    assert [r["step"] for r in records(tmp_path / "run", "val")] == [2]  # only the first, on the old data
