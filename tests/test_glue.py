@@ -3,6 +3,7 @@ submission files, and a tiny end-to-end finetune from a tiny pretrained checkpoi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -76,10 +77,16 @@ def test_cola_headerless_labels_and_mnli_extra_splits():
 
 
 def test_glue_dir_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"RTE/train.tsv.*--hub"):
+    (tmp_path / "CoLA").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no RTE folder in .* \(its folders: CoLA\): add "
+                                                r"glue_data/RTE/ .*--hub"):
         glue.load_glue_dir("rte", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"--glue-dir .*nowhere is not a folder"):
+        glue.load_glue_dir("rte", tmp_path / "nowhere")
     bad = tmp_path / "RTE"
     bad.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"RTE/train.tsv not found.*--hub"):
+        glue.load_glue_dir("rte", tmp_path)
     (bad / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
     (bad / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n")
     with pytest.raises(ValueError, match=r"line 2: label 'maybe' is not one of"):
@@ -152,6 +159,12 @@ def _result(config, seed, score, spec):
             "score": score, "dev": dev}
 
 
+def _settings(data, config, model="unused") -> dict:
+    """The fields of result.json that say what made a run (a re-run checks them)."""
+    return {"model_path": str(Path(model).resolve()), "data_fingerprint": data.fingerprint(),
+            "hyperparameters": dataclasses.asdict(config)}
+
+
 def test_median_of_best_selection():
     spec = glue.get_task("rte")
     results = [_result("A", s, v, spec) for s, v in zip((0, 1, 2), (0.5, 0.9, 0.6))]
@@ -184,14 +197,16 @@ def test_rerun_skips_finished_runs(tmp_path, monkeypatch):
 
     def fake_finetune(model_path, data, config, out_dir):
         calls.append((config.name, config.seed))
-        result = _result(config.name, config.seed, config.lr * 1000 + config.seed, data.spec)
+        result = {**_result(config.name, config.seed, config.lr * 1000 + config.seed, data.spec),
+                  **_settings(data, config)}
         atomic_write_json(Path(out_dir) / "result.json", result)
         return result
 
     monkeypatch.setattr(glue_grid, "finetune", fake_finetune)
     # one run finished earlier; one crashed mid-write (truncated result.json) and must re-run
     done = glue.run_dir(tmp_path, "rte", grid.runs()[0])
-    atomic_write_json(done / "result.json", _result("lr0.0001-bs4-ep1", 0, 0.42, data.spec))
+    atomic_write_json(done / "result.json", {**_result("lr0.0001-bs4-ep1", 0, 0.42, data.spec),
+                                             **_settings(data, grid.runs()[0])})
     crashed = glue.run_dir(tmp_path, "rte", grid.runs()[3])
     crashed.mkdir(parents=True)
     (crashed / "result.json").write_text('{"task": "rte", "sco')
@@ -260,7 +275,8 @@ def test_cli_rejects_missing_source(capsys):
         (["model", "--out", "x", "--tasks", "rte"], "--glue-dir"),
         (["model", "--out", "x", "--train-file", "a.tsv"], "--dev-file"),
         (["model", "--out", "x", "--glue-dir", "no/such/dir", "--tasks", "rte"],
-         r"train.tsv not found.*<glue_dir>/RTE/train.tsv"),
+         r"--glue-dir no/such/dir is not a folder: pass the GLUE download's glue_data folder"),
+        (["model", "--out", "x", "--glue-dir", str(GLUE_DIR), "--tasks", ","], r"--tasks ',' names no task"),
     ]:
         assert glue.main(argv) == 2
         err = capsys.readouterr().err.strip()

@@ -2,6 +2,7 @@
 runs, the cost arithmetic, length grouping, one-line errors and progress output to a pipe."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -115,10 +116,12 @@ def test_empty_dev_file_is_one_line_naming_the_file_and_the_fix(tmp_path, capsys
 # ---- restartable runs ---------------------------------------------------------------------
 
 
-def _finished(config, spec, score=0.5) -> dict:
+def _finished(config, data, score=0.5, model="unused") -> dict:
+    spec = data.spec
     dev = {s: {m: score for m in spec.metrics} for s in spec.dev_splits}
     return {"result_version": glue.RESULT_VERSION, "task": spec.name, "config": config.name,
-            "seed": config.seed, "score": score, "dev": dev}
+            "seed": config.seed, "score": score, "dev": dev, "model_path": str(Path(model).resolve()),
+            "data_fingerprint": data.fingerprint(), "hyperparameters": dataclasses.asdict(config)}
 
 
 def test_run_without_result_is_redone_and_with_result_skipped(tmp_path, monkeypatch):
@@ -128,7 +131,7 @@ def test_run_without_result_is_redone_and_with_result_skipped(tmp_path, monkeypa
     # killed mid-run: predictions and weights written, result.json not yet
     (killed / "best_model").mkdir(parents=True)
     (killed / "predictions-test.tsv").write_text("index\tprediction\n0\tentailment\n")
-    atomic_write_json(done / "result.json", _finished(grid.runs()[1], data.spec, 0.75))
+    atomic_write_json(done / "result.json", _finished(grid.runs()[1], data, 0.75))
     # finished by an older bbert (learning_rate/bf16 names, no version): not a finished run
     atomic_write_json(old / "result.json", {"task": "rte", "config": "lr0.0001-bs4-ep1", "seed": 2,
                                             "hyperparameters": {"learning_rate": 1e-4, "bf16": None}})
@@ -137,7 +140,7 @@ def test_run_without_result_is_redone_and_with_result_skipped(tmp_path, monkeypa
 
     def fake_finetune(model_path, data, config, out_dir):
         calls.append(config.seed)
-        atomic_write_json(Path(out_dir) / "result.json", _finished(config, data.spec))
+        atomic_write_json(Path(out_dir) / "result.json", _finished(config, data))
 
     monkeypatch.setattr(glue_grid, "finetune", fake_finetune)
     results = glue.grid_search("unused", data, grid, tmp_path, num_gpus=0)
@@ -150,7 +153,7 @@ def test_finetune_clears_a_stale_result_before_it_starts(tmp_path, monkeypatch):
     data = glue.load_glue_dir("rte", GLUE_DIR)
     config = glue.FinetuneConfig(num_epochs=1, batch_size=4, progress=False, save_best_model=False)
     out = tmp_path / "run"
-    atomic_write_json(out / "result.json", _finished(config, data.spec))
+    atomic_write_json(out / "result.json", _finished(config, data))
 
     def die(*args, **kwargs):
         assert glue.load_result(out) is None  # already cleared when the model loads

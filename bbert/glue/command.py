@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--task-name", default="custom")
     c.add_argument("--text-columns", default="sentence", help="one or two names, comma-separated")
     c.add_argument("--label-column", default="label")
-    c.add_argument("--labels", help="comma-separated label values in class order")
+    c.add_argument("--labels", help="comma-separated label values in class order (default: the "
+                                    "training file's, sorted); with two, F1 scores the second")
     c.add_argument("--regression", action="store_true")
     g = p.add_argument_group("grid (a GridConfig; its base is the FinetuneConfig of every run)")
     g.add_argument("--grid", default="paper", choices=list(GRID_PRESETS),
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-sizes", help="comma-separated batch sizes (sets batch_size)")
     g.add_argument("--epochs", help="comma-separated epoch counts (sets num_epochs)")
     g.add_argument("--seeds", help="comma-separated seeds (sets seed)")
-    g.add_argument("--max-train-examples", type=int, help="cap the training set (quick runs)")
+    g.add_argument("--max-train-examples", type=int,
+                   help="train on the first N examples of the training file only (quick runs)")
     g.add_argument("--max-seq-length", type=int)
     g.add_argument("--warmup-proportion", type=float)
     g.add_argument("--weight-decay", type=float)
@@ -73,7 +75,7 @@ def build_grid(args: argparse.Namespace) -> GridConfig:
     assignments = list(args.assignments)
     for flag, key in (("lrs", "lr"), ("batch_sizes", "batch_size"), ("epochs", "num_epochs"),
                       ("seeds", "seed")):
-        if getattr(args, flag):
+        if getattr(args, flag) is not None:  # "--seeds ''" is an empty axis, an error below
             assignments.append(f"{key}={_list(getattr(args, flag))}")
     for flag in ("max_train_examples", "max_seq_length", "warmup_proportion", "weight_decay",
                  "precision"):
@@ -95,13 +97,19 @@ def _load_tasks(args: argparse.Namespace) -> list:
         return [tasks.load_custom_task(args.train_file, args.dev_file,
                                        [c.strip() for c in args.text_columns.split(",")],
                                        args.label_column, args.test_file, args.task_name,
-                                       args.labels.split(",") if args.labels else None,
+                                       [x.strip() for x in args.labels.split(",")]
+                                       if args.labels else None,
                                        args.regression)]
     if not (args.glue_dir or args.hub):
         raise ValueError("say where GLUE is: --glue-dir glue_data (the original download layout) "
                          "or --hub; or give a custom task with --train-file/--dev-file")
-    names = args.tasks.split(",") if args.tasks else list(tasks.GLUE_TASKS)
-    return [tasks.load_task(t.strip(), args.glue_dir, args.hub) for t in names if t.strip()]
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks is not None \
+        else list(tasks.GLUE_TASKS)
+    if not names:
+        raise ValueError(f"--tasks {args.tasks!r} names no task: give GLUE tasks such as --tasks rte,mrpc, "
+                         "or leave --tasks out for all nine")
+    unique = dict.fromkeys(tasks.get_task(t).name for t in names)  # "rte,RTE" is one task
+    return [tasks.load_task(t, args.glue_dir, args.hub) for t in unique]
 
 
 @command("bbert finetune")
@@ -114,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     from bbert.glue.grid import run_glue
 
     tasks = _load_tasks(args)
-    report = run_glue(args.model, tasks, grid, args.out, args.model_name)
+    try:
+        report = run_glue(args.model, tasks, grid, args.out, args.model_name)
+    except KeyboardInterrupt:
+        print(f"bbert finetune: interrupted; the finished runs are kept in {args.out}: run the same "
+              "command again to go on", file=sys.stderr)
+        return 130
     print(Path(report["table"]["md"]).read_text())
     if report["submission"]:
         print(f"leaderboard submission: {report['submission']}")

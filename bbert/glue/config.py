@@ -59,6 +59,11 @@ class FinetuneConfig:
         for name in ("lr", "batch_size", "num_epochs", "max_seq_length", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.max_train_examples is not None and self.max_train_examples <= 0:
+            raise ValueError(f"max_train_examples must be positive (or unset for all), "
+                             f"got {self.max_train_examples!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be 0 or more, got {self.weight_decay!r}")
         if not 0 <= self.warmup_proportion < 1:
             raise ValueError(f"warmup_proportion must be in [0, 1), got {self.warmup_proportion!r}")
 

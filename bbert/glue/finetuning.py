@@ -31,8 +31,9 @@ from bbert.optim import Schedule, build_optimizer, set_lr
 from bbert.utils import Progress, atomic_path, atomic_write_json, atomic_write_text, set_seed
 
 # Bump when result.json changes shape: a record of another version counts as not finished, so a
-# re-run redoes it instead of crashing on it (version 1 used learning_rate/bf16, not lr/precision).
-RESULT_VERSION = 2
+# re-run redoes it instead of crashing on it (version 1 used learning_rate/bf16, not lr/precision;
+# version 2 had no data_fingerprint and kept model_path as typed).
+RESULT_VERSION = 3
 
 
 # ---- model and batches ------------------------------------------------------------------
@@ -53,6 +54,9 @@ def load_classifier(model_path: str | os.PathLike, num_labels: int):
         mlm, tokenizer = load_pretrained(model_path)
     finally:
         hf_logging.set_verbosity(verbosity)
+    if tokenizer is None:
+        raise ValueError(f"{model_path} has a model but no tokenizer (tokenizer.json, "
+                         "tokenizer_config.json): copy the tokenizer it was trained with into it")
     model = BertForSequenceClassification(mlm.config, num_labels)
     model.bert.load_state_dict(mlm.bert.state_dict())
     return model, tokenizer
@@ -243,7 +247,8 @@ def finetune(model_path: str | os.PathLike, data: TaskData, config: FinetuneConf
     result = {
         "result_version": RESULT_VERSION,
         "task": spec.name, "display": spec.display, "config": config.name, "seed": config.seed,
-        "hyperparameters": asdict(config), "model_path": str(model_path),
+        "hyperparameters": asdict(config), "model_path": str(Path(model_path).resolve()),
+        "data_fingerprint": data.fingerprint(),
         "best_epoch": best["epoch"], "dev": best["dev"], "score": main_score(spec, best["dev"]),
         "main_metric": spec.main_metric, "history": history, "train_examples": len(train),
         "seconds": round(time.time() - start, 2), "precision": precision, "device": str(device),

@@ -2,7 +2,8 @@
 
     grid_search    every (config, seed) run of a GridConfig on one task; re-running skips the
                    finished runs (those with a result.json of this version), so a killed search
-                   resumes; with several GPUs, one process per GPU
+                   resumes, and refuses finished runs of another model, data or hyperparameters;
+                   with several GPUs, one process per GPU
     select_best    median over seeds per configuration, the best median reported
     results        a Markdown/CSV table beside the paper's numbers; the leaderboard submission
     run_glue       all of it for a list of tasks
@@ -20,7 +21,7 @@ import os
 import statistics
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -58,6 +59,24 @@ def load_result(path: str | os.PathLike) -> dict | None:
     return result
 
 
+# Fields of FinetuneConfig that don't change a run's scores: a re-run may change them freely.
+_SCORE_NEUTRAL = ("device", "progress", "save_best_model", "eval_batch_size")
+
+
+def _changed_settings(result: dict, model: str, fingerprint: str, config: FinetuneConfig) -> list[str]:
+    """How a finished run differs from the run ``config`` would make: model, data, hyperparameters."""
+    changes = []
+    if result.get("model_path") != model:
+        changes.append(f"model {result.get('model_path')} -> {model}")
+    if result.get("data_fingerprint") != fingerprint:
+        changes.append("other examples or labels in the task's files")
+    old = result.get("hyperparameters") or {}
+    new = json.loads(json.dumps(asdict(config)))  # as result.json holds it: tuples are lists
+    changes += [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                if k not in _SCORE_NEUTRAL and old.get(k) != v]
+    return changes
+
+
 def _run_one(args) -> dict:
     model_path, data, config, out = args
     return finetune(model_path, data, config, out)
@@ -72,11 +91,24 @@ def grid_search(model_path: str | os.PathLike, data: TaskData, grid: GridConfig,
                 out_dir: str | os.PathLike, num_gpus: int | None = None) -> list[dict]:
     """Run the grid on one task; finished runs (with a ``result.json``) are skipped.
 
+    A finished run made with another model, other examples or other hyperparameters (those
+    that change scores) is a ``ValueError``: its scores would be mixed with the new ones.
+
     With several GPUs, runs go in parallel, one process per GPU pinned by
     ``CUDA_VISIBLE_DEVICES``; otherwise in sequence. Returns every run's result.
     """
     runs = grid.runs()
-    todo = [c for c in runs if load_result(run_dir(out_dir, data.spec.name, c)) is None]
+    model, fingerprint = str(Path(model_path).resolve()), data.fingerprint()
+    todo = []
+    for c in runs:
+        result = load_result(run_dir(out_dir, data.spec.name, c))
+        if result is None:
+            todo.append(c)
+        elif changes := _changed_settings(result, model, fingerprint, c):
+            raise ValueError(
+                f"{run_dir(out_dir, data.spec.name, c)} holds a finished run with other settings "
+                f"({'; '.join(changes)}): give a new --out, or delete "
+                f"{Path(out_dir) / 'runs' / data.spec.name} to redo {data.spec.display} with the new ones")
     if len(todo) < len(runs):
         print(f"{data.spec.display}: {len(runs) - len(todo)} of {len(runs)} runs already "
               f"finished in {out_dir}, skipping them")

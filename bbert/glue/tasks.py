@@ -11,6 +11,7 @@ Chapter: ``notebooks/05_finetuning.ipynb``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -168,6 +169,14 @@ class TaskData:
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
         return f"TaskData({self.spec.display}: {sizes}; from {self.source})"
 
+    def fingerprint(self) -> str:
+        """A hash of the labels and every example: a re-run on other data is told apart by it."""
+        digest = hashlib.sha256(json.dumps([self.spec.name, self.spec.labels]).encode())
+        for split in sorted(self.splits):
+            for e in self.splits[split]:
+                digest.update(json.dumps([split, e["idx"], e["text_a"], e["text_b"], e["label"]]).encode())
+        return digest.hexdigest()[:16]
+
 
 def _label_id(spec: TaskSpec, raw: str, where: str) -> int | float:
     raw = raw.strip()
@@ -175,17 +184,18 @@ def _label_id(spec: TaskSpec, raw: str, where: str) -> int | float:
         try:
             return float(raw)
         except ValueError:
-            raise ValueError(f"{where}: score {raw!r} is not a number") from None
+            raise ValueError(f"{where}: score {raw!r} is not a number; is this the "
+                             f"{spec.display} file in the original GLUE format?") from None
     if raw not in spec.labels:
-        raise ValueError(f"{where}: label {raw!r} is not one of {list(spec.labels)} "
-                         f"for task {spec.display}")
+        raise ValueError(f"{where}: label {raw!r} is not one of {list(spec.labels)} for task "
+                         f"{spec.display}; is this the {spec.display} file in the original GLUE format?")
     return spec.labels.index(raw)
 
 
 def _read_table(path: Path, layout: TsvLayout, spec: TaskSpec, delimiter: str = "\t") -> list[dict]:
     """Rows of one file as examples; QUOTE_NONE because GLUE text holds stray quote marks."""
     examples = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=delimiter,
                             quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
         header = next(reader, None) if layout.header else None
@@ -230,7 +240,16 @@ def load_glue_dir(task: str | TaskSpec, glue_dir: str | os.PathLike) -> TaskData
     """
     spec = task if isinstance(task, TaskSpec) else get_task(task)
     glue_dir = Path(glue_dir)
+    if not glue_dir.is_dir():
+        raise FileNotFoundError(f"--glue-dir {glue_dir} is not a folder: pass the GLUE download's "
+                                "glue_data folder (glue_data/RTE/train.tsv ...)")
     folder = glue_dir / spec.display if (glue_dir / spec.display).is_dir() else glue_dir
+    if folder == glue_dir and not (glue_dir / spec.files["train"]).exists():
+        found = sorted(p.name for p in glue_dir.iterdir() if p.is_dir())
+        raise FileNotFoundError(
+            f"no {spec.display} folder in {glue_dir} (its folders: {', '.join(found) or 'none'}): "
+            f"add glue_data/{spec.display}/ from the GLUE download, leave {spec.name} out of --tasks, "
+            "or use --hub where the Hugging Face hub is reachable")
     splits = {}
     for split, name in spec.files.items():
         path = (folder / name).resolve()
@@ -283,39 +302,75 @@ def custom_task(name: str, text_columns: Sequence[str], label_column: str,
                 index_column: str | None = None) -> TaskSpec:
     """A :class:`TaskSpec` for your own data: one or two text columns and a label column.
 
-    Classification is scored by accuracy (and F1 when there are two labels), regression by
-    Pearson and Spearman. ``labels`` fixes the class order; without it the sorted labels of
-    the training file are used.
+    ``labels`` are the classes in order (:func:`load_custom_task` takes the sorted labels of the
+    training file when none are given). Classification is scored by accuracy (and, with two
+    labels, F1 of the second label, ``labels[1]``), regression by Pearson and Spearman.
     """
     text_columns = tuple(text_columns)
     if not 1 <= len(text_columns) <= 2:
         raise ValueError(f"a task has one or two text columns, got {list(text_columns)}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        # it names folders and the submission file
+        raise ValueError(f"task name {name!r} must be letters, digits, '-', '_' or '.': "
+                         "set another --task-name")
     if regression:
+        if labels:
+            raise ValueError("a regression task has scores, not labels: drop --labels or --regression")
         metrics, main = ("pearson", "spearman"), "spearman"
     else:
-        metrics = ("accuracy", "f1") if labels is not None and len(labels) == 2 else ("accuracy",)
+        if labels is None or len(set(labels)) < 2 or len(set(labels)) != len(labels):
+            raise ValueError(f"a classification task needs two or more distinct labels, got "
+                             f"{list(labels or ())}: list each class once with --labels, or use "
+                             "--regression for scores")
+        metrics = ("accuracy", "f1") if len(labels) == 2 else ("accuracy",)
         main = "accuracy"
     layout = TsvLayout(text_columns, label=label_column, index=index_column)
     test_layout = TsvLayout(text_columns, index=index_column)
-    return TaskSpec(name, name, text_columns, None if regression else tuple(labels or ()),
+    return TaskSpec(name, name, text_columns, None if regression else tuple(labels),
                     metrics, main, files={}, layouts={"train": layout, "validation": layout,
                                                        "test": test_layout},
                     columns={"validation": name}, submission_files={"test": f"{name}.tsv"})
 
 
-def _read_records(path: Path) -> list[dict]:
-    """Rows of a TSV, CSV or JSONL file as dicts of strings (by file extension)."""
+def _read_records(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, row)`` for each row of a TSV, CSV or JSONL file (by file extension)."""
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if suffix not in (".tsv", ".csv", ".txt"):
+    if suffix not in (".tsv", ".csv", ".txt", ".jsonl", ".json"):
         raise ValueError(f"{path}: unknown file type {suffix!r}; use .tsv, .csv or .jsonl")
-    with open(path, newline="", encoding="utf-8") as f:
-        if suffix == ".csv":
-            return list(csv.DictReader(f))
-        # TSV as GLUE writes it: no quoting, so a sentence may start with a quote mark
-        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:
+        # utf-8-sig: spreadsheet programs start a file with a byte-order mark
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            if suffix in (".jsonl", ".json"):
+                return [(n, _json_row(path, n, line)) for n, line in enumerate(f, 1) if line.strip()]
+            if suffix == ".csv":
+                reader = csv.DictReader(f)
+            else:  # TSV as GLUE writes it: no quoting, so a sentence may start with a quote mark
+                reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            rows = []
+            for row in reader:
+                # DictReader files extra cells under None and fills missing ones with None
+                if None in row or None in row.values():
+                    raise ValueError(f"{path}, line {reader.line_num}: "
+                                     f"{'more' if None in row else 'fewer'} cells than the "
+                                     f"{len(reader.fieldnames)} columns of the header "
+                                     f"{reader.fieldnames}; fix that row")
+                rows.append((reader.line_num, row))
+            return rows
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): "
+                         "save it as UTF-8") from None
+
+
+def _json_row(path: Path, line_no: int, line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {line_no}: not valid JSON ({e.msg}); the file must hold "
+                         "one JSON object per line (JSON Lines)") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}, line {line_no}: expected one JSON object per line (JSON Lines), "
+                         f"got a {type(row).__name__}")
+    return row
 
 
 def load_custom_task(train_file: str | os.PathLike, dev_file: str | os.PathLike,
@@ -323,7 +378,11 @@ def load_custom_task(train_file: str | os.PathLike, dev_file: str | os.PathLike,
                      test_file: str | os.PathLike | None = None, name: str = "custom",
                      labels: Sequence[str] | None = None, regression: bool = False,
                      index_column: str | None = None) -> TaskData:
-    """Load your own task from TSV, CSV or JSONL files with named columns (a header line)."""
+    """Load your own task from TSV, CSV or JSONL files with named columns (a header line).
+
+    Every row must have every column; a label cell may not be empty. Labels are matched as
+    strings with the spaces around them removed (a JSONL ``1`` is the label ``"1"``).
+    """
     files = {"train": Path(train_file), "validation": Path(dev_file)}
     if test_file is not None:
         files["test"] = Path(test_file)
@@ -331,17 +390,34 @@ def load_custom_task(train_file: str | os.PathLike, dev_file: str | os.PathLike,
     for split, path in files.items():
         if not path.exists():
             raise FileNotFoundError(f"{split} file {path} not found")
+        if path.is_dir():
+            raise ValueError(f"{split} file {path} is a folder: pass the file itself")
         records[split] = _read_records(path)
         if not records[split]:
-            raise ValueError(f"{path} holds no rows")
-        wanted = list(text_columns) + ([label_column] if split != "test" else [])
-        wanted += [index_column] if index_column else []
-        missing = [c for c in wanted if c not in records[split][0]]
-        if missing:
-            raise ValueError(f"{path}: no column(s) {missing}; its columns are "
-                             f"{list(records[split][0])}. Set --text-columns/--label-column.")
-    if not regression and labels is None:
-        labels = sorted({str(r[label_column]) for r in records["train"]})
+            raise ValueError(f"{path} holds no rows: its first line names the columns "
+                             "(sentence, label, ...) and each row follows on a line of its own")
+        texts = list(text_columns) + ([index_column] if index_column else [])
+        wanted = texts + ([label_column] if split != "test" else [])
+        for line, row in records[split]:
+            missing = [c for c in wanted if c not in row]
+            if missing:
+                raise ValueError(f"{path}, line {line}: no column(s) {missing}; its columns are "
+                                 f"{list(row)}. Set --text-columns/--label-column.")
+            for c in texts:
+                if row[c] is None:  # a JSON null
+                    raise ValueError(f"{path}, line {line}: {c!r} is null: give it a value or "
+                                     "remove the row")
+            if split != "test" and not _cell(row[label_column]):
+                empty = [n for n, r in records[split] if not _cell(r[label_column])]
+                raise ValueError(f"{path}: {len(empty)} row(s) with an empty {label_column!r} cell "
+                                 f"(line(s) {', '.join(map(str, empty[:5]))}"
+                                 f"{', ...' if len(empty) > 5 else ''}): label them or remove them")
+    from_train = labels is None
+    if not regression and from_train:
+        labels = sorted({str(r[label_column]).strip() for _, r in records["train"]})
+        if len(labels) < 2:
+            raise ValueError(f"{files['train']}: every row has the label {labels[0]!r}; a classifier "
+                             "needs two or more classes (or use --regression for scores)")
     spec = custom_task(name, text_columns, label_column, labels, regression, index_column)
     splits = {}
     for split, rows in records.items():
@@ -350,9 +426,38 @@ def load_custom_task(train_file: str | os.PathLike, dev_file: str | os.PathLike,
             "text_a": str(r[spec.text_columns[0]]),
             "text_b": str(r[spec.text_columns[1]]) if len(spec.text_columns) > 1 else None,
             "label": (None if split == "test" else
-                      _label_id(spec, str(r[label_column]), f"{files[split]}, row {i + 1}")),
-        } for i, r in enumerate(rows)]
+                      _custom_label(spec, str(r[label_column]), f"{files[split]}, line {line}",
+                                    from_train)),
+        } for i, (line, r) in enumerate(rows)]
     return TaskData(spec, splits, source=str(files["train"].parent))
+
+
+def _cell(value) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _custom_label(spec: TaskSpec, raw: str, where: str, from_train: bool) -> int | float:
+    raw = raw.strip()
+    if spec.is_regression:
+        if not _is_number(raw):
+            raise ValueError(f"{where}: score {raw!r} is not a number; fix or remove that row")
+        return float(raw)
+    if raw in spec.labels:
+        return spec.labels.index(raw)
+    shown = ", ".join(repr(x) for x in spec.labels[:10]) + (", ..." if len(spec.labels) > 10 else "")
+    fix = "list every class with --labels" if from_train else "add it to --labels"
+    if all(_is_number(x) for x in spec.labels + (raw,)):
+        fix += ", or add --regression if the labels are scores"
+    raise ValueError(f"{where}: label {raw!r} is not one of "
+                     f"{'the training file' if from_train else '--labels'}'s {len(spec.labels)} "
+                     f"labels ({shown}): {fix}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def load_task(task: str, glue_dir: str | os.PathLike | None = None, hub: bool = False) -> TaskData:
