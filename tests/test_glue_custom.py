@@ -293,3 +293,26 @@ def test_custom_run_predictions_and_scores_match_sklearn(tmp_path):
     with pytest.raises(ValueError, match=r"max_seq_length 128 -> 32"):
         glue.run_glue(model, [data], shorter, tmp_path / "out", "tiny")
     assert glue.load_result(run) == result  # nothing was touched
+
+
+def test_model_dot_names_its_folder_and_out_must_be_a_folder(tmp_path, monkeypatch, capsys):
+    data = glue.load_glue_dir("rte", GLUE_DIR)
+    grid = glue.GridConfig(lr=(1e-4,), batch_size=(4,), num_epochs=(1,), seed=(0,))
+
+    def fake_finetune(model_path, data, config, out_dir):
+        atomic_write_json(Path(out_dir) / "result.json", {
+            "result_version": glue.RESULT_VERSION, "task": "rte", "config": config.name,
+            "seed": config.seed, "score": 0.5, "dev": {"validation": {"accuracy": 0.5}},
+            "model_path": str(Path(model_path).resolve()), "data_fingerprint": data.fingerprint(),
+            "hyperparameters": dataclasses.asdict(config)})
+
+    monkeypatch.setattr(glue_grid, "finetune", fake_finetune)
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path / "my-model")
+    report = glue.run_glue(".", [data], grid, tmp_path / "out")
+    # before: results-.md, "GLUE results for :"
+    assert report["table"]["md"] == tmp_path / "out" / "results-my-model.md"
+    (tmp_path / "a-file").write_text("")
+    assert glue.main([".", "--out", str(tmp_path / "a-file"), "--glue-dir", str(GLUE_DIR)]) == 2
+    assert capsys.readouterr().err.strip() == (f"bbert finetune: error: --out {tmp_path / 'a-file'} "
+                                               "is a file: give a folder for the results")

@@ -116,6 +116,8 @@ def _load_tasks(args: argparse.Namespace) -> list:
 def main(argv: list[str] | None = None) -> int:
     """``bbert finetune``: parse, build the grid, load the tasks, run the grid, print the table."""
     args = build_parser().parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file: give a folder for the results")
     grid = build_grid(args)
     # Deferred, measured: torch, transformers and scikit-learn take 5-8 s to import on a 2-core
     # machine, which --help and a mistyped --set should not wait for.

@@ -247,7 +247,7 @@ def run_glue(model_path: str | os.PathLike, tasks: list[TaskData], grid: GridCon
     Returns ``{"selections", "rows", "table" (paths), "submission" (path or None)}``.
     """
     out_dir = Path(out_dir)
-    model_name = model_name or Path(model_path).name
+    model_name = model_name or Path(model_path).resolve().name  # "." names the folder too
     selections, chosen, specs = {}, {}, {}
     for data in tasks:
         results = grid_search(model_path, data, grid, out_dir)
