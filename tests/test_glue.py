@@ -83,6 +83,11 @@ def test_glue_dir_errors_name_the_problem(tmp_path):
         glue.load_glue_dir("rte", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"--glue-dir .*nowhere is not a folder"):
         glue.load_glue_dir("rte", tmp_path / "nowhere")
+    # a task's own folder works for that task, and names the mistake for the others
+    assert len(glue.load_glue_dir("rte", GLUE_DIR / "RTE").splits["train"]) == 5
+    with pytest.raises(FileNotFoundError, match=r"RTE is RTE's folder, not CoLA's: pass the glue_data "
+                                                r"folder above it, or --tasks rte"):
+        glue.load_glue_dir("cola", GLUE_DIR / "RTE")
     bad = tmp_path / "RTE"
     bad.mkdir()
     with pytest.raises(FileNotFoundError, match=r"RTE/train.tsv not found.*--hub"):
