@@ -316,3 +316,13 @@ def test_model_dot_names_its_folder_and_out_must_be_a_folder(tmp_path, monkeypat
     assert glue.main([".", "--out", str(tmp_path / "a-file"), "--glue-dir", str(GLUE_DIR)]) == 2
     assert capsys.readouterr().err.strip() == (f"bbert finetune: error: --out {tmp_path / 'a-file'} "
                                                "is a file: give a folder for the results")
+
+
+def test_a_capped_training_set_of_one_class_is_refused(tmp_path):
+    # a file sorted by label: its first rows are all one class (before: trained on them silently)
+    data = _load(tmp_path, "sentence\tlabel\n" + "".join(f"s{i}\tneg\n" for i in range(5)) + "t\tpos\n")
+    config = glue.FinetuneConfig(max_train_examples=4, progress=False)
+    with pytest.raises(ValueError, match=r"custom: the first 4 training examples all have the label "
+                                         r"'neg': shuffle the training file, or raise --max-train-examples"):
+        glue.finetune("no-model-needed", data, config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -178,6 +178,11 @@ def finetune(model_path: str | os.PathLike, data: TaskData, config: FinetuneConf
     for split in ("train",) + spec.dev_splits:
         if not data.splits.get(split):
             raise ValueError(f"{spec.display}: the {split!r} split is missing or empty")
+    train = data.splits["train"][:config.max_train_examples]  # the first N: files stay in order
+    if not spec.is_regression and len({e["label"] for e in train}) < 2:
+        raise ValueError(f"{spec.display}: the first {len(train)} training examples all have the "
+                         f"label {spec.labels[train[0]['label']]!r}: shuffle the training file, or "
+                         "raise --max-train-examples")
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:  # a run in progress (or killed) must not look finished
         (out_dir / "result.json").unlink(missing_ok=True)
@@ -187,9 +192,6 @@ def finetune(model_path: str | os.PathLike, data: TaskData, config: FinetuneConf
     model, tokenizer = load_classifier(model_path, spec.num_labels)
     model.to(device)
 
-    train = data.splits["train"]
-    if config.max_train_examples:
-        train = train[:config.max_train_examples]
     features = _encode(train, tokenizer, _max_length(model, config), _uses_token_types(model))
     for f, e in zip(features, train):
         f["labels"] = e["label"]
