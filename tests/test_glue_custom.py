@@ -40,8 +40,8 @@ def test_bom_crlf_and_quotes_are_read_as_written(tmp_path):
     _write(tmp_path / "train.csv", 'sentence,label\r\n"good, really good",pos\r\n"bad\r\nfilm",neg\r\n'
                                    'fine,pos\r\n', "utf-8-sig")
     # a GLUE-style TSV: stray quote marks are text, not quoting
-    _write(tmp_path / "dev.tsv", 'sentence\tlabel\r\n" good\tpos\r\nhe said "bad\tneg\r\nok "\tpos\r\n',
-           "utf-8-sig")
+    _write(tmp_path / "dev.tsv",
+           'sentence\tlabel\r\n" good\tpos\r\nhe said "bad\tneg\r\nok "\tpos\r\n', "utf-8-sig")
     data = glue.load_custom_task(tmp_path / "train.csv", tmp_path / "dev.tsv", ["sentence"])
     assert data.spec.labels == ("neg", "pos")
     assert [(e["text_a"], e["label"]) for e in data.splits["train"]] == [

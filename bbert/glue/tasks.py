@@ -245,9 +245,10 @@ def load_glue_dir(task: str | TaskSpec, glue_dir: str | os.PathLike) -> TaskData
                                 "glue_data folder (glue_data/RTE/train.tsv ...)")
     folder = glue_dir / spec.display if (glue_dir / spec.display).is_dir() else glue_dir
     other = next((t for t in GLUE_TASKS.values() if t.display == glue_dir.name), spec)
-    if folder == glue_dir and other is not spec:
+    if folder == glue_dir and other.name != spec.name:
         raise FileNotFoundError(f"--glue-dir {glue_dir} is {other.display}'s folder, not "
-                                f"{spec.display}'s: pass the glue_data folder above it, or --tasks {other.name}")
+                                f"{spec.display}'s: pass the glue_data folder above it, "
+                                f"or --tasks {other.name}")
     if folder == glue_dir and not (glue_dir / spec.files["train"]).exists():
         found = sorted(p.name for p in glue_dir.iterdir() if p.is_dir())
         raise FileNotFoundError(
