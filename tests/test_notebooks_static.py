@@ -334,3 +334,63 @@ def test_prose_uses_american_spelling():
                                 "README.md": (ROOT / "README.md").read_text(encoding="utf-8")}.items()}
     found = {name: words for name, words in found.items() if words}
     assert not found, f"British spellings (the book uses American English): {found}"
+
+
+def _notebook_namespace(cells: list[dict]) -> dict:
+    """The names a notebook imports from bbert, imported for real (imports only, nothing runs)."""
+    namespace: dict = {}
+    for cell in cells:
+        if cell["cell_type"] != "code":
+            continue
+        for node in ast.walk(ast.parse(python_source(cell))):
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(m.split(".")[0] == "bbert" for m in modules):
+                exec(compile(ast.Module([node], []), "<imports>", "exec"), namespace)
+    return namespace
+
+
+def _resolve(func: ast.expr, namespace: dict):
+    """`name` or `name.attr...` looked up in the namespace; None where it is not a bbert callable."""
+    if isinstance(func, ast.Name):
+        obj = namespace.get(func.id)
+    elif isinstance(func, ast.Attribute):
+        obj = _resolve(func.value, namespace) if isinstance(func.value, (ast.Name, ast.Attribute)) else None
+        obj = getattr(obj, func.attr, None) if obj is not None else None
+    else:
+        return None
+    module = getattr(obj, "__module__", None) or getattr(obj, "__name__", "")
+    return obj if module.split(".")[0] == "bbert" else None
+
+
+@notebook_params
+def test_solution_code_calls_the_package_with_real_arguments(path):
+    """Solutions are folded Markdown, never executed by the build: every keyword they pass to a
+    bbert function or config must exist, so a renamed field cannot leave a solution that fails."""
+    import inspect
+
+    cells = load_notebook(path)["cells"]
+    namespace = _notebook_namespace(cells)
+    text = "\n\n".join(source(c) for c in cells if c["cell_type"] == "markdown")
+    checked, wrong = 0, []
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        try:
+            tree = ast.parse(block)
+        except SyntaxError as e:
+            wrong.append(f"cannot parse {block!r}: {e}")
+            continue
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+            target = _resolve(call.func, namespace)
+            if target is None or not callable(target):
+                continue
+            try:
+                signature = inspect.signature(target)
+            except (TypeError, ValueError):
+                continue
+            checked += 1
+            try:
+                signature.bind_partial(**{kw.arg: None for kw in call.keywords if kw.arg})
+            except TypeError as e:
+                wrong.append(f"{ast.unparse(call.func)}(...): {e}")
+    assert not wrong, f"{path.name}: " + "\n".join(wrong)
+    assert checked, f"{path.name}: no solution calls the package; is the pattern still right?"
