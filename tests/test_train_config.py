@@ -101,6 +101,18 @@ def test_overrides_parse_values_and_nested_fields():
     assert (mc.num_hidden_layers, mc.pre_layernorm) == (3, True)  # the overrides reach the model
 
 
+def test_bad_model_overrides_name_the_field_not_a_python_error():
+    # hidden_size='abc' used to surface as "not all arguments converted during string formatting",
+    # and an unclosed bracket as a yaml traceback
+    c = TrainConfig.from_preset("tiny-cpu").with_overrides(["model.hidden_size=abc"])
+    with pytest.raises(ValueError, match="model.hidden_size must be a number, got 'abc'"):
+        c.validate(world_size=1, check_data=False)
+    with pytest.raises(ValueError, match="model.pre_layernorm must be true or false"):
+        TrainConfig.from_preset("tiny-cpu", model_overrides={"pre_layernorm": "maybe"}).model_config(100)
+    with pytest.raises(ValueError, match=r"model.num_hidden_layers is not valid YAML"):
+        TrainConfig.from_preset("tiny-cpu").with_overrides(["model.num_hidden_layers=[2"])
+
+
 def test_unknown_fields_are_named_with_a_suggestion(tmp_path):
     with pytest.raises(ValueError, match="Did you mean 'lr'"):
         TrainConfig.from_preset("tiny-cpu").with_overrides(["lrr=1"])
@@ -118,6 +130,8 @@ def test_unknown_fields_are_named_with_a_suggestion(tmp_path):
     ({"warmup_proportion": 1.0}, r"warmup_proportion must be in \[0, 1\)"),
     ({"warmup_proportion": -0.1}, r"warmup_proportion must be in \[0, 1\)"),
     ({"time_budget_hours": 0}, r"time_budget_hours must be > 0"),
+    ({"time_budget_hours": float("inf")}, r"time_budget_hours must be > 0 and finite"),  # ran forever
+    ({"time_budget_hours": float("nan")}, r"time_budget_hours must be > 0 and finite"),
     ({"schedule": "step", "max_steps": None}, r"set max_steps"),
     ({"engine": "jax"}, r"engine='jax' is not one of"),
     ({"zero_stage": 2}, r"zero_stage=2 needs engine='deepspeed'"),
