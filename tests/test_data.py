@@ -5,6 +5,7 @@ import gzip
 import importlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -412,6 +413,30 @@ def test_cli_prepare_and_bad_input_exit_codes(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--val-fraction", "1"], r"--val-fraction must be at least 0 and below 1, got 1.0"),  # was "no usable documents"
+    (["--val-fraction", "-0.1"], r"--val-fraction must be at least 0"),  # was silently 0
+    (["--vocab-size", "-5"], r"--vocab-size must be at least 16"),  # was an OverflowError traceback
+    (["--vocab-size", "0"], r"--vocab-size must be at least 16"),  # was silently the alphabet
+    (["--max-seq-length", "4"], r"--max-seq-length must be at least 8"),  # was refused after the tokenizer
+    (["--max-documents", "0"], r"--max-documents must be at least 1"),  # was "no usable documents"
+    (["--set", "max_bytes=0"], r"max_bytes must be at least 1"),
+    (["--set", "max_document_chars=0"], r"max_document_chars must be at least 1"),  # looped forever
+    (["--set", "seed=-1"], r"seed must be at least 0"),  # was an OverflowError traceback
+])
+def test_bad_prepare_values_are_refused_before_anything_is_read(tmp_path, capsys, flags, message):
+    from bbert.cli import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Some text about rivers and mountains.\n\nMore text about gardens.\n")
+    out = tmp_path / "out"
+    assert main(["prepare", str(corpus), "--out", str(out), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bbert prepare: error: ") and err.count("\n") == 1
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- masking
 def _mask_many(tokenizer, samples, config, n=600):
     masker = Masker.from_tokenizer(tokenizer, config)
@@ -665,6 +690,16 @@ def test_vocabulary_shortfall_is_said_and_uint16_is_checked_before_training(tmp_
     with pytest.raises(ValueError, match="--vocab-size 70,000 needs token ids above 65,535.*dtype=auto"):
         prepare(PrepareConfig([str(corpus)], str(tmp_path / "u"), vocab_size=70_000, dtype="uint16"))
     assert time.perf_counter() - started < 0.5 and not (tmp_path / "u").exists()  # before training
+
+
+def test_a_vocabulary_larger_than_asked_is_said(tmp_path, capsys):
+    # WordPiece keeps every character of the corpus, so --vocab-size 20 silently gave ~60 tokens
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Café au lait, déjà vu and naïve façades line the old quarter of town.\n" * 5)
+    m = prepare(PrepareConfig([str(corpus)], str(tmp_path / "o"), vocab_size=20, progress=False, val_fraction=0))
+    assert m["vocab_size"] > 20
+    assert (f"the corpus has more distinct characters than --vocab-size 20 allows: WordPiece keeps "
+            f"them all, so the vocabulary has {m['vocab_size']} tokens") in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- sentence-per-row datasets

@@ -34,6 +34,7 @@ from bbert.utils import Progress, atomic_write_json
 SPLITS = ("train", "val")
 EMBEDDED = "embedded:sample"  # how the manifest names the shipped corpus (its path varies by install)
 UINT16_VOCAB = 2**16  # token ids 0..65,535 fit in two bytes
+MIN_VOCAB_SIZE = 16  # the special tokens and a few more: what check_tokenizer accepts
 
 
 @dataclass
@@ -85,6 +86,23 @@ class PrepareConfig:
 
     def check(self) -> None:
         """Refuse bad values before anything is read or written."""
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction} "
+                             "(a share of the documents, e.g. 0.01; 0 for no validation split)")
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"--vocab-size must be at least {MIN_VOCAB_SIZE}, got {self.vocab_size} "
+                             "(BERT's is 30,522; 1,000-8,000 suit a small corpus)")
+        if self.max_seq_length < 8:
+            raise ValueError(f"--max-seq-length must be at least 8, got {self.max_seq_length} (the paper's is 128)")
+        for name in ("max_documents", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{'--max-documents' if name == 'max_documents' else name} must be at least 1, "
+                                 f"or null for all of the input; got {value}")
+        if self.max_document_chars < 1:
+            raise ValueError(f"max_document_chars must be at least 1, got {self.max_document_chars}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be at least 0, got {self.seed}")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be at least 1, got {self.samples_per_shard}")
         if self.rows_per_document < 1:
@@ -141,6 +159,9 @@ def _get_tokenizer(config: PrepareConfig, reuse_from: Path | None):
         raise CorpusError(_empty_message(config, stats))
     tok = train_tokenizer(itertools.chain([first], texts), vocab_size=config.vocab_size,
                           lowercase=config.lowercase, max_seq_length=config.max_seq_length)
+    if len(tok) > config.vocab_size:
+        _note(f"the corpus has more distinct characters than --vocab-size {config.vocab_size:,} allows: "
+              f"WordPiece keeps them all, so the vocabulary has {len(tok):,} tokens")
     if len(tok) < config.vocab_size:
         _note(f"the corpus yields only {len(tok):,} WordPiece tokens of the {config.vocab_size:,} asked "
               "(--vocab-size): too little text for that vocabulary. The data dir uses "
