@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from bbert.data import (CorpusError, DataDirError, IGNORE_INDEX, Masker, MaskingConfig, Packer,
+from bbert.data import (CorpusError, DataDirError, IGNORE_INDEX, group_rows, Masker, MaskingConfig, Packer,
                         PrepareConfig, PretrainingDataset, ReadStats, TokenizerError,
                         build_pretraining_loader, check_tokenizer, choose_dtype, clean_text,
                         is_validation, load_manifest, load_tokenizer, prepare, read_documents,
@@ -79,6 +79,69 @@ def test_jsonl_reader_gzip_and_text_field(tmp_path):
     bad.write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(CorpusError, match="bad.jsonl:2 is not valid JSON"):
         list(read_documents([bad]))
+
+
+def test_jsonl_text_that_is_not_a_string_is_refused_naming_the_row(tmp_path):
+    # a dict or list used to enter the corpus as its Python repr ("{'a': 1}"), numbers as digits
+    for value, kind in (({"a": "some nested words"}, "dict"), (["a", "list"], "list"), (12345, "int")):
+        path = tmp_path / f"{kind}.jsonl"
+        path.write_text(json.dumps({"text": "a fine row"}) + "\n" + json.dumps({"text": value}) + "\n")
+        with pytest.raises(CorpusError, match=rf"{kind}.jsonl:2: field 'text' holds a {kind}, not text.*--text-field"):
+            list(read_documents([path]))
+    nulls = tmp_path / "nulls.jsonl"  # null is an empty document, counted as such
+    nulls.write_text(json.dumps({"text": None}) + "\n" + json.dumps({"text": "words"}) + "\n")
+    assert list(read_documents([nulls])) == ["", "words"]
+    rows = [{"doc_id": 1, "text": "one"}, {"doc_id": 1, "text": {"x": 1}}]
+    with pytest.raises(CorpusError, match="row 2: field 'text' holds a dict"):
+        list(group_rows(rows))
+
+
+def test_a_folder_walk_skips_hidden_folders_counts_skipped_files_and_refuses_a_data_dir(tmp_path, data_dir):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    (corpus / ".ipynb_checkpoints").mkdir(parents=True)
+    (corpus / "a.txt").write_text("Kept text.")
+    (corpus / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("A copy that was read twice.")
+    (corpus / "notes.md").write_text("# Not read")
+    (corpus / "README").write_text("Not read either")
+    stats = ReadStats()
+    assert list(read_documents([corpus], stats=stats)) == ["Kept text."]
+    assert stats.files == 1 and stats.files_skipped == 2
+    assert sorted(stats.files_skipped_examples) == [str(corpus / "README"), str(corpus / "notes.md")]
+    # a data dir left inside the input folder: its manifest and tokenizer files are not text
+    shutil.copytree(data_dir, corpus / "data")
+    with pytest.raises(CorpusError, match=r"corpus holds a bbert data dir .*corpus/data.*move it out"):
+        list(read_documents([corpus]))
+
+
+def test_prepare_refuses_out_inside_an_input_folder_and_an_input_inside_out(tmp_path, capsys):
+    from bbert.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Some text about rivers and mountains.\n")
+    assert main(["prepare", str(corpus), "--out", str(corpus / "data"), "--quiet"]) == 2
+    assert re.search(r"--out .*corpus/data lies inside the input folder .*corpus.*choose an --out outside",
+                     capsys.readouterr().err)
+    assert not (corpus / "data").exists()
+    # --overwrite would replace the folder that holds the input, deleting it
+    assert main(["prepare", str(corpus / "a.txt"), "--out", str(corpus), "--quiet", "--overwrite"]) == 2
+    assert re.search(r"input .*a.txt lies inside --out .*corpus", capsys.readouterr().err)
+    assert (corpus / "a.txt").read_text() == "Some text about rivers and mountains.\n"
+
+
+def test_prepare_console_names_skipped_files(tmp_path, capsys):
+    from bbert.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Some text about rivers and mountains, long enough to keep.\n" * 20)
+    (corpus / "notes.md").write_text("# Not read\n")
+    assert main(["prepare", str(corpus), "--out", str(tmp_path / "d"), "--quiet", "--vocab-size", "100",
+                 "--val-fraction", "0"]) == 0
+    assert (f"1 file in the input folders skipped (not .txt, .jsonl, ...), e.g. {corpus / 'notes.md'}: "
+            "pass such files by name to read them") in capsys.readouterr().out
 
 
 def test_wikiextractor_reader(tmp_path):
@@ -673,6 +736,14 @@ def test_tokenizer_paths_get_messages_that_say_what_is_wrong(tmp_path, monkeypat
     (tmp_path / "notatok" / "README.md").write_text("hello")
     with pytest.raises(TokenizerError, match="notatok is not a tokenizer folder: it should hold tokenizer.json"):
         load_tokenizer(tmp_path / "notatok")
+    # files of the right names that transformers can't read: a KeyError traceback, or its bare message
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for content in ("{}", "not json"):
+        (broken / "tokenizer.json").write_text(content)
+        with pytest.raises(TokenizerError, match=r"broken holds tokenizer files that transformers can't load "
+                                                 r"\(.*\); point --tokenizer at a folder written by save_pretrained"):
+            load_tokenizer(broken)
     with pytest.raises(HubUnavailableError, match="no local folder of that name"):
         load_tokenizer("google-bert/bert-base-uncased")
     assert len(load_tokenizer(data_dir)) == load_manifest(data_dir)["vocab_size"]  # a data dir works

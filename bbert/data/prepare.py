@@ -201,6 +201,21 @@ class _SplitWriter:
             self.pending_rows = len(block) - n
 
 
+def _refuse_overlap(out: Path, inputs: list[str]) -> None:
+    """Refuse an --out inside an input folder (the next prepare of that folder would read the data
+    dir as text) and an input inside --out (replacing --out would delete it)."""
+    for item in inputs:
+        if str(item).startswith("hf:") or not Path(item).exists():
+            continue
+        source, target = Path(item).resolve(), out.resolve()
+        if source.is_dir() and target.is_relative_to(source):
+            raise DataDirError(f"--out {out} lies inside the input folder {item}, so a later prepare of "
+                               f"{item} would read the data dir's files as text; choose an --out outside {item}")
+        if source.is_relative_to(target):
+            raise DataDirError(f"input {item} lies inside --out {out}, which prepare replaces as a whole; "
+                               "choose another --out, or move the input elsewhere")
+
+
 def _existing_state(out: Path, config: PrepareConfig) -> dict | None:
     """The finished manifest in ``out`` (None if there is none), after refusing what must not be
     replaced silently and announcing what will be redone."""
@@ -232,6 +247,7 @@ def prepare(config: PrepareConfig) -> dict:
     """
     config.check()
     out = Path(config.out)
+    _refuse_overlap(out, config.inputs)
     with DirLock(out, "written"):
         existing = _existing_state(out, config)
         if existing and not config.overwrite:
@@ -442,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"documents: {s['documents_read']:,} read, {s['documents_kept']:,} kept; dropped "
           f"{s['empty']:,} empty and {s['too_short']:,} shorter than min_document_chars; "
           f"{s['long_documents_split']:,} long ones cut; {s.get('rows_grouped', 0):,} rows joined into documents")
+    if s.get("files_skipped"):
+        n = s["files_skipped"]
+        print(f"{n:,} file{'s' if n > 1 else ''} in the input folders skipped (not .txt, .jsonl, ...), e.g. "
+              f"{', '.join(s['files_skipped_examples'][:3])}: pass such files by name to read them")
     return 0
 
 

@@ -39,6 +39,8 @@ class ReadStats:
     """Counts of what happened to the input, reported on the console and in the manifest."""
 
     files: int = 0
+    files_skipped: int = 0  # in input folders, with a suffix no reader takes (.md, .html, ...)
+    files_skipped_examples: list = field(default_factory=list)
     documents_read: int = 0
     documents_kept: int = 0
     empty: int = 0
@@ -130,7 +132,19 @@ def _jsonl_records(path: Path, text_field: str, encoding: str) -> Iterator[dict]
                 keys = list(record) if isinstance(record, dict) else type(record).__name__
                 raise CorpusError(f"{path}:{lineno} has no field {text_field!r} (found {keys}); "
                                   "pass --text-field NAME")
+            _text(record, text_field, f"{path}:{lineno}")
             yield record
+
+
+def _text(record: dict, text_field: str, where: str) -> str:
+    """The row's text; null is an empty document, anything else that is not a string is refused
+    (a dict or a list would enter the corpus as its Python repr)."""
+    value = record[text_field]
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise CorpusError(f"{where}: field {text_field!r} holds a {type(value).__name__}, not text "
+                      f"({str(value)[:40]!r}); pass --text-field NAME of the field that holds the text, "
+                      "or fix that row")
 
 
 def group_rows(records: Iterable[dict], text_field: str = "text", document_field: str | None = None,
@@ -154,15 +168,15 @@ def group_rows(records: Iterable[dict], text_field: str = "text", document_field
         raise CorpusError(f"the rows have no field {document_field!r} (found {list(first)}); "
                           "pass the column that names each row's document, or --rows-per-document N")
     if document_field is None and rows_per_document == 1:
-        for record in records:
-            yield str(record[text_field] or "")
+        for row, record in enumerate(records, 1):
+            yield _text(record, text_field, f"row {row}")
         return
     if document_field is not None:
         key = lambda indexed: indexed[1][document_field]  # noqa: E731
     else:
         key = lambda indexed: indexed[0] // rows_per_document  # noqa: E731
     for _, rows in itertools.groupby(enumerate(records), key):
-        texts = [str(record[text_field] or "") for _, record in rows]
+        texts = [_text(record, text_field, f"row {index + 1}") for index, record in rows]
         if stats is not None and len(texts) > 1:
             stats.rows_grouped += len(texts)
         yield " ".join(texts)
@@ -225,11 +239,21 @@ def _detect_format(path: Path) -> str:
     return "wikiextractor" if head.startswith(b"<doc") else "text"
 
 
-def _files_in(folder: Path, fmt: str) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and (p.name.endswith(TEXT_SUFFIXES) or _WIKI_FILE.match(p.name)))
+def _files_in(folder: Path, fmt: str, stats: ReadStats) -> list[Path]:
+    # Hidden files and folders (.git, .ipynb_checkpoints with its copies of the text) are not input.
+    visible = sorted(p for p in folder.rglob("*") if p.is_file()
+                     and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    data_dir = next((p.parent for p in visible if p.name == "manifest.json" and (p.parent / "tokenizer").is_dir()), None)
+    if data_dir is not None:
+        raise CorpusError(f"{folder} holds a bbert data dir ({data_dir}): its manifest and tokenizer files are "
+                          "not text to train on; move it out of the input folder, or pass the text files by name")
+    files = [p for p in visible if p.name.endswith(TEXT_SUFFIXES) or _WIKI_FILE.match(p.name)]
     if fmt == "books":
         files = [p for p in files if p.name.endswith((".txt", ".txt.gz"))]
+    taken = set(files)
+    skipped = [p for p in visible if p not in taken]
+    stats.files_skipped += len(skipped)
+    stats.files_skipped_examples += [str(p) for p in skipped[:5 - len(stats.files_skipped_examples)]]
     if not files:
         raise CorpusError(f"folder {folder} holds no text files (looked for *.txt, *.jsonl, *.jsonl.gz "
                           "and WikiExtractor wiki_NN files); point at the files themselves or "
@@ -263,7 +287,7 @@ def read_documents(inputs: Iterable[str | Path], fmt: str = "auto", text_field: 
         path = Path(item)
         if not path.exists():
             raise CorpusError(f"input {path} does not exist")
-        for file in _files_in(path, fmt) if path.is_dir() else [path]:
+        for file in _files_in(path, fmt, stats) if path.is_dir() else [path]:
             stats.files += 1
             kind = _detect_format(file) if fmt == "auto" else fmt
             if kind == "jsonl":
