@@ -273,6 +273,14 @@ class TrainConfig:
 
     def _validate_data(self, world_size: int = 1) -> None:
         data_dir = Path(self.data_dir)
+        if data_dir.is_file():
+            raise ValueError(f"data_dir {str(data_dir)!r} is a file; a data dir is the folder that `bbert prepare "
+                             f"--out` wrote (it holds manifest.json): pass its folder, {data_dir.parent}")
+        if (data_dir.is_dir() and not (data_dir / "manifest.json").exists() and any(data_dir.iterdir())
+                and not any(data_dir.glob("*.bin"))):  # shards without a manifest: an older or unfinished prepare
+            raise ValueError(f"data_dir {str(data_dir)!r} holds no manifest.json, so it is not a data dir (raw text?): "
+                             f"prepare it first, `bbert prepare {data_dir} --out DATA_DIR`, then pass "
+                             "--data-dir DATA_DIR")
         if not (data_dir / "manifest.json").is_file():
             raise ValueError(f"data_dir {str(data_dir)!r} has no manifest.json: prepare it first with "
                              f"`bbert prepare --out {data_dir}` (or bbert.data.prepare), or set data_dir")

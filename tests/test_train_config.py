@@ -168,6 +168,23 @@ def test_missing_data_dir_names_the_fix(tmp_path):
         c.validate(world_size=1)
 
 
+def test_a_data_dir_that_is_raw_text_or_a_file_names_the_right_fix(tmp_path):
+    # "prepare it first with bbert prepare --out corpus" told the user to write into the text folder
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Raw text.")
+    c = TrainConfig.from_preset("tiny-cpu", data_dir=str(corpus))
+    with pytest.raises(ValueError, match=r"holds no manifest.json, so it is not a data dir.*raw text.*"
+                                         rf"bbert prepare {corpus} --out DATA_DIR.*--data-dir DATA_DIR"):
+        c.validate(world_size=1)
+    manifest = tmp_path / "data" / "manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text("{}")
+    c = TrainConfig.from_preset("tiny-cpu", data_dir=str(manifest))
+    with pytest.raises(ValueError, match=rf"data_dir .*manifest.json' is a file.*pass its folder, {manifest.parent}"):
+        c.validate(world_size=1)
+
+
 def test_cli_arguments_build_the_config(tmp_path):
     args = build_parser().parse_args(["--preset", "tiny-cpu", "--data-dir", "d:ir/x", "--run-dir", "r",
                                       "--set", "lr=3e-4", "--set", "model.num_hidden_layers=1", "--local_rank=0"])
