@@ -500,6 +500,20 @@ def test_bad_prepare_values_are_refused_before_anything_is_read(tmp_path, capsys
     assert not out.exists()
 
 
+def test_ctrl_c_on_the_command_line_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    from bbert.cli import main
+
+    prepare_module = importlib.import_module("bbert.data.prepare")  # the attribute is the function
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "prepare", interrupted)
+    monkeypatch.delenv("BBERT_DEBUG", raising=False)
+    assert main(["prepare", str(tmp_path), "--out", str(tmp_path / "d")]) == 130
+    assert capsys.readouterr().err == ("bbert prepare: interrupted; nothing half-written is kept: "
+                                       "run the same command again\n")
+
+
 # ---------------------------------------------------------------- masking
 def _mask_many(tokenizer, samples, config, n=600):
     masker = Masker.from_tokenizer(tokenizer, config)
