@@ -144,6 +144,26 @@ def test_prepare_console_names_skipped_files(tmp_path, capsys):
             "pass such files by name to read them") in capsys.readouterr().out
 
 
+def test_a_utf8_byte_order_mark_is_dropped_not_refused(tmp_path):
+    # Windows tools write one; JSONL with it was refused as "not valid JSON (Unexpected UTF-8 BOM)"
+    rows = tmp_path / "bom.jsonl"
+    rows.write_bytes(("\ufeff" + json.dumps({"text": "first"}) + "\r\n" + json.dumps({"text": "second"}) + "\r\n").encode())
+    assert list(read_documents([rows])) == ["first", "second"]
+    text = tmp_path / "bom.txt"
+    text.write_bytes("\ufeffFirst para.\r\n\r\nSecond para.\r\n".encode())
+    assert list(read_documents([text])) == ["First para.\r\n", "Second para.\r\n"]
+    assert list(read_documents([text], text_unit="file")) == ["First para.\r\n\r\nSecond para.\r\n"]
+
+
+def test_a_row_missing_the_text_field_after_good_rows_is_named_as_one_bad_row(tmp_path):
+    path = tmp_path / "some.jsonl"
+    path.write_text(json.dumps({"text": "good"}) + "\n" + json.dumps({"body": "odd one"}) + "\n")
+    # "pass --text-field NAME" was wrong advice: the other rows have the field
+    with pytest.raises(CorpusError, match=r"some.jsonl:2 has no field 'text' \(found \['body'\]\), which the rows "
+                                          r"before it have: fix or remove that row"):
+        list(read_documents([path]))
+
+
 def test_wikiextractor_reader(tmp_path):
     folder = tmp_path / "AA"
     folder.mkdir()

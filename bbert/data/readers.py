@@ -88,6 +88,7 @@ def _decode(raw: bytes, encoding: str, where: str) -> str:
     except LookupError:
         raise CorpusError(f"unknown encoding {encoding!r}; use a Python codec name such as "
                           "utf-8, latin-1 or cp1252") from None
+    text = text.removeprefix("\ufeff")  # a byte order mark (Windows tools write one) is not text
     if "\x00" in text:
         raise CorpusError(f"{where} contains NUL characters: a binary file, or text in UTF-16 "
                           f"(pass --encoding utf-16); decoded as {encoding}. Remove it from the "
@@ -120,6 +121,7 @@ def read_text_file(path: Path, unit: str = "paragraph", stats: ReadStats | None 
 
 def _jsonl_records(path: Path, text_field: str, encoding: str) -> Iterator[dict]:
     with _open_binary(path) as f:
+        good_rows = 0
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -130,8 +132,10 @@ def _jsonl_records(path: Path, text_field: str, encoding: str) -> Iterator[dict]
                                   "JSONL needs one JSON object per line") from None
             if not isinstance(record, dict) or text_field not in record:
                 keys = list(record) if isinstance(record, dict) else type(record).__name__
-                raise CorpusError(f"{path}:{lineno} has no field {text_field!r} (found {keys}); "
-                                  "pass --text-field NAME")
+                fix = ", which the rows before it have: fix or remove that row" if good_rows else \
+                    "; pass --text-field NAME"
+                raise CorpusError(f"{path}:{lineno} has no field {text_field!r} (found {keys}){fix}")
+            good_rows += 1
             _text(record, text_field, f"{path}:{lineno}")
             yield record
 
