@@ -254,3 +254,20 @@ def test_a_split_smaller_than_one_micro_batch_per_rank_is_refused_before_the_run
     ok.validate(world_size=1)
     with pytest.raises(ValueError, match=rf"\({too_big} x 1\)"):
         ok.validate(world_size=too_big)
+
+
+def test_pretrain_refuses_a_run_dir_that_is_not_one_before_writing(tmp_path, capsys):
+    from helpers_train import make_data_dir
+
+    data = make_data_dir(tmp_path / "data")
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "book.txt").write_text("A user's own text.")
+    before = sorted(p.name for p in data.iterdir())
+    for run_dir, message in ((data, "lies inside the data dir"), (texts, "holds other files (book.txt)")):
+        args = ["--preset", "tiny-cpu", "--data-dir", str(data), "--run-dir", str(run_dir),
+                "--set", "max_seq_length=64", "--set", "micro_batch_size=4"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert sorted(p.name for p in data.iterdir()) == before and [p.name for p in texts.iterdir()] == ["book.txt"]
