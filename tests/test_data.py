@@ -164,6 +164,18 @@ def test_a_row_missing_the_text_field_after_good_rows_is_named_as_one_bad_row(tm
         list(read_documents([path]))
 
 
+def test_utf16_text_and_jsonl_read_when_declared_and_are_named_when_not(tmp_path):
+    # a UTF-16 newline is two bytes: read line by line, --encoding utf-16 failed on the first line
+    text = tmp_path / "u16.txt"
+    text.write_bytes("Première partie.\nSuite.\n\nDeuxième partie.\n".encode("utf-16"))
+    assert list(read_documents([text], encoding="utf-16")) == ["Première partie.\nSuite.\n", "Deuxième partie.\n"]
+    rows = tmp_path / "u16.jsonl"
+    rows.write_bytes((json.dumps({"text": "un"}) + "\n" + json.dumps({"text": "deux"}) + "\n").encode("utf-16"))
+    assert list(read_documents([rows], encoding="utf-16")) == ["un", "deux"]
+    with pytest.raises(CorpusError, match="u16.txt:1 is not utf-8 text .* e.g. --encoding utf-16"):
+        list(read_documents([text]))  # its byte order mark says UTF-16: latin-1 was the advice
+
+
 def test_wikiextractor_reader(tmp_path):
     folder = tmp_path / "AA"
     folder.mkdir()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import itertools
 import re
@@ -81,9 +82,10 @@ def _decode(raw: bytes, encoding: str, where: str) -> str:
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as e:
+        example = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "latin-1"  # UTF-16's byte order marks
         raise CorpusError(
             f"{where} is not {encoding} text (byte 0x{raw[e.start]:02x} at offset {e.start} cannot be "
-            f"decoded); if it is text in another encoding pass it, e.g. --encoding latin-1 "
+            f"decoded); if it is text in another encoding pass it, e.g. --encoding {example} "
             f"(encoding=... in PrepareConfig), otherwise remove the file from the inputs") from None
     except LookupError:
         raise CorpusError(f"unknown encoding {encoding!r}; use a Python codec name such as "
@@ -96,6 +98,19 @@ def _decode(raw: bytes, encoding: str, where: str) -> str:
     return text
 
 
+def _lines(f, encoding: str, path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, decoded line)`` of binary file ``f``, each line ending in its newline."""
+    try:
+        one_byte_newline = "\n".encode(encoding) == b"\n"
+    except LookupError:
+        one_byte_newline = True  # _decode names the unknown encoding
+    if one_byte_newline:  # UTF-8, latin-1, ...: decode line by line, naming the line of a bad byte
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, _decode(raw, encoding, f"{path}:{lineno}")
+    else:  # UTF-16 and UTF-32 spend several bytes on a newline: decode the file whole
+        yield from enumerate(io.StringIO(_decode(f.read(), encoding, str(path)), newline="\n"), 1)
+
+
 def read_text_file(path: Path, unit: str = "paragraph", stats: ReadStats | None = None,
                    encoding: str = "utf-8") -> Iterator[str]:
     """Documents from a plain-text file: one per blank-line-separated block, per line, or per file."""
@@ -106,8 +121,7 @@ def read_text_file(path: Path, unit: str = "paragraph", stats: ReadStats | None 
             yield _decode(f.read(), encoding, str(path))
             return
         block: list[str] = []
-        for lineno, raw in enumerate(f, 1):
-            line = _decode(raw, encoding, f"{path}:{lineno}")
+        for _, line in _lines(f, encoding, path):
             if unit == "line":
                 yield line
             elif line.strip():
@@ -122,11 +136,11 @@ def read_text_file(path: Path, unit: str = "paragraph", stats: ReadStats | None 
 def _jsonl_records(path: Path, text_field: str, encoding: str) -> Iterator[dict]:
     with _open_binary(path) as f:
         good_rows = 0
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
+        for lineno, line in _lines(f, encoding, path):
+            if not line.strip():
                 continue
             try:
-                record = json.loads(_decode(raw, encoding, f"{path}:{lineno}"))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{path}:{lineno} is not valid JSON ({e.msg}); "
                                   "JSONL needs one JSON object per line") from None
