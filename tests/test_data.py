@@ -546,6 +546,20 @@ def test_ctrl_c_on_the_command_line_is_one_line_not_a_traceback(tmp_path, capsys
                                        "run the same command again\n")
 
 
+def test_a_damaged_manifest_is_named_for_readers_and_redone_by_prepare(tmp_path, data_dir, capsys):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(data_dir, damaged)
+    (damaged / "manifest.json").write_text("{broken")
+    # was the bare "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"
+    with pytest.raises(DataDirError, match=r"damaged/manifest.json is not valid JSON \(damaged\?\); rebuild it with"):
+        load_manifest(damaged)
+    prepare(PrepareConfig(**{**SMALL, "out": str(damaged)}))
+    assert "redoing it" in capsys.readouterr().err
+    assert load_manifest(damaged)["complete"]
+
+
 # ---------------------------------------------------------------- masking
 def _mask_many(tokenizer, samples, config, n=600):
     masker = Masker.from_tokenizer(tokenizer, config)

@@ -224,7 +224,10 @@ def _existing_state(out: Path, config: PrepareConfig) -> dict | None:
     if not out.is_dir() or not any(out.iterdir()):
         return None
     path = manifest_path(out)
-    manifest = json.loads(path.read_text()) if path.is_file() else None
+    try:
+        manifest = json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        manifest = None  # damaged: redone below, as an unfinished one is
     if manifest is not None and manifest.get("complete"):
         return manifest
     looks_ours = path.is_file() or (out / "tokenizer").is_dir() or any(out.glob("*.bin"))
