@@ -218,6 +218,9 @@ def test_text_that_is_not_utf8_is_refused_naming_the_file_and_the_fix(tmp_path):
     path.write_bytes("plain ascii paragraph\n\ncaf\xe9 au lait is served here\n".encode("latin-1"))
     with pytest.raises(CorpusError, match=r"latin1.txt:3 is not utf-8 text .*--encoding latin-1"):
         list(read_documents([path]))
+    # --encoding decodes every input: said, so that the UTF-8 files beside it don't become mojibake
+    with pytest.raises(CorpusError, match=r"--encoding applies to every input file.*convert this one to UTF-8"):
+        list(read_documents([path]))
     docs = list(read_documents([path], encoding="latin-1"))
     assert docs == ["plain ascii paragraph\n", "caf\xe9 au lait is served here\n"]
     noise = tmp_path / "noise.bin.txt"
@@ -558,6 +561,20 @@ def test_a_damaged_manifest_is_named_for_readers_and_redone_by_prepare(tmp_path,
     prepare(PrepareConfig(**{**SMALL, "out": str(damaged)}))
     assert "redoing it" in capsys.readouterr().err
     assert load_manifest(damaged)["complete"]
+
+
+def test_a_missing_input_is_refused_before_the_others_are_read(tmp_path, monkeypatch):
+    prepare_module = importlib.import_module("bbert.data.prepare")
+    good = tmp_path / "good.txt"
+    good.write_text("Some text about rivers and mountains, long enough to keep.\n")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained before the missing input was noticed")
+
+    monkeypatch.setattr(prepare_module, "train_tokenizer", no_training)
+    with pytest.raises(CorpusError, match=r"input .*missing.txt does not exist; check the path"):
+        prepare(PrepareConfig([str(good), str(tmp_path / "missing.txt")], str(tmp_path / "out"), progress=False))
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- masking

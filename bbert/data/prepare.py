@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from bbert.configs import add_config_arguments, command, from_dict, load_yaml, merge, parse_assignments
-from bbert.data.readers import CorpusError, ReadStats, iter_clean_documents, read_documents, sample_corpus_path
+from bbert.data.readers import (CorpusError, ReadStats, iter_clean_documents, missing_input_message, read_documents,
+                                sample_corpus_path)
 from bbert.data.shards import (FORMAT_VERSION, DataDirError, Packer, check_data_dir, choose_dtype,
                                manifest_path, record_verified, write_shard)
 from bbert.data.tokenizer import encoder, load_tokenizer, special_ids, tokenizer_fingerprint, train_tokenizer
@@ -250,6 +251,10 @@ def prepare(config: PrepareConfig) -> dict:
     """
     config.check()
     out = Path(config.out)
+    missing = [p for p in config.inputs if not str(p).startswith("hf:") and config.format != "hf"
+               and not Path(p).exists()]
+    if missing:  # before hours of reading the others
+        raise CorpusError(missing_input_message(Path(missing[0])))
     _refuse_overlap(out, config.inputs)
     with DirLock(out, "written"):
         existing = _existing_state(out, config)

@@ -86,7 +86,9 @@ def _decode(raw: bytes, encoding: str, where: str) -> str:
         raise CorpusError(
             f"{where} is not {encoding} text (byte 0x{raw[e.start]:02x} at offset {e.start} cannot be "
             f"decoded); if it is text in another encoding pass it, e.g. --encoding {example} "
-            f"(encoding=... in PrepareConfig), otherwise remove the file from the inputs") from None
+            f"(encoding=... in PrepareConfig; --encoding applies to every input file, so where the "
+            f"others are UTF-8 convert this one to UTF-8 instead), otherwise remove the file from the "
+            f"inputs") from None
     except LookupError:
         raise CorpusError(f"unknown encoding {encoding!r}; use a Python codec name such as "
                           "utf-8, latin-1 or cp1252") from None
@@ -279,6 +281,10 @@ def _files_in(folder: Path, fmt: str, stats: ReadStats) -> list[Path]:
     return files
 
 
+def missing_input_message(path: Path) -> str:
+    return f"input {path} does not exist; check the path (files, folders, or hf:NAME for a hub dataset)"
+
+
 def read_documents(inputs: Iterable[str | Path], fmt: str = "auto", text_field: str = "text",
                    text_unit: str = "paragraph", hf_split: str = "train",
                    stats: ReadStats | None = None, encoding: str = "utf-8",
@@ -304,7 +310,7 @@ def read_documents(inputs: Iterable[str | Path], fmt: str = "auto", text_field: 
             continue
         path = Path(item)
         if not path.exists():
-            raise CorpusError(f"input {path} does not exist")
+            raise CorpusError(missing_input_message(path))
         for file in _files_in(path, fmt, stats) if path.is_dir() else [path]:
             stats.files += 1
             kind = _detect_format(file) if fmt == "auto" else fmt
