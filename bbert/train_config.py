@@ -300,9 +300,10 @@ class TrainConfig:
         for split in ("train", "val") if self.validation_every_minutes is not None else ("train",):
             have = splits.get(split, {}).get("num_samples", 0)
             if have < per_step:
+                share = "raise --val-fraction" if split == "val" else "lower --val-fraction"
                 raise ValueError(f"split {split!r} of {str(data_dir)!r} has {have} samples, fewer than one "
                                  f"micro-batch on every rank ({world_size} x {self.micro_batch_size}): prepare "
-                                 "more text (or raise --val-fraction), or lower micro_batch_size")
+                                 f"more text (or {share}), or lower micro_batch_size")
 
 
 def _preset_24hbert() -> dict:

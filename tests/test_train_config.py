@@ -247,8 +247,14 @@ def test_a_split_smaller_than_one_micro_batch_per_rank_is_refused_before_the_run
     too_big = n_val + 1
     c = TrainConfig.from_preset("tiny-cpu", data_dir=str(data), max_seq_length=64,
                                 micro_batch_size=too_big, batch_size=2 * too_big)
-    with pytest.raises(ValueError, match=r"split 'val'.*fewer than one micro-batch.*lower micro_batch_size"):
+    with pytest.raises(ValueError, match=r"split 'val'.*fewer than one micro-batch.*raise --val-fraction.*"
+                                         r"lower micro_batch_size"):
         c.validate(world_size=1)
+    n_train = json.loads((data / "manifest.json").read_text())["splits"]["train"]["num_samples"]
+    c = TrainConfig.from_preset("tiny-cpu", data_dir=str(data), max_seq_length=64, validation_every_minutes=None,
+                                micro_batch_size=n_train + 1, batch_size=n_train + 1)
+    with pytest.raises(ValueError, match=r"split 'train'.*fewer than one micro-batch.*lower --val-fraction"):
+        c.validate(world_size=1)  # raising it, as this said for both splits, leaves less to train on
     ok = TrainConfig.from_preset("tiny-cpu", data_dir=str(data), max_seq_length=64,
                                  micro_batch_size=1, batch_size=too_big)
     ok.validate(world_size=1)
