@@ -151,8 +151,8 @@ def _jsonl_records(path: Path, text_field: str, encoding: str) -> Iterator[dict]
                 fix = ", which the rows before it have: fix or remove that row" if good_rows else \
                     "; pass --text-field NAME"
                 raise CorpusError(f"{path}:{lineno} has no field {text_field!r} (found {keys}){fix}")
-            good_rows += 1
             _text(record, text_field, f"{path}:{lineno}")
+            good_rows += 1
             yield record
 
 
