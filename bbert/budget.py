@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -122,9 +123,9 @@ def plan_budget(num_gpus: int = 8, gpu: str | None = "titan-v", hours: float = 2
     """
     if num_gpus < 1:
         raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
-    if hours <= 0:
-        raise ValueError(f"hours must be > 0, got {hours}")
-    if price_per_gpu_hour < 0:
+    if not 0 < hours < math.inf:  # also refuses nan
+        raise ValueError(f"hours must be > 0 and finite, got {hours}")
+    if not 0 <= price_per_gpu_hour < math.inf:
         raise ValueError(f"price_per_gpu_hour must be >= 0, got {price_per_gpu_hour}")
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
@@ -140,8 +141,8 @@ def plan_budget(num_gpus: int = 8, gpu: str | None = "titan-v", hours: float = 2
         seq_per_s_per_gpu = spec.peak_tflops * 1e12 * mfu / flops_per_seq
         gpu = spec.name
         throughput_source = throughput_source or f"table: {spec.peak_tflops:g} TFLOP/s peak x MFU {mfu:.2f}"
-    elif seq_per_s_per_gpu <= 0:
-        raise ValueError(f"seq_per_s_per_gpu must be > 0, got {seq_per_s_per_gpu}")
+    elif not 0 < seq_per_s_per_gpu < math.inf:
+        raise ValueError(f"seq_per_s_per_gpu must be > 0 and finite, got {seq_per_s_per_gpu}")
     sequences = seq_per_s_per_gpu * num_gpus * hours * 3600.0
     return BudgetPlan(
         num_gpus=num_gpus, gpu=gpu or "this device", hours=hours, price_per_gpu_hour=price_per_gpu_hour,

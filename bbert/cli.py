@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -43,8 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"bbert: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: every command writes atomically, so a re-run is safe
+        if os.environ.get("BBERT_DEBUG"):
+            raise
+        print(f"bbert {name}: interrupted; nothing half-written is kept: run the same command again",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -85,9 +85,9 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
             return value
         if value is None:
             return hint()
-        return from_dict(hint, _parsed(value), prefix=f"{name}.")
+        return from_dict(hint, _parsed(value, name), prefix=f"{name}.")
     if hint is bool:
-        value = _parsed(value)
+        value = _parsed(value, name)
         if not isinstance(value, bool):
             raise UsageError(f"{name} must be true or false, got {value!r}")
         return value
@@ -98,7 +98,7 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
             raise UsageError(f"{name} must be a string, got {value!r}")
         return str(value)
     if origin in (list, tuple) or hint in (list, tuple):
-        value = _parsed(value)
+        value = _parsed(value, name)
         if not isinstance(value, (list, tuple)):
             raise UsageError(f"{name} must be a list, got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
@@ -109,15 +109,22 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
         items = [coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if (origin or hint) is tuple else items
     if origin is dict or hint is dict:
-        value = _parsed(value)
+        value = _parsed(value, name)
         if not isinstance(value, dict):
             raise UsageError(f"{name} must be a mapping, got {value!r}")
         return dict(value)
     return value
 
 
-def _parsed(value: Any) -> Any:
-    return yaml.safe_load(value) if isinstance(value, str) else value
+def _parsed(value: Any, name: str = "value") -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:  # e.g. an unclosed bracket: "[0.9"
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise UsageError(f"{name} is not valid YAML ({problem}), got {value!r}; write a list as "
+                         "[0.9, 0.98] and a mapping as {key: value}, quoted in the shell") from None
 
 
 def _number(name: str, value: Any, kind: type) -> int | float:

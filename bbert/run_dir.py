@@ -163,6 +163,24 @@ class MetricsLog:
 # ---- checkpoints -------------------------------------------------------------------------
 
 
+def check_run_dir(run_dir, data_dir) -> None:
+    """Refuse a ``run_dir`` that can't be one: a file, the data dir or a folder inside it, or a
+    folder of other files (a run would mix its checkpoints into them). New, empty and earlier
+    run dirs pass."""
+    run_dir, data_dir = Path(run_dir), Path(data_dir)
+    if run_dir.is_file():
+        raise ValueError(f"run dir {run_dir} is a file; choose a folder for --run-dir")
+    if run_dir.resolve().is_relative_to(data_dir.resolve()):
+        raise ValueError(f"run dir {run_dir} lies inside the data dir {data_dir}, which bbert prepare "
+                         "replaces as a whole; choose a --run-dir outside it")
+    ours = {CONFIG_FILE, METRICS_FILE, "checkpoints", "final", "launch.log", "tensorboard"}
+    names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) if run_dir.is_dir() else []
+    if names and not ours & set(names):
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ValueError(f"run dir {run_dir} holds other files ({shown}) and is not a run dir; "
+                         "choose a new or empty --run-dir")
+
+
 def checkpoints_dir(run_dir) -> Path:
     return Path(run_dir) / "checkpoints"
 

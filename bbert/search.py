@@ -36,9 +36,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import typing
 from pathlib import Path
 
 from bbert import configs
+from bbert.model import BertConfig
 from bbert.run_dir import read_metrics
 from bbert.train import pretrain
 from bbert.train_config import TrainConfig
@@ -71,7 +73,12 @@ def trial_name(params: dict) -> str:
 def trial_config(base: TrainConfig, params: dict, run_dir) -> TrainConfig:
     """``base`` with the trial's values (dotted keys reach nested fields, e.g. ``early_stop.max_val_loss``)."""
     update: dict = {"run_dir": str(run_dir)}
+    model_fields = typing.get_type_hints(BertConfig)
     for key, value in _flat(params).items():
+        if key.startswith("model."):  # as with --set: model.X overrides field X of the model preset
+            name = key[len("model."):]
+            value = configs.coerce(value, model_fields[name], key) if name in model_fields else value
+            key = f"model_overrides.{name}"
         *parents, leaf = key.split(".")
         node = update
         for part in parents:
@@ -89,6 +96,8 @@ def _flat(params: dict) -> dict:
 
 
 def _field(config, key: str):
+    if key.startswith("model."):
+        return config.model_overrides.get(key[len("model."):])
     value = config
     for part in key.split("."):
         value = value[part] if isinstance(value, dict) else getattr(value, part)
@@ -127,6 +136,8 @@ def search(base: TrainConfig, grid: dict[str, list], out_dir, trials: list[int] 
     only read), e.g. one index per job of a job array.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise configs.UsageError(f"--out {out_dir} is a file, not a folder; choose a folder for the trials' run dirs")
     points = expand_grid(grid)
     chosen = set(range(len(points))) if trials is None else set(trials)
     bad = sorted(i for i in chosen if not 0 <= i < len(points))
@@ -138,7 +149,7 @@ def search(base: TrainConfig, grid: dict[str, list], out_dir, trials: list[int] 
               for params, config in ((p, trial_config(base, p, out_dir)) for p in points)]
     configs_ = [trial_config(base, params, out_dir / trial_name(params)) for params in points]
     for config in configs_:
-        config.validate(check_data=False)  # a bad grid value fails before any trial runs
+        config.validate()  # a bad grid value (or one the data can't take) fails before any trial runs
     rows = []
     for index, (params, config) in enumerate(zip(points, configs_)):
         run_dir = Path(config.run_dir)
@@ -207,11 +218,23 @@ def parse_grid(items: list[str]) -> dict[str, list]:
     grid: dict[str, list] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        values = [v.strip() for v in raw.split(",") if v.strip()]
+        values = _split_values(raw)
         if not sep or not key.strip() or not values:
             raise configs.UsageError(f"--grid {item!r} must look like FIELD=V1,V2 (e.g. --grid lr=5e-4,1e-3)")
         grid[key.strip()] = values
     return grid
+
+
+def _split_values(raw: str) -> list[str]:
+    # commas inside brackets belong to one value: betas=[0.9,0.98],[0.9,0.999]
+    values, depth, start = [], 0, 0
+    for i, char in enumerate(raw):
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            values.append(raw[start:i])
+            start = i + 1
+    values.append(raw[start:])
+    return [v.strip() for v in values if v.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -445,6 +445,7 @@ def pretrain(config: TrainConfig, resume: bool | str = "auto", allow_data_change
     checkpoint (end reason ``"interrupted"``).
     """
     config.validate(int(os.environ.get("WORLD_SIZE", 1)))
+    rd.check_run_dir(config.run_dir, config.data_dir)
     dist = init_distributed(config.engine)
     lock = DirLock(config.run_dir, "trained into") if dist.is_main else contextlib.nullcontext()
     try:

@@ -9,6 +9,8 @@ Chapter: ``notebooks/04_pretraining.ipynb``.
 """
 from __future__ import annotations
 
+import math
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bbert.configs import build_config, from_dict, load_yaml, merge, parse_assignments, to_dict
+from bbert.configs import UsageError, build_config, coerce, from_dict, load_yaml, merge, parse_assignments, to_dict
 from bbert.data import MaskingConfig, load_manifest
 from bbert.model import BertConfig
 from bbert.optim import Schedule
@@ -164,7 +166,11 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int) -> BertConfig:
         """The ``BertConfig`` of this run, for a tokenizer of ``vocab_size`` tokens."""
-        overrides = {**self.model_overrides, "vocab_size": vocab_size}
+        # model_overrides is a free mapping: check its values against BertConfig's fields here
+        hints = typing.get_type_hints(BertConfig)
+        overrides = {k: coerce(v, hints[k], f"model.{k}") if k in hints else v
+                     for k, v in self.model_overrides.items()}
+        overrides["vocab_size"] = vocab_size
         overrides.setdefault("max_position_embeddings", max(512, self.max_seq_length))
         return BertConfig.from_preset(self.model, **overrides)
 
@@ -194,8 +200,8 @@ class TrainConfig:
         if self.micro_batch_size < 1 or self.batch_size < 1:
             raise ValueError("batch_size and micro_batch_size must be >= 1")
         self.gradient_accumulation_steps(world_size)
-        if not self.time_budget_hours or self.time_budget_hours <= 0:
-            raise ValueError(f"time_budget_hours must be > 0, got {self.time_budget_hours} "
+        if not 0 < self.time_budget_hours < math.inf:  # also refuses nan
+            raise ValueError(f"time_budget_hours must be > 0 and finite, got {self.time_budget_hours} "
                              "(e.g. 24 for the paper's run, 0.05 for 3 minutes)")
         if not 0.0 <= self.warmup_proportion < 1.0:
             raise ValueError(f"warmup_proportion must be in [0, 1), got {self.warmup_proportion} "
@@ -267,6 +273,14 @@ class TrainConfig:
 
     def _validate_data(self, world_size: int = 1) -> None:
         data_dir = Path(self.data_dir)
+        if data_dir.is_file():
+            raise ValueError(f"data_dir {str(data_dir)!r} is a file; a data dir is the folder that `bbert prepare "
+                             f"--out` wrote (it holds manifest.json): pass its folder, {data_dir.parent}")
+        if (data_dir.is_dir() and not (data_dir / "manifest.json").exists() and any(data_dir.iterdir())
+                and not any(data_dir.glob("*.bin"))):  # shards without a manifest: an older or unfinished prepare
+            raise ValueError(f"data_dir {str(data_dir)!r} holds no manifest.json, so it is not a data dir (raw text?): "
+                             f"prepare it first, `bbert prepare {data_dir} --out DATA_DIR`, then pass "
+                             "--data-dir DATA_DIR")
         if not (data_dir / "manifest.json").is_file():
             raise ValueError(f"data_dir {str(data_dir)!r} has no manifest.json: prepare it first with "
                              f"`bbert prepare --out {data_dir}` (or bbert.data.prepare), or set data_dir")
@@ -286,9 +300,10 @@ class TrainConfig:
         for split in ("train", "val") if self.validation_every_minutes is not None else ("train",):
             have = splits.get(split, {}).get("num_samples", 0)
             if have < per_step:
+                share = "raise --val-fraction" if split == "val" else "lower --val-fraction"
                 raise ValueError(f"split {split!r} of {str(data_dir)!r} has {have} samples, fewer than one "
                                  f"micro-batch on every rank ({world_size} x {self.micro_batch_size}): prepare "
-                                 "more text (or raise --val-fraction), or lower micro_batch_size")
+                                 f"more text (or {share}), or lower micro_batch_size")
 
 
 def _preset_24hbert() -> dict:
@@ -347,9 +362,17 @@ def override_dict(assignments) -> dict:
                for a in assignments]
     data = parse_assignments(renamed)
     if isinstance(data.get("model_overrides"), dict):
-        data["model_overrides"] = {k: yaml.safe_load(v) if isinstance(v, str) else v
-                                   for k, v in data["model_overrides"].items()}
+        data["model_overrides"] = {k: _yaml_value(v, f"model.{k}") for k, v in data["model_overrides"].items()}
     return data
+
+
+def _yaml_value(value, name: str):
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise UsageError(f"{name} is not valid YAML, got {value!r}; e.g. --set {name}=256") from None
 
 
 def preset(name: str) -> dict:

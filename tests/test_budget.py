@@ -71,6 +71,10 @@ def test_unknown_gpu_lists_the_known_ones():
 @pytest.mark.parametrize("kwargs, words", [
     (dict(num_gpus=0), "num_gpus"),
     (dict(hours=0), "hours"),
+    (dict(hours=float("inf")), "hours must be > 0 and finite"),  # printed inf steps and $inf
+    (dict(hours=float("nan")), "hours must be > 0 and finite"),
+    (dict(seq_per_s_per_gpu=float("nan")), "seq_per_s_per_gpu must be > 0 and finite"),
+    (dict(price_per_gpu_hour=float("nan")), "price"),
     (dict(price_per_gpu_hour=-1), "price"),
     (dict(mfu=1.5), "mfu"),
     (dict(gpu=None), "seq_per_s_per_gpu"),

@@ -43,6 +43,8 @@ def test_set_strings_are_parsed_against_each_field(tmp_path):
     ("inner.enabled=maybe", "inner.enabled must be true or false"),
     ("inner.nope=1", "unknown config field 'inner.nope'"),
     ("lr", "must look like KEY=VALUE"),
+    ("betas=[0.9", "betas is not valid YAML"),  # an unclosed bracket was a yaml traceback
+    ("inner={enabled: true", "inner is not valid YAML"),
 ])
 def test_bad_values_name_the_field_and_the_problem(assignment, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace("[", r"\[").replace("?", r"\?")):

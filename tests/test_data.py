@@ -5,6 +5,7 @@ import gzip
 import importlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from bbert.data import (CorpusError, DataDirError, IGNORE_INDEX, Masker, MaskingConfig, Packer,
+from bbert.data import (CorpusError, DataDirError, IGNORE_INDEX, group_rows, Masker, MaskingConfig, Packer,
                         PrepareConfig, PretrainingDataset, ReadStats, TokenizerError,
                         build_pretraining_loader, check_tokenizer, choose_dtype, clean_text,
                         is_validation, load_manifest, load_tokenizer, prepare, read_documents,
@@ -80,6 +81,101 @@ def test_jsonl_reader_gzip_and_text_field(tmp_path):
         list(read_documents([bad]))
 
 
+def test_jsonl_text_that_is_not_a_string_is_refused_naming_the_row(tmp_path):
+    # a dict or list used to enter the corpus as its Python repr ("{'a': 1}"), numbers as digits
+    for value, kind in (({"a": "some nested words"}, "dict"), (["a", "list"], "list"), (12345, "int")):
+        path = tmp_path / f"{kind}.jsonl"
+        path.write_text(json.dumps({"text": "a fine row"}) + "\n" + json.dumps({"text": value}) + "\n")
+        with pytest.raises(CorpusError, match=rf"{kind}.jsonl:2: field 'text' holds a {kind}, not text.*--text-field"):
+            list(read_documents([path]))
+    nulls = tmp_path / "nulls.jsonl"  # null is an empty document, counted as such
+    nulls.write_text(json.dumps({"text": None}) + "\n" + json.dumps({"text": "words"}) + "\n")
+    assert list(read_documents([nulls])) == ["", "words"]
+    rows = [{"doc_id": 1, "text": "one"}, {"doc_id": 1, "text": {"x": 1}}]
+    with pytest.raises(CorpusError, match="row 2: field 'text' holds a dict"):
+        list(group_rows(rows))
+
+
+def test_a_folder_walk_skips_hidden_folders_counts_skipped_files_and_refuses_a_data_dir(tmp_path, data_dir):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    (corpus / ".ipynb_checkpoints").mkdir(parents=True)
+    (corpus / "a.txt").write_text("Kept text.")
+    (corpus / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("A copy that was read twice.")
+    (corpus / "notes.md").write_text("# Not read")
+    (corpus / "README").write_text("Not read either")
+    stats = ReadStats()
+    assert list(read_documents([corpus], stats=stats)) == ["Kept text."]
+    assert stats.files == 1 and stats.files_skipped == 2
+    assert sorted(stats.files_skipped_examples) == [str(corpus / "README"), str(corpus / "notes.md")]
+    # a data dir left inside the input folder: its manifest and tokenizer files are not text
+    shutil.copytree(data_dir, corpus / "data")
+    with pytest.raises(CorpusError, match=r"corpus holds a bbert data dir .*corpus/data.*move it out"):
+        list(read_documents([corpus]))
+
+
+def test_prepare_refuses_out_inside_an_input_folder_and_an_input_inside_out(tmp_path, capsys):
+    from bbert.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Some text about rivers and mountains.\n")
+    assert main(["prepare", str(corpus), "--out", str(corpus / "data"), "--quiet"]) == 2
+    assert re.search(r"--out .*corpus/data lies inside the input folder .*corpus.*choose an --out outside",
+                     capsys.readouterr().err)
+    assert not (corpus / "data").exists()
+    # --overwrite would replace the folder that holds the input, deleting it
+    assert main(["prepare", str(corpus / "a.txt"), "--out", str(corpus), "--quiet", "--overwrite"]) == 2
+    assert re.search(r"input .*a.txt lies inside --out .*corpus", capsys.readouterr().err)
+    assert (corpus / "a.txt").read_text() == "Some text about rivers and mountains.\n"
+
+
+def test_prepare_console_names_skipped_files(tmp_path, capsys):
+    from bbert.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Some text about rivers and mountains, long enough to keep.\n" * 20)
+    (corpus / "notes.md").write_text("# Not read\n")
+    assert main(["prepare", str(corpus), "--out", str(tmp_path / "d"), "--quiet", "--vocab-size", "100",
+                 "--val-fraction", "0"]) == 0
+    assert (f"1 file in the input folders skipped (not .txt, .jsonl, ...), e.g. {corpus / 'notes.md'}: "
+            "pass such files by name to read them") in capsys.readouterr().out
+
+
+def test_a_utf8_byte_order_mark_is_dropped_not_refused(tmp_path):
+    # Windows tools write one; JSONL with it was refused as "not valid JSON (Unexpected UTF-8 BOM)"
+    rows = tmp_path / "bom.jsonl"
+    rows.write_bytes(("\ufeff" + json.dumps({"text": "first"}) + "\r\n" + json.dumps({"text": "second"}) + "\r\n").encode())
+    assert list(read_documents([rows])) == ["first", "second"]
+    text = tmp_path / "bom.txt"
+    text.write_bytes("\ufeffFirst para.\r\n\r\nSecond para.\r\n".encode())
+    assert list(read_documents([text])) == ["First para.\r\n", "Second para.\r\n"]
+    assert list(read_documents([text], text_unit="file")) == ["First para.\r\n\r\nSecond para.\r\n"]
+
+
+def test_a_row_missing_the_text_field_after_good_rows_is_named_as_one_bad_row(tmp_path):
+    path = tmp_path / "some.jsonl"
+    path.write_text(json.dumps({"text": "good"}) + "\n" + json.dumps({"body": "odd one"}) + "\n")
+    # "pass --text-field NAME" was wrong advice: the other rows have the field
+    with pytest.raises(CorpusError, match=r"some.jsonl:2 has no field 'text' \(found \['body'\]\), which the rows "
+                                          r"before it have: fix or remove that row"):
+        list(read_documents([path]))
+
+
+def test_utf16_text_and_jsonl_read_when_declared_and_are_named_when_not(tmp_path):
+    # a UTF-16 newline is two bytes: read line by line, --encoding utf-16 failed on the first line
+    text = tmp_path / "u16.txt"
+    text.write_bytes("Première partie.\nSuite.\n\nDeuxième partie.\n".encode("utf-16"))
+    assert list(read_documents([text], encoding="utf-16")) == ["Première partie.\nSuite.\n", "Deuxième partie.\n"]
+    rows = tmp_path / "u16.jsonl"
+    rows.write_bytes((json.dumps({"text": "un"}) + "\n" + json.dumps({"text": "deux"}) + "\n").encode("utf-16"))
+    assert list(read_documents([rows], encoding="utf-16")) == ["un", "deux"]
+    with pytest.raises(CorpusError, match="u16.txt:1 is not utf-8 text .* e.g. --encoding utf-16"):
+        list(read_documents([text]))  # its byte order mark says UTF-16: latin-1 was the advice
+
+
 def test_wikiextractor_reader(tmp_path):
     folder = tmp_path / "AA"
     folder.mkdir()
@@ -121,6 +217,9 @@ def test_text_that_is_not_utf8_is_refused_naming_the_file_and_the_fix(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("plain ascii paragraph\n\ncaf\xe9 au lait is served here\n".encode("latin-1"))
     with pytest.raises(CorpusError, match=r"latin1.txt:3 is not utf-8 text .*--encoding latin-1"):
+        list(read_documents([path]))
+    # --encoding decodes every input: said, so that the UTF-8 files beside it don't become mojibake
+    with pytest.raises(CorpusError, match=r"--encoding applies to every input file.*convert this one to UTF-8"):
         list(read_documents([path]))
     docs = list(read_documents([path], encoding="latin-1"))
     assert docs == ["plain ascii paragraph\n", "caf\xe9 au lait is served here\n"]
@@ -412,6 +511,72 @@ def test_cli_prepare_and_bad_input_exit_codes(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--val-fraction", "1"], r"--val-fraction must be at least 0 and below 1, got 1.0"),  # was "no usable documents"
+    (["--val-fraction", "-0.1"], r"--val-fraction must be at least 0"),  # was silently 0
+    (["--vocab-size", "-5"], r"--vocab-size must be at least 16"),  # was an OverflowError traceback
+    (["--vocab-size", "0"], r"--vocab-size must be at least 16"),  # was silently the alphabet
+    (["--max-seq-length", "4"], r"--max-seq-length must be at least 8"),  # was refused after the tokenizer
+    (["--max-documents", "0"], r"--max-documents must be at least 1"),  # was "no usable documents"
+    (["--set", "max_bytes=0"], r"max_bytes must be at least 1"),
+    (["--set", "max_document_chars=0"], r"max_document_chars must be at least 1"),  # looped forever
+    (["--set", "seed=-1"], r"seed must be at least 0"),  # was an OverflowError traceback
+])
+def test_bad_prepare_values_are_refused_before_anything_is_read(tmp_path, capsys, flags, message):
+    from bbert.cli import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Some text about rivers and mountains.\n\nMore text about gardens.\n")
+    out = tmp_path / "out"
+    assert main(["prepare", str(corpus), "--out", str(out), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bbert prepare: error: ") and err.count("\n") == 1
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_ctrl_c_on_the_command_line_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    from bbert.cli import main
+
+    prepare_module = importlib.import_module("bbert.data.prepare")  # the attribute is the function
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "prepare", interrupted)
+    monkeypatch.delenv("BBERT_DEBUG", raising=False)
+    assert main(["prepare", str(tmp_path), "--out", str(tmp_path / "d")]) == 130
+    assert capsys.readouterr().err == ("bbert prepare: interrupted; nothing half-written is kept: "
+                                       "run the same command again\n")
+
+
+def test_a_damaged_manifest_is_named_for_readers_and_redone_by_prepare(tmp_path, data_dir, capsys):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(data_dir, damaged)
+    (damaged / "manifest.json").write_text("{broken")
+    # was the bare "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"
+    with pytest.raises(DataDirError, match=r"damaged/manifest.json is not valid JSON \(damaged\?\); rebuild it with"):
+        load_manifest(damaged)
+    prepare(PrepareConfig(**{**SMALL, "out": str(damaged)}))
+    assert "redoing it" in capsys.readouterr().err
+    assert load_manifest(damaged)["complete"]
+
+
+def test_a_missing_input_is_refused_before_the_others_are_read(tmp_path, monkeypatch):
+    prepare_module = importlib.import_module("bbert.data.prepare")
+    good = tmp_path / "good.txt"
+    good.write_text("Some text about rivers and mountains, long enough to keep.\n")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained before the missing input was noticed")
+
+    monkeypatch.setattr(prepare_module, "train_tokenizer", no_training)
+    with pytest.raises(CorpusError, match=r"input .*missing.txt does not exist; check the path"):
+        prepare(PrepareConfig([str(good), str(tmp_path / "missing.txt")], str(tmp_path / "out"), progress=False))
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- masking
 def _mask_many(tokenizer, samples, config, n=600):
     masker = Masker.from_tokenizer(tokenizer, config)
@@ -648,6 +813,14 @@ def test_tokenizer_paths_get_messages_that_say_what_is_wrong(tmp_path, monkeypat
     (tmp_path / "notatok" / "README.md").write_text("hello")
     with pytest.raises(TokenizerError, match="notatok is not a tokenizer folder: it should hold tokenizer.json"):
         load_tokenizer(tmp_path / "notatok")
+    # files of the right names that transformers can't read: a KeyError traceback, or its bare message
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for content in ("{}", "not json"):
+        (broken / "tokenizer.json").write_text(content)
+        with pytest.raises(TokenizerError, match=r"broken holds tokenizer files that transformers can't load "
+                                                 r"\(.*\); point --tokenizer at a folder written by save_pretrained"):
+            load_tokenizer(broken)
     with pytest.raises(HubUnavailableError, match="no local folder of that name"):
         load_tokenizer("google-bert/bert-base-uncased")
     assert len(load_tokenizer(data_dir)) == load_manifest(data_dir)["vocab_size"]  # a data dir works
@@ -665,6 +838,16 @@ def test_vocabulary_shortfall_is_said_and_uint16_is_checked_before_training(tmp_
     with pytest.raises(ValueError, match="--vocab-size 70,000 needs token ids above 65,535.*dtype=auto"):
         prepare(PrepareConfig([str(corpus)], str(tmp_path / "u"), vocab_size=70_000, dtype="uint16"))
     assert time.perf_counter() - started < 0.5 and not (tmp_path / "u").exists()  # before training
+
+
+def test_a_vocabulary_larger_than_asked_is_said(tmp_path, capsys):
+    # WordPiece keeps every character of the corpus, so --vocab-size 20 silently gave ~60 tokens
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Café au lait, déjà vu and naïve façades line the old quarter of town.\n" * 5)
+    m = prepare(PrepareConfig([str(corpus)], str(tmp_path / "o"), vocab_size=20, progress=False, val_fraction=0))
+    assert m["vocab_size"] > 20
+    assert (f"the corpus has more distinct characters than --vocab-size 20 allows: WordPiece keeps "
+            f"them all, so the vocabulary has {m['vocab_size']} tokens") in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- sentence-per-row datasets

@@ -91,3 +91,28 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     assert rd.load_rng(tmp_path, rank=0) is None  # another rank's file
     rd.restore_rng(rd.load_rng(tmp_path, rank=3), torch.device("cpu"))
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == draws
+
+
+def test_check_run_dir_refuses_a_file_the_data_dir_and_a_folder_of_other_files(tmp_path):
+    import pytest
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rd.check_run_dir(tmp_path / "new", data)  # new or empty: fine
+    (tmp_path / "empty").mkdir()
+    rd.check_run_dir(tmp_path / "empty", data)
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"a.txt is a file; choose a folder for --run-dir"):
+        rd.check_run_dir(tmp_path / "a.txt", data)  # was "[Errno 17] File exists"
+    for inside in (data, data / "run"):  # checkpoints mixed into the shards
+        with pytest.raises(ValueError, match=r"lies inside the data dir .*data.*choose a --run-dir outside it"):
+            rd.check_run_dir(inside, data)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "book.txt").write_text("A user's own text.")
+    with pytest.raises(ValueError, match=r"texts holds other files \(book.txt\) and is not a run dir"):
+        rd.check_run_dir(texts, data)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rd.CONFIG_FILE).write_text("lr: 0.001\n")  # bbert.launch writes config.yaml first
+    rd.check_run_dir(run, data)

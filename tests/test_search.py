@@ -132,3 +132,35 @@ def test_a_dict_value_sets_fields_together(data_dir, tmp_path):
     config = trial_config(base, params, tmp_path / "t")
     assert (config.batch_size, config.debug.step_time_seconds, config.lr) == (16, 36.0, 2e-3)
     assert config.early_stop == base.early_stop and config.run_dir == str(tmp_path / "t")
+
+
+def test_grid_values_may_be_lists_and_model_fields(data_dir, tmp_path):
+    from bbert.search import trial_config
+
+    # commas inside brackets belong to one value (this was a yaml traceback)
+    assert parse_grid(["betas=[0.9,0.98],[0.9, 0.999]", "lr=1e-3"]) == {
+        "betas": ["[0.9,0.98]", "[0.9, 0.999]"], "lr": ["1e-3"]}
+    base = base_config(data_dir, tmp_path)
+    # model.X reaches the model, as `--set model.X=...` does (it was "model must be a string")
+    config = trial_config(base, {"model.hidden_size": "32", "betas": "[0.9, 0.999]"}, tmp_path / "t")
+    assert config.model_overrides["hidden_size"] == 32 and config.model == base.model
+    assert config.betas == (0.9, 0.999)
+
+
+def test_bad_grid_or_out_fails_before_any_trial_in_one_line(data_dir, tmp_path, capsys):
+    base = base_config(data_dir, tmp_path)
+    config_file = base.to_yaml(tmp_path / "base.yaml")
+    out = tmp_path / "trials"
+    cases = [(["--grid", "model.hidden_size=64,abc"], "model.hidden_size must be a number, got 'abc'"),
+             # the data's sequence length was checked only when its trial started
+             (["--grid", "lr=1e-3,2e-3", "--grid", "max_seq_length=64,128"],
+              "holds sequences of 64 tokens but max_seq_length=128")]
+    for grid, message in cases:
+        assert main(["--config", str(config_file), *grid, "--out", str(out)]) == 2
+        err = capsys.readouterr()
+        assert message in err.err and err.err.count("\n") == 1 and "[search] trial" not in err.out
+        assert not out.exists()
+    out.write_text("a file")  # was "[Errno 17] File exists" after the first trial had started
+    assert main(["--config", str(config_file), "--grid", "lr=1e-3", "--out", str(out)]) == 2
+    err = capsys.readouterr()
+    assert f"--out {out} is a file, not a folder" in err.err and "[search] trial" not in err.out

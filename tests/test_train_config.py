@@ -101,6 +101,18 @@ def test_overrides_parse_values_and_nested_fields():
     assert (mc.num_hidden_layers, mc.pre_layernorm) == (3, True)  # the overrides reach the model
 
 
+def test_bad_model_overrides_name_the_field_not_a_python_error():
+    # hidden_size='abc' used to surface as "not all arguments converted during string formatting",
+    # and an unclosed bracket as a yaml traceback
+    c = TrainConfig.from_preset("tiny-cpu").with_overrides(["model.hidden_size=abc"])
+    with pytest.raises(ValueError, match="model.hidden_size must be a number, got 'abc'"):
+        c.validate(world_size=1, check_data=False)
+    with pytest.raises(ValueError, match="model.pre_layernorm must be true or false"):
+        TrainConfig.from_preset("tiny-cpu", model_overrides={"pre_layernorm": "maybe"}).model_config(100)
+    with pytest.raises(ValueError, match=r"model.num_hidden_layers is not valid YAML"):
+        TrainConfig.from_preset("tiny-cpu").with_overrides(["model.num_hidden_layers=[2"])
+
+
 def test_unknown_fields_are_named_with_a_suggestion(tmp_path):
     with pytest.raises(ValueError, match="Did you mean 'lr'"):
         TrainConfig.from_preset("tiny-cpu").with_overrides(["lrr=1"])
@@ -118,6 +130,8 @@ def test_unknown_fields_are_named_with_a_suggestion(tmp_path):
     ({"warmup_proportion": 1.0}, r"warmup_proportion must be in \[0, 1\)"),
     ({"warmup_proportion": -0.1}, r"warmup_proportion must be in \[0, 1\)"),
     ({"time_budget_hours": 0}, r"time_budget_hours must be > 0"),
+    ({"time_budget_hours": float("inf")}, r"time_budget_hours must be > 0 and finite"),  # ran forever
+    ({"time_budget_hours": float("nan")}, r"time_budget_hours must be > 0 and finite"),
     ({"schedule": "step", "max_steps": None}, r"set max_steps"),
     ({"engine": "jax"}, r"engine='jax' is not one of"),
     ({"zero_stage": 2}, r"zero_stage=2 needs engine='deepspeed'"),
@@ -151,6 +165,23 @@ def test_fp16_on_cpu_is_refused():
 def test_missing_data_dir_names_the_fix(tmp_path):
     c = TrainConfig.from_preset("tiny-cpu", data_dir=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match=r"no manifest.json.*bbert prepare --out"):
+        c.validate(world_size=1)
+
+
+def test_a_data_dir_that_is_raw_text_or_a_file_names_the_right_fix(tmp_path):
+    # "prepare it first with bbert prepare --out corpus" told the user to write into the text folder
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Raw text.")
+    c = TrainConfig.from_preset("tiny-cpu", data_dir=str(corpus))
+    with pytest.raises(ValueError, match=r"holds no manifest.json, so it is not a data dir.*raw text.*"
+                                         rf"bbert prepare {corpus} --out DATA_DIR.*--data-dir DATA_DIR"):
+        c.validate(world_size=1)
+    manifest = tmp_path / "data" / "manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text("{}")
+    c = TrainConfig.from_preset("tiny-cpu", data_dir=str(manifest))
+    with pytest.raises(ValueError, match=rf"data_dir .*manifest.json' is a file.*pass its folder, {manifest.parent}"):
         c.validate(world_size=1)
 
 
@@ -216,10 +247,33 @@ def test_a_split_smaller_than_one_micro_batch_per_rank_is_refused_before_the_run
     too_big = n_val + 1
     c = TrainConfig.from_preset("tiny-cpu", data_dir=str(data), max_seq_length=64,
                                 micro_batch_size=too_big, batch_size=2 * too_big)
-    with pytest.raises(ValueError, match=r"split 'val'.*fewer than one micro-batch.*lower micro_batch_size"):
+    with pytest.raises(ValueError, match=r"split 'val'.*fewer than one micro-batch.*raise --val-fraction.*"
+                                         r"lower micro_batch_size"):
         c.validate(world_size=1)
+    n_train = json.loads((data / "manifest.json").read_text())["splits"]["train"]["num_samples"]
+    c = TrainConfig.from_preset("tiny-cpu", data_dir=str(data), max_seq_length=64, validation_every_minutes=None,
+                                micro_batch_size=n_train + 1, batch_size=n_train + 1)
+    with pytest.raises(ValueError, match=r"split 'train'.*fewer than one micro-batch.*lower --val-fraction"):
+        c.validate(world_size=1)  # raising it, as this said for both splits, leaves less to train on
     ok = TrainConfig.from_preset("tiny-cpu", data_dir=str(data), max_seq_length=64,
                                  micro_batch_size=1, batch_size=too_big)
     ok.validate(world_size=1)
     with pytest.raises(ValueError, match=rf"\({too_big} x 1\)"):
         ok.validate(world_size=too_big)
+
+
+def test_pretrain_refuses_a_run_dir_that_is_not_one_before_writing(tmp_path, capsys):
+    from helpers_train import make_data_dir
+
+    data = make_data_dir(tmp_path / "data")
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "book.txt").write_text("A user's own text.")
+    before = sorted(p.name for p in data.iterdir())
+    for run_dir, message in ((data, "lies inside the data dir"), (texts, "holds other files (book.txt)")):
+        args = ["--preset", "tiny-cpu", "--data-dir", str(data), "--run-dir", str(run_dir),
+                "--set", "max_seq_length=64", "--set", "micro_batch_size=4"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert sorted(p.name for p in data.iterdir()) == before and [p.name for p in texts.iterdir()] == ["book.txt"]

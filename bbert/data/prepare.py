@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from bbert.configs import add_config_arguments, command, from_dict, load_yaml, merge, parse_assignments
-from bbert.data.readers import CorpusError, ReadStats, iter_clean_documents, read_documents, sample_corpus_path
+from bbert.data.readers import (CorpusError, ReadStats, iter_clean_documents, missing_input_message, read_documents,
+                                sample_corpus_path)
 from bbert.data.shards import (FORMAT_VERSION, DataDirError, Packer, check_data_dir, choose_dtype,
                                manifest_path, record_verified, write_shard)
 from bbert.data.tokenizer import encoder, load_tokenizer, special_ids, tokenizer_fingerprint, train_tokenizer
@@ -34,6 +35,7 @@ from bbert.utils import Progress, atomic_write_json
 SPLITS = ("train", "val")
 EMBEDDED = "embedded:sample"  # how the manifest names the shipped corpus (its path varies by install)
 UINT16_VOCAB = 2**16  # token ids 0..65,535 fit in two bytes
+MIN_VOCAB_SIZE = 16  # the special tokens and a few more: what check_tokenizer accepts
 
 
 @dataclass
@@ -85,6 +87,23 @@ class PrepareConfig:
 
     def check(self) -> None:
         """Refuse bad values before anything is read or written."""
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction} "
+                             "(a share of the documents, e.g. 0.01; 0 for no validation split)")
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"--vocab-size must be at least {MIN_VOCAB_SIZE}, got {self.vocab_size} "
+                             "(BERT's is 30,522; 1,000-8,000 suit a small corpus)")
+        if self.max_seq_length < 8:
+            raise ValueError(f"--max-seq-length must be at least 8, got {self.max_seq_length} (the paper's is 128)")
+        for name in ("max_documents", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{'--max-documents' if name == 'max_documents' else name} must be at least 1, "
+                                 f"or null for all of the input; got {value}")
+        if self.max_document_chars < 1:
+            raise ValueError(f"max_document_chars must be at least 1, got {self.max_document_chars}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be at least 0, got {self.seed}")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be at least 1, got {self.samples_per_shard}")
         if self.rows_per_document < 1:
@@ -141,6 +160,9 @@ def _get_tokenizer(config: PrepareConfig, reuse_from: Path | None):
         raise CorpusError(_empty_message(config, stats))
     tok = train_tokenizer(itertools.chain([first], texts), vocab_size=config.vocab_size,
                           lowercase=config.lowercase, max_seq_length=config.max_seq_length)
+    if len(tok) > config.vocab_size:
+        _note(f"the corpus has more distinct characters than --vocab-size {config.vocab_size:,} allows: "
+              f"WordPiece keeps them all, so the vocabulary has {len(tok):,} tokens")
     if len(tok) < config.vocab_size:
         _note(f"the corpus yields only {len(tok):,} WordPiece tokens of the {config.vocab_size:,} asked "
               "(--vocab-size): too little text for that vocabulary. The data dir uses "
@@ -180,6 +202,21 @@ class _SplitWriter:
             self.pending_rows = len(block) - n
 
 
+def _refuse_overlap(out: Path, inputs: list[str]) -> None:
+    """Refuse an --out inside an input folder (the next prepare of that folder would read the data
+    dir as text) and an input inside --out (replacing --out would delete it)."""
+    for item in inputs:
+        if str(item).startswith("hf:") or not Path(item).exists():
+            continue
+        source, target = Path(item).resolve(), out.resolve()
+        if source.is_dir() and target.is_relative_to(source):
+            raise DataDirError(f"--out {out} lies inside the input folder {item}, so a later prepare of "
+                               f"{item} would read the data dir's files as text; choose an --out outside {item}")
+        if source.is_relative_to(target):
+            raise DataDirError(f"input {item} lies inside --out {out}, which prepare replaces as a whole; "
+                               "choose another --out, or move the input elsewhere")
+
+
 def _existing_state(out: Path, config: PrepareConfig) -> dict | None:
     """The finished manifest in ``out`` (None if there is none), after refusing what must not be
     replaced silently and announcing what will be redone."""
@@ -188,7 +225,10 @@ def _existing_state(out: Path, config: PrepareConfig) -> dict | None:
     if not out.is_dir() or not any(out.iterdir()):
         return None
     path = manifest_path(out)
-    manifest = json.loads(path.read_text()) if path.is_file() else None
+    try:
+        manifest = json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        manifest = None  # damaged: redone below, as an unfinished one is
     if manifest is not None and manifest.get("complete"):
         return manifest
     looks_ours = path.is_file() or (out / "tokenizer").is_dir() or any(out.glob("*.bin"))
@@ -211,6 +251,11 @@ def prepare(config: PrepareConfig) -> dict:
     """
     config.check()
     out = Path(config.out)
+    missing = [p for p in config.inputs if not str(p).startswith("hf:") and config.format != "hf"
+               and not Path(p).exists()]
+    if missing:  # before hours of reading the others
+        raise CorpusError(missing_input_message(Path(missing[0])))
+    _refuse_overlap(out, config.inputs)
     with DirLock(out, "written"):
         existing = _existing_state(out, config)
         if existing and not config.overwrite:
@@ -421,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"documents: {s['documents_read']:,} read, {s['documents_kept']:,} kept; dropped "
           f"{s['empty']:,} empty and {s['too_short']:,} shorter than min_document_chars; "
           f"{s['long_documents_split']:,} long ones cut; {s.get('rows_grouped', 0):,} rows joined into documents")
+    if s.get("files_skipped"):
+        n = s["files_skipped"]
+        print(f"{n:,} file{'s' if n > 1 else ''} in the input folders skipped (not .txt, .jsonl, ...), e.g. "
+              f"{', '.join(s['files_skipped_examples'][:3])}: pass such files by name to read them")
     return 0
 
 

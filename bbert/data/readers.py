@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import itertools
 import re
@@ -39,6 +40,8 @@ class ReadStats:
     """Counts of what happened to the input, reported on the console and in the manifest."""
 
     files: int = 0
+    files_skipped: int = 0  # in input folders, with a suffix no reader takes (.md, .html, ...)
+    files_skipped_examples: list = field(default_factory=list)
     documents_read: int = 0
     documents_kept: int = 0
     empty: int = 0
@@ -79,18 +82,35 @@ def _decode(raw: bytes, encoding: str, where: str) -> str:
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as e:
+        example = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "latin-1"  # UTF-16's byte order marks
         raise CorpusError(
             f"{where} is not {encoding} text (byte 0x{raw[e.start]:02x} at offset {e.start} cannot be "
-            f"decoded); if it is text in another encoding pass it, e.g. --encoding latin-1 "
-            f"(encoding=... in PrepareConfig), otherwise remove the file from the inputs") from None
+            f"decoded); if it is text in another encoding pass it, e.g. --encoding {example} "
+            f"(encoding=... in PrepareConfig; --encoding applies to every input file, so where the "
+            f"others are UTF-8 convert this one to UTF-8 instead), otherwise remove the file from the "
+            f"inputs") from None
     except LookupError:
         raise CorpusError(f"unknown encoding {encoding!r}; use a Python codec name such as "
                           "utf-8, latin-1 or cp1252") from None
+    text = text.removeprefix("\ufeff")  # a byte order mark (Windows tools write one) is not text
     if "\x00" in text:
         raise CorpusError(f"{where} contains NUL characters: a binary file, or text in UTF-16 "
                           f"(pass --encoding utf-16); decoded as {encoding}. Remove it from the "
                           "inputs or give its encoding")
     return text
+
+
+def _lines(f, encoding: str, path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, decoded line)`` of binary file ``f``, each line ending in its newline."""
+    try:
+        one_byte_newline = "\n".encode(encoding) == b"\n"
+    except LookupError:
+        one_byte_newline = True  # _decode names the unknown encoding
+    if one_byte_newline:  # UTF-8, latin-1, ...: decode line by line, naming the line of a bad byte
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, _decode(raw, encoding, f"{path}:{lineno}")
+    else:  # UTF-16 and UTF-32 spend several bytes on a newline: decode the file whole
+        yield from enumerate(io.StringIO(_decode(f.read(), encoding, str(path)), newline="\n"), 1)
 
 
 def read_text_file(path: Path, unit: str = "paragraph", stats: ReadStats | None = None,
@@ -103,8 +123,7 @@ def read_text_file(path: Path, unit: str = "paragraph", stats: ReadStats | None 
             yield _decode(f.read(), encoding, str(path))
             return
         block: list[str] = []
-        for lineno, raw in enumerate(f, 1):
-            line = _decode(raw, encoding, f"{path}:{lineno}")
+        for _, line in _lines(f, encoding, path):
             if unit == "line":
                 yield line
             elif line.strip():
@@ -118,19 +137,34 @@ def read_text_file(path: Path, unit: str = "paragraph", stats: ReadStats | None 
 
 def _jsonl_records(path: Path, text_field: str, encoding: str) -> Iterator[dict]:
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
+        good_rows = 0
+        for lineno, line in _lines(f, encoding, path):
+            if not line.strip():
                 continue
             try:
-                record = json.loads(_decode(raw, encoding, f"{path}:{lineno}"))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{path}:{lineno} is not valid JSON ({e.msg}); "
                                   "JSONL needs one JSON object per line") from None
             if not isinstance(record, dict) or text_field not in record:
                 keys = list(record) if isinstance(record, dict) else type(record).__name__
-                raise CorpusError(f"{path}:{lineno} has no field {text_field!r} (found {keys}); "
-                                  "pass --text-field NAME")
+                fix = ", which the rows before it have: fix or remove that row" if good_rows else \
+                    "; pass --text-field NAME"
+                raise CorpusError(f"{path}:{lineno} has no field {text_field!r} (found {keys}){fix}")
+            _text(record, text_field, f"{path}:{lineno}")
+            good_rows += 1
             yield record
+
+
+def _text(record: dict, text_field: str, where: str) -> str:
+    """The row's text; null is an empty document, anything else that is not a string is refused
+    (a dict or a list would enter the corpus as its Python repr)."""
+    value = record[text_field]
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise CorpusError(f"{where}: field {text_field!r} holds a {type(value).__name__}, not text "
+                      f"({str(value)[:40]!r}); pass --text-field NAME of the field that holds the text, "
+                      "or fix that row")
 
 
 def group_rows(records: Iterable[dict], text_field: str = "text", document_field: str | None = None,
@@ -154,15 +188,15 @@ def group_rows(records: Iterable[dict], text_field: str = "text", document_field
         raise CorpusError(f"the rows have no field {document_field!r} (found {list(first)}); "
                           "pass the column that names each row's document, or --rows-per-document N")
     if document_field is None and rows_per_document == 1:
-        for record in records:
-            yield str(record[text_field] or "")
+        for row, record in enumerate(records, 1):
+            yield _text(record, text_field, f"row {row}")
         return
     if document_field is not None:
         key = lambda indexed: indexed[1][document_field]  # noqa: E731
     else:
         key = lambda indexed: indexed[0] // rows_per_document  # noqa: E731
     for _, rows in itertools.groupby(enumerate(records), key):
-        texts = [str(record[text_field] or "") for _, record in rows]
+        texts = [_text(record, text_field, f"row {index + 1}") for index, record in rows]
         if stats is not None and len(texts) > 1:
             stats.rows_grouped += len(texts)
         yield " ".join(texts)
@@ -225,16 +259,30 @@ def _detect_format(path: Path) -> str:
     return "wikiextractor" if head.startswith(b"<doc") else "text"
 
 
-def _files_in(folder: Path, fmt: str) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and (p.name.endswith(TEXT_SUFFIXES) or _WIKI_FILE.match(p.name)))
+def _files_in(folder: Path, fmt: str, stats: ReadStats) -> list[Path]:
+    # Hidden files and folders (.git, .ipynb_checkpoints with its copies of the text) are not input.
+    visible = sorted(p for p in folder.rglob("*") if p.is_file()
+                     and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    data_dir = next((p.parent for p in visible if p.name == "manifest.json" and (p.parent / "tokenizer").is_dir()), None)
+    if data_dir is not None:
+        raise CorpusError(f"{folder} holds a bbert data dir ({data_dir}): its manifest and tokenizer files are "
+                          "not text to train on; move it out of the input folder, or pass the text files by name")
+    files = [p for p in visible if p.name.endswith(TEXT_SUFFIXES) or _WIKI_FILE.match(p.name)]
     if fmt == "books":
         files = [p for p in files if p.name.endswith((".txt", ".txt.gz"))]
+    taken = set(files)
+    skipped = [p for p in visible if p not in taken]
+    stats.files_skipped += len(skipped)
+    stats.files_skipped_examples += [str(p) for p in skipped[:5 - len(stats.files_skipped_examples)]]
     if not files:
         raise CorpusError(f"folder {folder} holds no text files (looked for *.txt, *.jsonl, *.jsonl.gz "
                           "and WikiExtractor wiki_NN files); point at the files themselves or "
                           "give the right folder")
     return files
+
+
+def missing_input_message(path: Path) -> str:
+    return f"input {path} does not exist; check the path (files, folders, or hf:NAME for a hub dataset)"
 
 
 def read_documents(inputs: Iterable[str | Path], fmt: str = "auto", text_field: str = "text",
@@ -262,8 +310,8 @@ def read_documents(inputs: Iterable[str | Path], fmt: str = "auto", text_field: 
             continue
         path = Path(item)
         if not path.exists():
-            raise CorpusError(f"input {path} does not exist")
-        for file in _files_in(path, fmt) if path.is_dir() else [path]:
+            raise CorpusError(missing_input_message(path))
+        for file in _files_in(path, fmt, stats) if path.is_dir() else [path]:
             stats.files += 1
             kind = _detect_format(file) if fmt == "auto" else fmt
             if kind == "jsonl":

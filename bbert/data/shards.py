@@ -120,7 +120,10 @@ def load_manifest(data_dir: str | Path) -> dict:
     if not path.exists():
         raise DataDirError(f"{data_dir} has no manifest.json; create it with "
                            f"`bbert prepare --out {data_dir}` (or bbert.data.prepare)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DataDirError(f"{path} is not valid JSON (damaged?); {rebuild_hint(data_dir)}") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataDirError(f"{path} has format_version {manifest.get('format_version')}, this bbert "
                            f"reads {FORMAT_VERSION}; re-run bbert prepare into a new folder")

@@ -79,11 +79,19 @@ def load_tokenizer(path: str | Path):
         require_hub(f"the tokenizer {str(path)!r} (no local folder of that name)",
                     "train one on your corpus (bbert prepare --vocab-size N, the default) or pass "
                     "a local tokenizer folder, e.g. DATA_DIR/tokenizer from an earlier prepare")
+        tok = AutoTokenizer.from_pretrained(str(path))
     elif not (local.is_dir() and any((local / f).is_file() for f in TOKENIZER_FILES)):
         raise TokenizerError(f"{path} is not a tokenizer folder: it should hold tokenizer.json (or "
                              "vocab.txt) and tokenizer_config.json, as save_pretrained writes them; "
                              "a data dir's tokenizer is DATA_DIR/tokenizer")
-    tok = AutoTokenizer.from_pretrained(str(local))
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(local))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # what damaged or foreign files raise
+            problem = " ".join(str(e).split())[:120] or type(e).__name__
+            raise TokenizerError(f"{path} holds tokenizer files that transformers can't load ({problem}); "
+                                 "point --tokenizer at a folder written by save_pretrained, e.g. "
+                                 "DATA_DIR/tokenizer, or leave out --tokenizer to train one") from None
     check_tokenizer(tok)
     return tok
 
