@@ -158,10 +158,14 @@ class TrainConfig:
         """Micro-batches per optimizer step on each rank: batch / (micro-batch x world size)."""
         per_pass = self.micro_batch_size * world_size
         if per_pass <= 0 or self.batch_size % per_pass:
+            fix = f"change batch_size to a multiple of {per_pass}"
+            if world_size > 0 and self.batch_size % world_size == 0:
+                fix += f" or pick a micro_batch_size that divides {self.batch_size // world_size}"
+            else:  # no micro-batch size can help: the batch must split evenly over the ranks
+                fix += f" (batch_size must split evenly over the {world_size} ranks)"
             raise ValueError(
                 f"batch_size={self.batch_size} is not divisible by micro_batch_size x world_size = "
-                f"{self.micro_batch_size} x {world_size} = {per_pass}; change batch_size to a multiple of "
-                f"{per_pass} or pick a micro_batch_size that divides {self.batch_size // max(world_size, 1)}")
+                f"{self.micro_batch_size} x {world_size} = {per_pass}; {fix}")
         return self.batch_size // per_pass
 
     def model_config(self, vocab_size: int) -> BertConfig:

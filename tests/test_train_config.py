@@ -277,3 +277,12 @@ def test_pretrain_refuses_a_run_dir_that_is_not_one_before_writing(tmp_path, cap
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     assert sorted(p.name for p in data.iterdir()) == before and [p.name for p in texts.iterdir()] == ["book.txt"]
+
+
+def test_indivisible_batch_advice_names_only_fixes_that_work():
+    paper = TrainConfig.from_preset("24hbert")
+    with pytest.raises(ValueError) as on_3:  # 4,096 over 3 ranks: no micro-batch size can help
+        paper.gradient_accumulation_steps(3)
+    assert "split evenly over the 3 ranks" in str(on_3.value) and "divides" not in str(on_3.value)
+    with pytest.raises(ValueError, match=r"micro_batch_size that divides 1024"):  # 4,096 = 4 x 1,024
+        TrainConfig.from_preset("24hbert", micro_batch_size=48).gradient_accumulation_steps(4)
