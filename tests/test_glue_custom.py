@@ -188,6 +188,16 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
 # ---- re-runs into the same --out ---------------------------------------------------------------
 
 
+
+def write_finished_result(model_path, data, config, out_dir):
+    """What a finished run leaves, without training: a stand-in for ``finetune`` in grid tests."""
+    atomic_write_json(Path(out_dir) / "result.json", {
+        "result_version": glue.RESULT_VERSION, "task": "rte", "config": config.name,
+        "seed": config.seed, "score": 0.5, "dev": {"validation": {"accuracy": 0.5}},
+        "model_path": str(Path(model_path).resolve()), "data_fingerprint": data.fingerprint(),
+        "hyperparameters": dataclasses.asdict(config)})
+
+
 def test_rerun_with_other_settings_is_refused_and_neutral_changes_are_not(tmp_path, monkeypatch):
     data = glue.load_glue_dir("rte", GLUE_DIR)
     grid = glue.GridConfig(lr=(1e-4,), batch_size=(4,), num_epochs=(1,), seed=(0,))
@@ -195,11 +205,7 @@ def test_rerun_with_other_settings_is_refused_and_neutral_changes_are_not(tmp_pa
 
     def fake_finetune(model_path, data, config, out_dir):
         calls.append(config.seed)
-        atomic_write_json(Path(out_dir) / "result.json", {
-            "result_version": glue.RESULT_VERSION, "task": "rte", "config": config.name,
-            "seed": config.seed, "score": 0.5, "dev": {"validation": {"accuracy": 0.5}},
-            "model_path": str(Path(model_path).resolve()), "data_fingerprint": data.fingerprint(),
-            "hyperparameters": dataclasses.asdict(config)})
+        write_finished_result(model_path, data, config, out_dir)
 
     monkeypatch.setattr(glue_grid, "finetune", fake_finetune)
     glue.grid_search("model", data, grid, tmp_path, num_gpus=0)
@@ -298,15 +304,7 @@ def test_custom_run_predictions_and_scores_match_sklearn(tmp_path):
 def test_model_dot_names_its_folder_and_out_must_be_a_folder(tmp_path, monkeypatch, capsys):
     data = glue.load_glue_dir("rte", GLUE_DIR)
     grid = glue.GridConfig(lr=(1e-4,), batch_size=(4,), num_epochs=(1,), seed=(0,))
-
-    def fake_finetune(model_path, data, config, out_dir):
-        atomic_write_json(Path(out_dir) / "result.json", {
-            "result_version": glue.RESULT_VERSION, "task": "rte", "config": config.name,
-            "seed": config.seed, "score": 0.5, "dev": {"validation": {"accuracy": 0.5}},
-            "model_path": str(Path(model_path).resolve()), "data_fingerprint": data.fingerprint(),
-            "hyperparameters": dataclasses.asdict(config)})
-
-    monkeypatch.setattr(glue_grid, "finetune", fake_finetune)
+    monkeypatch.setattr(glue_grid, "finetune", write_finished_result)
     (tmp_path / "my-model").mkdir()
     monkeypatch.chdir(tmp_path / "my-model")
     report = glue.run_glue(".", [data], grid, tmp_path / "out")
