@@ -117,9 +117,13 @@ KNOWN_GPUS: dict[str, GPU] = _read_gpu_table()
 
 
 def get_gpu(name: str) -> GPU:
-    """Look a GPU up in :data:`KNOWN_GPUS` (case and ``_``/``-``/space insensitive)."""
+    """Look a GPU up in :data:`KNOWN_GPUS` by its short name (case and ``_``/``-``/space
+    insensitive) or by the name the driver reports (``nvidia-smi``, "NVIDIA H100 80GB HBM3")."""
     key = name.strip().lower().replace("_", "-").replace(" ", "-")
     if key not in KNOWN_GPUS:
+        gpu = gpu_from_device_name(name)
+        if gpu is not None:
+            return gpu
         raise ValueError(f"unknown GPU {name!r}. Known GPUs: {', '.join(KNOWN_GPUS)}. "
                          "For another GPU, measure it (--measure / measure_throughput) "
                          "or pass its throughput in sequences per second.")

@@ -66,6 +66,10 @@ def test_unknown_gpu_lists_the_known_ones():
     for name in KNOWN_GPUS:
         assert name in message
     assert get_gpu("Titan V").name == "titan-v"  # spelling-tolerant lookup
+    # the name nvidia-smi prints works too, whole words only
+    assert get_gpu("NVIDIA H100 80GB HBM3").name == "h100"
+    with pytest.raises(ValueError, match="unknown GPU 'NVIDIA L40S'"):
+        get_gpu("NVIDIA L40S")
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -255,6 +255,14 @@ def test_a_model_folder_without_a_tokenizer_is_named(tmp_path):
         glue.load_classifier(model, 2)
 
 
+def test_a_length_beyond_the_models_positions_is_refused_not_cut(tmp_path):
+    model = _tiny_model(tmp_path / "model")  # 128 positions
+    data = glue.load_glue_dir("rte", GLUE_DIR)
+    with pytest.raises(ValueError, match=r"max_seq_length=256 is longer than the model's 128 "
+                                         r"positions: use --max-seq-length 128 or less"):
+        glue.finetune(model, data, glue.FinetuneConfig(max_seq_length=256, num_epochs=1))
+
+
 def test_custom_run_predictions_and_scores_match_sklearn(tmp_path):
     from transformers import AutoTokenizer
 
@@ -310,6 +318,7 @@ def test_model_dot_names_its_folder_and_out_must_be_a_folder(tmp_path, monkeypat
     report = glue.run_glue(".", [data], grid, tmp_path / "out")
     # before: results-.md, "GLUE results for :"
     assert report["table"]["md"] == tmp_path / "out" / "results-my-model.md"
+    assert report["table"]["md"].read_text().startswith("Finetuning results for my-model: ")
     (tmp_path / "a-file").write_text("")
     assert glue.main([".", "--out", str(tmp_path / "a-file"), "--glue-dir", str(GLUE_DIR)]) == 2
     assert capsys.readouterr().err.strip() == (f"bbert finetune: error: --out {tmp_path / 'a-file'} "

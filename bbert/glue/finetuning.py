@@ -71,8 +71,11 @@ def _encode(examples: list[dict], tokenizer, max_seq_length: int, with_types: bo
 
 
 def _max_length(model, config: FinetuneConfig) -> int:
-    # never longer than the position table the model was pretrained with
-    return min(config.max_seq_length, model.bert.config.max_position_embeddings)
+    positions = model.bert.config.max_position_embeddings
+    if config.max_seq_length > positions:  # cutting silently would score another setting
+        raise ValueError(f"max_seq_length={config.max_seq_length} is longer than the model's "
+                         f"{positions} positions: use --max-seq-length {positions} or less")
+    return config.max_seq_length
 
 
 def _uses_token_types(model) -> bool:
@@ -157,9 +160,6 @@ def evaluate(model, tokenizer, data: TaskData, config: FinetuneConfig | None = N
         preds = predict(model, tokenizer, examples, config)
         scores[split] = compute_metrics(data.spec.metrics, preds, [e["label"] for e in examples])
     return scores
-
-
-# ---- progress -----------------------------------------------------------------------------
 
 
 # ---- one run ------------------------------------------------------------------------------

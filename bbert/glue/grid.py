@@ -199,7 +199,7 @@ def write_results_table(rows: list[dict], out_dir: str | os.PathLike, model_name
     writer.writerows(rows)
     titles = ["Task", "Metric", f"{model_name} (dev, median)", "All dev metrics", "Best config",
               "Seeds", "24hBERT (paper, test)", "BERT-base (paper, test)"]
-    md = [f"GLUE results for {model_name}: dev-set median over seeds of the best configuration; "
+    md = [f"Finetuning results for {model_name}: dev-set median over seeds of the best configuration; "
           "the paper columns are GLUE test-set scores.", "",
           "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for r in rows:
