@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -99,6 +100,22 @@ def test_glue_dir_errors_name_the_problem(tmp_path):
     (bad / "train.tsv").write_text("idx\ttext\n0\ta\n")
     with pytest.raises(ValueError, match=r"no column 'sentence1'"):
         glue.load_glue_dir("rte", tmp_path)
+
+
+def test_broken_glue_training_lines_are_skipped_and_counted_dev_lines_refused(tmp_path, capsys):
+    # some GLUE downloads of QQP's train.tsv hold lines cut short (GLUE-baselines issue 5)
+    qqp = tmp_path / "QQP"
+    shutil.copytree(GLUE_DIR / "QQP", qqp)
+    train = (qqp / "train.tsv").read_text().splitlines(keepends=True)
+    (qqp / "train.tsv").write_text("".join(train[:2] + ["\tWas it real?\t0\n"] + train[2:]))
+    data = glue.load_glue_dir("qqp", tmp_path)
+    assert len(data.splits["train"]) == len(train) - 1  # every complete row, nothing else
+    assert f"train.tsv: skipped 1 broken line(s) with fewer than 6 columns (line(s) 3); kept " \
+           f"{len(train) - 1} examples" in capsys.readouterr().out
+    dev = (qqp / "dev.tsv").read_text()
+    (qqp / "dev.tsv").write_text(dev + "\tWas it real?\t0\n")
+    with pytest.raises(ValueError, match=r"dev.tsv, line \d+: 3 columns, expected at least 6"):
+        glue.load_glue_dir("qqp", tmp_path)
 
 
 def test_hub_fails_at_once_offline_naming_the_local_alternative(monkeypatch):

@@ -192,9 +192,14 @@ def _label_id(spec: TaskSpec, raw: str, where: str) -> int | float:
     return spec.labels.index(raw)
 
 
-def _read_table(path: Path, layout: TsvLayout, spec: TaskSpec, delimiter: str = "\t") -> list[dict]:
-    """Rows of one file as examples; QUOTE_NONE because GLUE text holds stray quote marks."""
-    examples = []
+def _read_table(path: Path, layout: TsvLayout, spec: TaskSpec, delimiter: str = "\t",
+                skip_short_rows: bool = False) -> list[dict]:
+    """Rows of one file as examples; QUOTE_NONE because GLUE text holds stray quote marks.
+
+    ``skip_short_rows`` skips rows with too few cells, and says how many: some GLUE downloads of
+    QQP's train.tsv hold a few broken lines. Elsewhere a short row is an error.
+    """
+    examples, short = [], []
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=delimiter,
                             quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
@@ -219,6 +224,9 @@ def _read_table(path: Path, layout: TsvLayout, spec: TaskSpec, delimiter: str = 
                 continue
             line = row_no + (2 if layout.header else 1)
             if len(row) < needed:
+                if skip_short_rows:
+                    short.append(line)
+                    continue
                 raise ValueError(f"{path}, line {line}: {len(row)} columns, expected at least "
                                  f"{needed} for task {spec.display}")
             texts = [row[p] for p in text_pos]
@@ -229,6 +237,10 @@ def _read_table(path: Path, layout: TsvLayout, spec: TaskSpec, delimiter: str = 
                 "label": None if label_pos is None else _label_id(spec, row[label_pos],
                                                                   f"{path}, line {line}"),
             })
+    if short:
+        print(f"{path}: skipped {len(short)} broken line(s) with fewer than {needed} columns "
+              f"(line(s) {', '.join(map(str, short[:5]))}{', ...' if len(short) > 5 else ''}); "
+              f"kept {len(examples):,} examples")
     return examples
 
 
@@ -265,7 +277,8 @@ def load_glue_dir(task: str | TaskSpec, glue_dir: str | os.PathLike) -> TaskData
                 f"{path} not found: expected the original GLUE layout "
                 f"<glue_dir>/{spec.display}/{name} (the GLUE download script's glue_data folder), "
                 "or use --hub where the Hugging Face hub is reachable")
-        splits[split] = _read_table(path, spec.layouts[split], spec)
+        # a broken training line costs one example; a dev or test line would change the scores
+        splits[split] = _read_table(path, spec.layouts[split], spec, skip_short_rows=split == "train")
         if not splits[split] and not split.startswith("test"):
             raise ValueError(f"{path} holds no examples (only a header line?): restore it from the "
                              f"GLUE download (glue_data/{spec.display}/{name}) or point --glue-dir "
