@@ -85,9 +85,9 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
             return value
         if value is None:
             return hint()
-        return from_dict(hint, _parsed(value, name), prefix=f"{name}.")
+        return from_dict(hint, parse_value(value, name), prefix=f"{name}.")
     if hint is bool:
-        value = _parsed(value, name)
+        value = parse_value(value, name)
         if not isinstance(value, bool):
             raise UsageError(f"{name} must be true or false, got {value!r}")
         return value
@@ -98,7 +98,7 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
             raise UsageError(f"{name} must be a string, got {value!r}")
         return str(value)
     if origin in (list, tuple) or hint in (list, tuple):
-        value = _parsed(value, name)
+        value = parse_value(value, name)
         if not isinstance(value, (list, tuple)):
             raise UsageError(f"{name} must be a list, got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
@@ -109,14 +109,15 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
         items = [coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if (origin or hint) is tuple else items
     if origin is dict or hint is dict:
-        value = _parsed(value, name)
+        value = parse_value(value, name)
         if not isinstance(value, dict):
             raise UsageError(f"{name} must be a mapping, got {value!r}")
         return dict(value)
     return value
 
 
-def _parsed(value: Any, name: str = "value") -> Any:
+def parse_value(value: Any, name: str = "value") -> Any:
+    """A ``--set`` string read as YAML (``[0.9, 0.98]`` is a list); bad YAML is a ``UsageError``."""
     if not isinstance(value, str):
         return value
     try:

@@ -36,14 +36,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import typing
 from pathlib import Path
 
 from bbert import configs
-from bbert.model import BertConfig
 from bbert.run_dir import read_metrics
 from bbert.train import pretrain
-from bbert.train_config import TrainConfig
+from bbert.train_config import TrainConfig, override_key
 
 # Trials that ended for one of these reasons are done; "interrupted" ones are resumed.
 FINISHED_REASONS = ("budget", "max_steps", "early_stop", "nan")
@@ -73,12 +71,9 @@ def trial_name(params: dict) -> str:
 def trial_config(base: TrainConfig, params: dict, run_dir) -> TrainConfig:
     """``base`` with the trial's values (dotted keys reach nested fields, e.g. ``early_stop.max_val_loss``)."""
     update: dict = {"run_dir": str(run_dir)}
-    model_fields = typing.get_type_hints(BertConfig)
     for key, value in _flat(params).items():
         if key.startswith("model."):  # as with --set: model.X overrides field X of the model preset
-            name = key[len("model."):]
-            value = configs.coerce(value, model_fields[name], key) if name in model_fields else value
-            key = f"model_overrides.{name}"
+            key, value = override_key(key), configs.parse_value(value, key)
         *parents, leaf = key.split(".")
         node = update
         for part in parents:

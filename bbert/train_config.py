@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bbert.configs import UsageError, build_config, coerce, from_dict, load_yaml, merge, parse_assignments, to_dict
+from bbert.configs import build_config, coerce, from_dict, load_yaml, merge, parse_assignments, parse_value, to_dict
 from bbert.data import MaskingConfig, load_manifest
 from bbert.model import BertConfig
 from bbert.optim import Schedule
@@ -356,27 +356,23 @@ def _preset_tiny_cpu() -> dict:
 PRESETS = {"24hbert": _preset_24hbert, "tiny-cpu": _preset_tiny_cpu}
 
 
+def override_key(key: str) -> str:
+    """Where a dotted override lands: ``model.<field>`` (``--set``, a search grid) is
+    ``model_overrides.<field>``; every other key is a field path of :class:`TrainConfig`."""
+    return "model_overrides." + key[len("model."):] if key.startswith("model.") else key
+
+
 def override_dict(assignments) -> dict:
     """``--set`` assignments as a nested dict; ``model.<field>`` lands in ``model_overrides``.
 
     A model override's value is parsed as YAML here (``96``, ``true``), since ``model_overrides``
     is a free mapping that :func:`bbert.configs.from_dict` can't check field by field.
     """
-    renamed = ["model_overrides." + a.strip()[len("model."):] if a.strip().startswith("model.") else a
-               for a in assignments]
+    renamed = [override_key(a.strip()) for a in assignments]
     data = parse_assignments(renamed)
     if isinstance(data.get("model_overrides"), dict):
-        data["model_overrides"] = {k: _yaml_value(v, f"model.{k}") for k, v in data["model_overrides"].items()}
+        data["model_overrides"] = {k: parse_value(v, f"model.{k}") for k, v in data["model_overrides"].items()}
     return data
-
-
-def _yaml_value(value, name: str):
-    if not isinstance(value, str):
-        return value
-    try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise UsageError(f"{name} is not valid YAML, got {value!r}; e.g. --set {name}=256") from None
 
 
 def preset(name: str) -> dict:
