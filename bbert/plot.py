@@ -1,6 +1,6 @@
 """The matplotlib figures the book shows. Each function returns the matplotlib Figure.
 
-Chapters: budget, model, pretraining, finetuning.
+Chapters: budget, model, pretraining, finetuning, beyond 24hBERT.
 """
 from __future__ import annotations
 
@@ -85,6 +85,36 @@ def plot_loss_curves(runs, labels=None, x: str = "minutes", ax=None):
     ax.set_ylabel("MLM loss")
     ax.set_title("Masked-LM loss")
     ax.legend(fontsize="small")
+    return fig
+
+
+def _time_unit(seconds: float) -> tuple[str, float]:
+    """The axis unit for a span of ``seconds``: seconds, minutes or hours, and its length in seconds."""
+    if seconds < 180:
+        return "seconds", 1.0
+    return ("minutes", 60.0) if seconds < 3 * 3600 else ("hours", 3600.0)
+
+
+def plot_loss_vs_wall_clock(curves: dict, baseline: str | None = "baseline", title: str | None = None, ax=None):
+    """Validation loss against elapsed wall-clock time, one line per run; the baseline bold.
+
+    ``curves``: ``{label: [(elapsed seconds, loss), ...]}`` (``bbert.ablation.loss_curve``).
+    The axis unit follows the longest curve. Chapter: ``notebooks/07_beyond.ipynb``.
+    """
+    fig, (ax,) = _new_figure(width=7.5, height=4.0) if ax is None else (ax.figure, [ax])
+    longest = max((t for curve in curves.values() for t, _ in curve), default=1.0)
+    unit, per = _time_unit(longest)
+    for label, curve in curves.items():
+        bold = label == baseline
+        ax.plot([t / per for t, _ in curve], [loss for _, loss in curve], "-o" if bold else "-",
+                color="black" if bold else None, lw=2.5 if bold else 1.2, ms=3, label=label,
+                zorder=3 if bold else 2)
+    if baseline in curves and curves[baseline]:
+        ax.axhline(curves[baseline][-1][1], color="black", lw=0.8, ls=":")
+    ax.set_xlabel(f"elapsed wall-clock time ({unit})")
+    ax.set_ylabel("validation MLM loss")
+    ax.set_title(title or "Validation loss at equal wall clock")
+    ax.legend(fontsize="small", ncol=2)
     return fig
 
 

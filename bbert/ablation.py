@@ -1,0 +1,248 @@
+"""Beyond 24hBERT: the post-2021 encoder options, switched on one at a time and together, ranked at one wall clock.
+
+Each option is a handful of config overrides (dotted keys, as ``--set`` and a search grid take
+them) with the paper it comes from and what that paper reported. :func:`run_ablation` trains the
+plain recipe and each option alone (and any combinations asked for) as ordinary budgeted run
+dirs of equal wall-clock budget, one after another on this machine, and compares their
+validation-loss curves; :func:`search_combinations` hands the on/off grid of all options to
+``bbert.search`` with the ASHA pruner, which stops the weak combinations early::
+
+    rows = run_ablation(base, "runs/ablation", budget_s=60)
+    print(ablation_table(rows))
+    best = search_combinations(base, "runs/ablation-search", budget_s=60, n_trials=8)
+
+Every run reads the same validation batches, scored at 15% masking whatever the training rate
+(the objective owns that), so losses compare on one yardstick. The runs share one machine in
+turn: a busy neighbor slows whichever run is going, so repeat a comparison before trusting a
+gap of a few percent.
+
+Chapter: ``notebooks/07_beyond.ipynb``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from bbert.run_dir import read_metrics
+from bbert.search import best_trial, is_finished, search, trial_config
+from bbert.train import pretrain
+from bbert.train_config import TrainConfig
+
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One post-2021 change to the recipe: its overrides when on, the paper's values when off."""
+
+    name: str
+    on: dict
+    off: dict
+    source: str   # the papers, as the book cites them
+    anchor: str   # what the anchor reported, in one line
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("mask30", {"masking.mlm_probability": 0.3}, {"masking.mlm_probability": 0.15},
+           "Wettig et al. 2023; Portes et al. 2023 (MosaicBERT)",
+           "masking 40% beat 15% for BERT-large on GLUE and SQuAD; MosaicBERT pretrains at 30%"),
+    Option("geglu", {"model.ffn_type": "geglu"}, {"model.ffn_type": "mlp"},
+           "Shazeer 2020; Warner et al. 2024 (ModernBERT)",
+           "GLU feed-forwards of equal parameters lowered T5's perplexity; Cramming, MosaicBERT and ModernBERT use one"),
+    Option("rope", {"model.position_embedding_type": "rope"}, {"model.position_embedding_type": "absolute"},
+           "Su et al. 2021 (RoFormer); Warner et al. 2024 (ModernBERT)",
+           "rotary positions trained faster than absolute ones in RoFormer; ModernBERT uses them"),
+    Option("no_bias", {"model.bias": False}, {"model.bias": True},
+           "Geiping & Goldstein 2023 (Cramming); Warner et al. 2024 (ModernBERT)",
+           "Cramming dropped the biases for speed at no loss in quality; ModernBERT keeps only the decoder's"),
+    Option("wsd", {"lr_schedule": "wsd", "decay_proportion": 0.2}, {"lr_schedule": "linear"},
+           "Hu et al. 2024 (MiniCPM); Hägele et al. 2024; Warner et al. 2024 (ModernBERT)",
+           "warmup-stable-decay with a 20% cool-down matched cosine; the loss drops fast in the decay"),
+    Option("batch_ramp", {"batch_ramp_proportion": 0.5}, {"batch_ramp_proportion": 0.0},
+           "Geiping & Goldstein 2023 (Cramming)",
+           "Cramming grows the batch linearly to its final size over the first half of its day"),
+)
+
+
+def option(name: str) -> Option:
+    """The option called ``name`` (one of :data:`OPTIONS`)."""
+    for opt in OPTIONS:
+        if opt.name == name:
+            return opt
+    raise ValueError(f"unknown option {name!r}; choose from {', '.join(o.name for o in OPTIONS)}")
+
+
+def overrides(names) -> dict:
+    """The overrides that switch on every option in ``names`` (a combination); ``()`` is the baseline."""
+    out: dict = {}
+    for name in names:
+        out.update(option(name).on)
+    return out
+
+
+def budget_config(base: TrainConfig, run_dir, budget_s: float, names=()) -> TrainConfig:
+    """``base`` with the options ``names`` on and a wall-clock budget of ``budget_s`` seconds."""
+    if not budget_s > 0:
+        raise ValueError(f"budget_s must be > 0 seconds, got {budget_s}")
+    return trial_config(base, {**overrides(names), "time_budget_hours": budget_s / 3600}, run_dir)
+
+
+# ---- reading runs -------------------------------------------------------------------------
+
+
+def loss_curve(run_dir) -> list[tuple[float, float]]:
+    """``[(elapsed seconds, validation loss), ...]`` of a run, from its metrics."""
+    return [(r["elapsed_seconds"], r["val_loss"]) for r in read_metrics(run_dir, "val")]
+
+
+def time_to_reach(curve, target: float, budget_s: float) -> float | None:
+    """The first fraction of the budget at which ``curve`` reaches ``target``; None if it never does.
+
+    Between two validations the loss is taken to fall linearly, so the answer lies between them;
+    a target met at the first validation gives that validation's time (an upper bound).
+    """
+    previous = None
+    for seconds, loss in curve:
+        if loss <= target:
+            if previous is None:
+                return seconds / budget_s
+            t0, l0 = previous  # above the target, so l0 > loss
+            return (t0 + (seconds - t0) * (l0 - target) / (l0 - loss)) / budget_s
+        previous = (seconds, loss)
+    return None
+
+
+def run_result(name: str, run_dir, budget_s: float, names=()) -> dict:
+    """One row of the ablation: the run's final validation loss, curve, steps and end reason."""
+    curve = loss_curve(run_dir)
+    end = read_metrics(run_dir, "end")
+    return {"name": name, "options": list(names), "run_dir": str(run_dir), "budget_s": budget_s,
+            "final_val_loss": curve[-1][1] if curve else math.nan, "curve": curve,
+            "steps": end[-1]["step"] if end else None, "end_reason": end[-1]["reason"] if end else None}
+
+
+def compare(rows: list[dict], baseline: str = BASELINE) -> list[dict]:
+    """Add to each row its ``ratio`` (final loss / the baseline's) and ``time_to_baseline``: the
+    fraction of its budget at which it first reached the baseline's final loss (None: never)."""
+    base = next((r for r in rows if r["name"] == baseline), None)
+    if base is None:
+        raise ValueError(f"no row named {baseline!r} among {[r['name'] for r in rows]}")
+    target = base["final_val_loss"]
+    for row in rows:
+        row["ratio"] = row["final_val_loss"] / target
+        row["time_to_baseline"] = time_to_reach(row["curve"], target, row["budget_s"])
+    return rows
+
+
+# ---- running ------------------------------------------------------------------------------
+
+
+def _quiet(verbose: bool):
+    return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+
+
+def run_ablation(base: TrainConfig, out_dir, budget_s: float, options=None, combinations=(),
+                 verbose: bool = True) -> list[dict]:
+    """Train the baseline, each option alone and each combination, all with ``budget_s`` seconds.
+
+    ``options``: option names (default: all of :data:`OPTIONS`); ``combinations``: lists of
+    option names, run after the single options. Runs go to ``out_dir/<name>`` one after another;
+    a run dir that finished with the same config is read, not run again. Returns one row per
+    run (see :func:`run_result`) with ``ratio`` and ``time_to_baseline`` (see :func:`compare`).
+    """
+    out_dir = Path(out_dir)
+    plan = [(BASELINE, ())] + [(name, (name,)) for name in (options or [o.name for o in OPTIONS])]
+    plan += [("+".join(combo), tuple(combo)) for combo in combinations]
+    configs = [(name, names, budget_config(base, out_dir / name, budget_s, names)) for name, names in plan]
+    for _, _, config in configs:
+        config.validate()  # a bad option (or one this data can't take) fails before any run starts
+    rows = []
+    for i, (name, names, config) in enumerate(configs):
+        if not _done_with(config):
+            if verbose:
+                print(f"[ablation] run {i + 1}/{len(configs)}: {name} ({budget_s:g} s)", flush=True)
+            with _quiet(verbose):
+                pretrain(config)
+        rows.append(run_result(name, config.run_dir, budget_s, names))
+    return compare(rows)
+
+
+def _done_with(config: TrainConfig) -> bool:
+    saved = Path(config.run_dir) / "config.yaml"
+    return (is_finished(config.run_dir) and saved.is_file()
+            and TrainConfig.from_yaml(saved).to_dict() == config.to_dict())
+
+
+def search_grid(options=None) -> dict[str, list[dict]]:
+    """The on/off grid of the options for ``bbert.search``: each option a key, its off and on
+    overrides the two values (a value that is a dict sets its fields together)."""
+    return {o.name: [o.off, o.on] for o in (option(n) for n in (options or [o.name for o in OPTIONS]))}
+
+
+def options_on(row: dict, options=None) -> list[str]:
+    """The options a search trial (a row of ``bbert.search``) had switched on."""
+    names = options or [o.name for o in OPTIONS]
+    return [n for n in names if isinstance(row.get(n), dict)
+            and all(row[n].get(k) == v for k, v in option(n).on.items())]
+
+
+def search_combinations(base: TrainConfig, out_dir, budget_s: float, n_trials: int, options=None,
+                        pruner: str = "asha", storage: str | None = None, verbose: bool = True) -> dict:
+    """Search the options' combinations with ``bbert.search`` and its ``pruner`` (ASHA: successive
+    halving that stops the weak trials at rungs of their budget, Li et al. 2020).
+
+    Every trial gets ``budget_s`` seconds; ``n_trials`` is how many combinations are tried.
+    Returns ``{"rows": the search table's rows, "best": the best row (or None), "best_options":
+    the option names it switched on}``.
+    """
+    base = trial_config(base, {"time_budget_hours": budget_s / 3600}, base.run_dir)
+    with _quiet(verbose):
+        rows = search(base, search_grid(options), out_dir, pruner=pruner, storage=storage, n_trials=n_trials,
+                      verbose=verbose)
+    best = best_trial(rows)
+    return {"rows": rows, "best": best, "best_options": options_on(best, options) if best else None}
+
+
+# ---- text and tables ----------------------------------------------------------------------
+
+
+def write_sample_sources(path, sources) -> Path:
+    """The embedded corpus restricted to ``sources`` (e.g. ``["kjv", "wordnet"]``) as a JSONL file
+    that ``bbert prepare`` reads: how a tuning text and a held-out text are cut from it."""
+    from bbert.data import read_sample_corpus
+    from bbert.utils import atomic_write_text
+
+    docs = [d for source in sources for d in read_sample_corpus(source=source)]
+    if not docs:
+        raise ValueError(f"the embedded corpus has no documents from {list(sources)}; "
+                         "its sources are kjv, python_docs and wordnet")
+    atomic_write_text(path, "".join(json.dumps({"text": d["text"]}) + "\n" for d in docs))
+    return Path(path)
+
+
+def _fraction(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f}"
+
+
+def ablation_table(rows: list[dict]) -> str:
+    """The ablation as a Markdown table: final validation loss, ratio to the baseline, and the
+    fraction of the budget each run needed to reach the baseline's final loss."""
+    lines = ["| run | steps | final val loss | ratio to baseline | time to baseline's loss |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['steps']} | {r['final_val_loss']:.4f} | {r['ratio']:.3f} "
+                     f"| {_fraction(r['time_to_baseline'])} |")
+    return "\n".join(lines)
+
+
+def options_table(options=None) -> str:
+    """The options as a Markdown table: overrides, source and what the anchor reported."""
+    lines = ["| option | overrides | source | the anchor reported |", "| --- | --- | --- | --- |"]
+    for o in (option(n) for n in (options or [o.name for o in OPTIONS])):
+        sets = ", ".join(f"`{k}={v}`" for k, v in o.on.items())
+        lines.append(f"| {o.name} | {sets} | {o.source} | {o.anchor} |")
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""The ablation of post-2021 options: overrides that build valid runs, the ratio and time-to-loss
+arithmetic, the tables and the figure, and (slow) real runs on a simulated clock."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bbert import ablation
+from bbert.ablation import (OPTIONS, ablation_table, budget_config, compare, loss_curve, options_on, options_table,
+                            run_ablation, run_result, search_grid, time_to_reach, write_sample_sources)
+from bbert.run_dir import MetricsLog
+from helpers_train import make_data_dir, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_data_dir(tmp_path_factory.mktemp("ablation-data") / "data")
+
+
+def write_run(run_dir, curve, steps=40):
+    """A run dir holding only metrics: validation records at ``curve`` and an end record."""
+    run_dir.mkdir(parents=True)
+    log = MetricsLog(run_dir, tensorboard=False, enabled=True)
+    log.write({"type": "start", "step": 0, "elapsed_seconds": 0.0})
+    for i, (seconds, loss) in enumerate(curve, 1):
+        log.write({"type": "val", "step": i * steps // len(curve), "elapsed_seconds": seconds, "val_loss": loss})
+    log.write({"type": "end", "reason": "budget", "step": steps, "elapsed_seconds": curve[-1][0]})
+    log.close()
+    return run_dir
+
+
+# ---- the options build real configs -----------------------------------------------------------
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=[o.name for o in OPTIONS])
+def test_each_option_builds_a_valid_run_with_its_settings(opt, data_dir, tmp_path):
+    base = tiny_config(data_dir, tmp_path / "unused")
+    on = budget_config(base, tmp_path / opt.name, 90.0, [opt.name])
+    off = ablation.trial_config(base, {**opt.off, "time_budget_hours": 90 / 3600}, tmp_path / "off")
+    for config, values in ((on, opt.on), (off, opt.off)):
+        config.validate()
+        assert config.time_budget_seconds == pytest.approx(90.0)
+        model = config.model_config(vocab_size=2048)
+        for key, value in values.items():
+            group, _, leaf = key.rpartition(".")
+            holder = model if group == "model" else getattr(config, group) if group else config
+            assert getattr(holder, leaf) == value, f"{opt.name}: {key} is {getattr(holder, leaf)!r}, want {value!r}"
+    assert on.run_dir == str(tmp_path / opt.name)
+
+
+def test_options_are_documented_and_unknown_names_are_refused():
+    names = [o.name for o in OPTIONS]
+    assert len(set(names)) == len(names)
+    for o in OPTIONS:
+        assert o.source and o.anchor and set(o.off) <= set(o.on)
+    assert ablation.overrides(["mask30", "wsd"]) == {"masking.mlm_probability": 0.3, "lr_schedule": "wsd",
+                                                      "decay_proportion": 0.2}
+    assert ablation.overrides([]) == {}
+    with pytest.raises(ValueError, match="unknown option 'flash'"):
+        ablation.option("flash")
+    with pytest.raises(ValueError, match="budget_s must be > 0"):
+        budget_config(None, "x", 0.0)
+    table = options_table()
+    assert table.count("\n") == len(OPTIONS) + 1 and "`masking.mlm_probability=0.3`" in table
+
+
+def test_search_grid_is_off_then_on_and_decodes_back():
+    grid = search_grid(["mask30", "no_bias"])
+    assert grid == {"mask30": [{"masking.mlm_probability": 0.15}, {"masking.mlm_probability": 0.3}],
+                    "no_bias": [{"model.bias": True}, {"model.bias": False}]}
+    row = {"mask30": {"masking.mlm_probability": 0.3}, "no_bias": {"model.bias": True}}
+    assert options_on(row, ["mask30", "no_bias"]) == ["mask30"]
+
+
+# ---- ratio and time to loss -----------------------------------------------------------------
+
+def test_time_to_reach_interpolates_between_validations():
+    curve = [(10.0, 8.0), (20.0, 6.0), (30.0, 5.0), (40.0, 4.0)]
+    assert time_to_reach(curve, 7.0, 40.0) == pytest.approx(15.0 / 40)   # half-way from 8 to 6
+    assert time_to_reach(curve, 4.0, 40.0) == pytest.approx(1.0)
+    assert time_to_reach(curve, 9.0, 40.0) == pytest.approx(10.0 / 40)   # met at the first point
+    assert time_to_reach(curve, 3.9, 40.0) is None
+    assert time_to_reach([(5.0, 7.0), (10.0, 7.5), (15.0, 6.0)], 6.5, 20.0) == pytest.approx(
+        (10 + 5 * (7.5 - 6.5) / 1.5) / 20)  # from the last point above the target, not the first
+
+
+def test_compare_reads_run_dirs_and_gives_ratio_and_time(tmp_path):
+    base = write_run(tmp_path / "baseline", [(15.0, 7.0), (30.0, 6.0), (45.0, 5.5), (60.0, 5.0)])
+    fast = write_run(tmp_path / "fast", [(15.0, 6.0), (30.0, 5.0), (45.0, 4.6), (60.0, 4.5)])
+    slow = write_run(tmp_path / "slow", [(15.0, 7.5), (30.0, 6.5), (45.0, 6.0), (60.0, 5.5)])
+    rows = compare([run_result("baseline", base, 60.0), run_result("fast", fast, 60.0, ["wsd"]),
+                    run_result("slow", slow, 60.0, ["rope"])])
+    by = {r["name"]: r for r in rows}
+    assert loss_curve(fast)[-1] == (60.0, 4.5)
+    assert by["baseline"]["ratio"] == 1.0 and by["baseline"]["time_to_baseline"] == pytest.approx(1.0)
+    assert by["fast"]["ratio"] == pytest.approx(4.5 / 5.0) and by["fast"]["time_to_baseline"] == pytest.approx(0.5)
+    assert by["slow"]["ratio"] == pytest.approx(1.1) and by["slow"]["time_to_baseline"] is None
+    assert by["fast"]["steps"] == 40 and by["fast"]["end_reason"] == "budget" and by["fast"]["options"] == ["wsd"]
+    table = ablation_table(rows)
+    assert "| fast | 40 | 4.5000 | 0.900 | 0.50 |" in table and "| slow | 40 | 5.5000 | 1.100 | never |" in table
+    with pytest.raises(ValueError, match="no row named 'baseline'"):
+        compare(rows[1:])
+
+
+def test_write_sample_sources_keeps_only_those_sources(tmp_path):
+    from bbert.data import read_sample_corpus
+
+    path = write_sample_sources(tmp_path / "wordnet.jsonl", ["wordnet"])
+    lines = path.read_text().splitlines()
+    assert len(lines) == len(read_sample_corpus(source="wordnet")) > 0
+    assert set(json.loads(lines[0])) == {"text"}
+    with pytest.raises(ValueError, match="no documents"):
+        write_sample_sources(tmp_path / "none.jsonl", ["wikipedia"])
+
+
+def test_loss_vs_wall_clock_figure(tmp_path):
+    from bbert.plot import plot_loss_vs_wall_clock
+
+    curves = {"baseline": [(30.0, 6.0), (60.0, 5.0)], "wsd": [(30.0, 6.2), (60.0, 4.8)]}
+    ax = plot_loss_vs_wall_clock(curves).axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert lines["baseline"].get_linewidth() > lines["wsd"].get_linewidth()
+    assert list(lines["wsd"].get_xdata()) == [30.0, 60.0] and "seconds" in ax.get_xlabel()
+    hours = plot_loss_vs_wall_clock({"baseline": [(3600.0, 3.0), (6 * 3600.0, 2.0)]}).axes[0]
+    assert "hours" in hours.get_xlabel() and list(hours.get_lines()[0].get_xdata()) == [1.0, 6.0]
+
+
+# ---- real runs (simulated clock) --------------------------------------------------------------
+
+@pytest.mark.slow
+def test_run_ablation_trains_each_option_at_the_same_budget_and_skips_finished_runs(data_dir, tmp_path):
+    base = tiny_config(data_dir, tmp_path / "unused", checkpoint_fractions=[], checkpoint_every_minutes=None,
+                       debug={"step_time_seconds": 6.0}, validation_every_minutes=0.5)
+    out = tmp_path / "ablation"
+    rows = run_ablation(base, out, budget_s=90.0, options=["mask30", "wsd"], combinations=[["mask30", "wsd"]],
+                        verbose=False)
+    assert [r["name"] for r in rows] == ["baseline", "mask30", "wsd", "mask30+wsd"]
+    for row in rows:
+        assert row["end_reason"] == "budget" and row["steps"] == 15  # 90 s of 6-second steps, each run
+        assert row["curve"][-1][0] == pytest.approx(90.0) and math.isfinite(row["final_val_loss"])
+    assert rows[0]["ratio"] == 1.0
+    assert rows[1]["ratio"] == pytest.approx(rows[1]["final_val_loss"] / rows[0]["final_val_loss"])
+    wsd = ablation.TrainConfig.from_yaml(out / "mask30+wsd" / "config.yaml")
+    assert wsd.lr_schedule == "wsd" and wsd.masking.mlm_probability == 0.3
+    before = (out / "wsd" / "metrics.jsonl").stat().st_mtime_ns
+    again = run_ablation(base, out, budget_s=90.0, options=["mask30", "wsd"], combinations=[["mask30", "wsd"]],
+                         verbose=False)
+    assert (out / "wsd" / "metrics.jsonl").stat().st_mtime_ns == before  # read, not run again
+    assert [r["final_val_loss"] for r in again] == [r["final_val_loss"] for r in rows]
