@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -74,6 +75,10 @@ def option(name: str) -> Option:
         if opt.name == name:
             return opt
     raise ValueError(f"unknown option {name!r}; choose from {', '.join(o.name for o in OPTIONS)}")
+
+
+def _names(options) -> list[str]:
+    return [o.name for o in OPTIONS] if options is None else list(options)
 
 
 def overrides(names) -> dict:
@@ -155,7 +160,7 @@ def run_ablation(base: TrainConfig, out_dir, budget_s: float, options=None, comb
     run (see :func:`run_result`) with ``ratio`` and ``time_to_baseline`` (see :func:`compare`).
     """
     out_dir = Path(out_dir)
-    plan = [(BASELINE, ())] + [(name, (name,)) for name in (options or [o.name for o in OPTIONS])]
+    plan = [(BASELINE, ())] + [(name, (name,)) for name in _names(options)]
     plan += [("+".join(combo), tuple(combo)) for combo in combinations]
     configs = [(name, names, budget_config(base, out_dir / name, budget_s, names)) for name, names in plan]
     for _, _, config in configs:
@@ -180,13 +185,12 @@ def _done_with(config: TrainConfig) -> bool:
 def search_grid(options=None) -> dict[str, list[dict]]:
     """The on/off grid of the options for ``bbert.search``: each option a key, its off and on
     overrides the two values (a value that is a dict sets its fields together)."""
-    return {o.name: [o.off, o.on] for o in (option(n) for n in (options or [o.name for o in OPTIONS]))}
+    return {o.name: [o.off, o.on] for o in map(option, _names(options))}
 
 
 def options_on(row: dict, options=None) -> list[str]:
     """The options a search trial (a row of ``bbert.search``) had switched on."""
-    names = options or [o.name for o in OPTIONS]
-    return [n for n in names if isinstance(row.get(n), dict)
+    return [n for n in _names(options) if isinstance(row.get(n), dict)
             and all(row[n].get(k) == v for k, v in option(n).on.items())]
 
 
@@ -212,11 +216,13 @@ def search_combinations(base: TrainConfig, out_dir, budget_s: float, n_trials: i
 
 def write_sample_sources(path, sources) -> Path:
     """The embedded corpus restricted to ``sources`` (e.g. ``["kjv", "wordnet"]``) as a JSONL file
-    that ``bbert prepare`` reads: how a tuning text and a held-out text are cut from it."""
+    that ``bbert prepare`` reads: how a tuning text and a held-out text are cut from it. The
+    sources' documents alternate, so a ``max_bytes`` cut keeps a mix of them."""
     from bbert.data import read_sample_corpus
     from bbert.utils import atomic_write_text
 
-    docs = [d for source in sources for d in read_sample_corpus(source=source)]
+    per_source = [read_sample_corpus(source=source) for source in sources]
+    docs = [d for group in itertools.zip_longest(*per_source) for d in group if d is not None]
     if not docs:
         raise ValueError(f"the embedded corpus has no documents from {list(sources)}; "
                          "its sources are kjv, python_docs and wordnet")
@@ -242,7 +248,7 @@ def ablation_table(rows: list[dict]) -> str:
 def options_table(options=None) -> str:
     """The options as a Markdown table: overrides, source and what the anchor reported."""
     lines = ["| option | overrides | source | the anchor reported |", "| --- | --- | --- | --- |"]
-    for o in (option(n) for n in (options or [o.name for o in OPTIONS])):
+    for o in map(option, _names(options)):
         sets = ", ".join(f"`{k}={v}`" for k, v in o.on.items())
         lines.append(f"| {o.name} | {sets} | {o.source} | {o.anchor} |")
     return "\n".join(lines)

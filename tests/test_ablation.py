@@ -110,6 +110,11 @@ def test_write_sample_sources_keeps_only_those_sources(tmp_path):
     lines = path.read_text().splitlines()
     assert len(lines) == len(read_sample_corpus(source="wordnet")) > 0
     assert set(json.loads(lines[0])) == {"text"}
+    mixed = write_sample_sources(tmp_path / "mixed.jsonl", ["kjv", "wordnet"]).read_text().splitlines()
+    kjv, wordnet = read_sample_corpus(source="kjv"), read_sample_corpus(source="wordnet")
+    assert len(mixed) == len(kjv) + len(wordnet)  # alternating, so a max_bytes cut keeps both
+    assert [json.loads(x)["text"] for x in mixed[:4]] == [kjv[0]["text"], wordnet[0]["text"],
+                                                         kjv[1]["text"], wordnet[1]["text"]]
     with pytest.raises(ValueError, match="no documents"):
         write_sample_sources(tmp_path / "none.jsonl", ["wikipedia"])
 
