@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bbert.run_dir import read_metrics
-from bbert.search import best_trial, is_finished, search, trial_config
+from bbert.search import best_trial, budget_saved, is_finished, search, trial_config
 from bbert.train import pretrain
 from bbert.train_config import TrainConfig
 
@@ -199,16 +199,19 @@ def search_combinations(base: TrainConfig, out_dir, budget_s: float, n_trials: i
     """Search the options' combinations with ``bbert.search`` and its ``pruner`` (ASHA: successive
     halving that stops the weak trials at rungs of their budget, Li et al. 2020).
 
-    Every trial gets ``budget_s`` seconds; ``n_trials`` is how many combinations are tried.
-    Returns ``{"rows": the search table's rows, "best": the best row (or None), "best_options":
-    the option names it switched on}``.
+    Every trial gets ``budget_s`` seconds; ``n_trials`` combinations (of the grid's
+    2^options) are tried. Returns ``{"rows": the search rows of the trials that ran, "best": the
+    best row (or None), "best_options": the option names it switched on}``.
     """
     base = trial_config(base, {"time_budget_hours": budget_s / 3600}, base.run_dir)
     with _quiet(verbose):
         rows = search(base, search_grid(options), out_dir, pruner=pruner, storage=storage, n_trials=n_trials,
                       verbose=verbose)
+    rows = [r for r in rows if r["end_reason"] is not None]  # the grid's other points never started
+    for row in rows:
+        row["options_on"] = options_on(row, options)
     best = best_trial(rows)
-    return {"rows": rows, "best": best, "best_options": options_on(best, options) if best else None}
+    return {"rows": rows, "best": best, "best_options": best["options_on"] if best else None}
 
 
 # ---- text and tables ----------------------------------------------------------------------
@@ -242,6 +245,23 @@ def ablation_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['name']} | {r['steps']} | {r['final_val_loss']:.4f} | {r['ratio']:.3f} "
                      f"| {_fraction(r['time_to_baseline'])} |")
+    return "\n".join(lines)
+
+
+def combinations_table(rows: list[dict]) -> str:
+    """The search's trials as a Markdown table (best first): the options each switched on, how it
+    ended, the share of its budget it used and its final validation loss."""
+    best = best_trial(rows)
+    lines = ["| options on | end | steps | budget used | final val loss |", "| --- | --- | ---: | ---: | ---: |"]
+    for r in sorted(rows, key=lambda r: (not math.isfinite(r["val_loss"]), r["val_loss"])):
+        name = " + ".join(r["options_on"]) or "none (the plain recipe)"
+        name = f"**{name}**" if best is not None and r["run_dir"] == best["run_dir"] else name
+        lines.append(f"| {name} | {r['end_reason']} | {r['steps']} | {r['elapsed_seconds'] / r['budget_seconds']:.0%} "
+                     f"| {r['val_loss']:.4f} |")
+    saved, total = budget_saved(rows)
+    if total:
+        lines.append(f"\nThe pruned trials gave back {saved:.0f} s of the {total:.0f} s that these trials "
+                     f"would have taken in full ({saved / total:.0%}).")
     return "\n".join(lines)
 
 

@@ -96,8 +96,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from bbert.ablation import OPTIONS, run_ablation, search_combinations, write_sample_sources
-    from bbert.search import search_table
+    from bbert.ablation import OPTIONS, combinations_table, run_ablation, search_combinations, write_sample_sources
     from bbert.utils import atomic_write_json
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +119,7 @@ def main(argv=None) -> int:
     print(f"\n-- ASHA search over the {2 ** len(OPTIONS)} on/off combinations, {args.search_trials} trials --",
           flush=True)
     found = search_combinations(base, args.out / "search", args.budget_s, args.search_trials)
-    print(search_table(found["rows"]), flush=True)
+    print(combinations_table(found["rows"]), flush=True)
     best = found["best_options"]
     print(f"best combination: {' + '.join(best) if best else 'none (the plain recipe won)'}", flush=True)
 

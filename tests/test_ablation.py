@@ -8,8 +8,9 @@ import math
 import pytest
 
 from bbert import ablation
-from bbert.ablation import (OPTIONS, ablation_table, budget_config, compare, loss_curve, options_on, options_table,
-                            run_ablation, run_result, search_grid, time_to_reach, write_sample_sources)
+from bbert.ablation import (OPTIONS, ablation_table, budget_config, combinations_table, compare, loss_curve,
+                            options_on, options_table, run_ablation, run_result, search_combinations, search_grid,
+                            time_to_reach, write_sample_sources)
 from bbert.run_dir import MetricsLog
 from helpers_train import make_data_dir, tiny_config
 
@@ -71,6 +72,19 @@ def test_search_grid_is_off_then_on_and_decodes_back():
                     "no_bias": [{"model.bias": True}, {"model.bias": False}]}
     row = {"mask30": {"masking.mlm_probability": 0.3}, "no_bias": {"model.bias": True}}
     assert options_on(row, ["mask30", "no_bias"]) == ["mask30"]
+
+
+def test_combinations_table_ranks_trials_and_names_their_options():
+    rows = [{"options_on": [], "run_dir": "a", "end_reason": "budget", "steps": 20, "elapsed_seconds": 60.0,
+             "budget_seconds": 60.0, "val_loss": 5.0},
+            {"options_on": ["mask30", "wsd"], "run_dir": "b", "end_reason": "budget", "steps": 20,
+             "elapsed_seconds": 60.0, "budget_seconds": 60.0, "val_loss": 4.5},
+            {"options_on": ["rope"], "run_dir": "c", "end_reason": "pruned", "steps": 4, "elapsed_seconds": 15.0,
+             "budget_seconds": 60.0, "val_loss": 7.0}]
+    lines = combinations_table(rows).splitlines()
+    assert lines[2] == "| **mask30 + wsd** | budget | 20 | 100% | 4.5000 |"  # best first, in bold
+    assert lines[3] == "| none (the plain recipe) | budget | 20 | 100% | 5.0000 |"
+    assert lines[4] == "| rope | pruned | 4 | 25% | 7.0000 |"
 
 
 # ---- ratio and time to loss -----------------------------------------------------------------
@@ -153,3 +167,20 @@ def test_run_ablation_trains_each_option_at_the_same_budget_and_skips_finished_r
                          verbose=False)
     assert (out / "wsd" / "metrics.jsonl").stat().st_mtime_ns == before  # read, not run again
     assert [r["final_val_loss"] for r in again] == [r["final_val_loss"] for r in rows]
+
+
+@pytest.mark.slow
+def test_search_combinations_runs_an_asha_study_over_the_on_off_grid(data_dir, tmp_path):
+    base = tiny_config(data_dir, tmp_path / "unused", checkpoint_fractions=[], checkpoint_every_minutes=None,
+                       debug={"step_time_seconds": 6.0}, validation_every_minutes=0.5)
+    found = search_combinations(base, tmp_path / "search", 90.0, n_trials=3, options=["mask30", "wsd"],
+                                verbose=False)
+    rows = found["rows"]
+    assert len(rows) == 3 and len({r["run_dir"] for r in rows}) == 3  # 3 of the 4 combinations, each once
+    assert (tmp_path / "search" / "study.db").is_file()
+    for row in rows:
+        assert row["end_reason"] in ("budget", "pruned") and row["budget_seconds"] == pytest.approx(90.0)
+        assert set(row["options_on"]) <= {"mask30", "wsd"}
+    best = found["best"]
+    assert best["val_loss"] == min(r["val_loss"] for r in rows if r["end_reason"] == "budget")
+    assert found["best_options"] == best["options_on"]
