@@ -200,13 +200,14 @@ def search_combinations(base: TrainConfig, out_dir, budget_s: float, n_trials: i
     halving that stops the weak trials at rungs of their budget, Li et al. 2020).
 
     Every trial gets ``budget_s`` seconds; ``n_trials`` combinations (of the grid's
-    2^options) are tried. Returns ``{"rows": the search rows of the trials that ran, "best": the
+    2^options) are tried. The rungs are ASHA's usual ones for a reduction factor of 3: a ninth and
+    a third of the budget. Returns ``{"rows": the search rows of the trials that ran, "best": the
     best row (or None), "best_options": the option names it switched on}``.
     """
     base = trial_config(base, {"time_budget_hours": budget_s / 3600}, base.run_dir)
     with _quiet(verbose):
         rows = search(base, search_grid(options), out_dir, pruner=pruner, storage=storage, n_trials=n_trials,
-                      verbose=verbose)
+                      min_resource_s=max(1, round(budget_s / 9)), reduction_factor=3, verbose=verbose)
     rows = [r for r in rows if r["end_reason"] is not None]  # the grid's other points never started
     for row in rows:
         row["options_on"] = options_on(row, options)
