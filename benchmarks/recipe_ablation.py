@@ -81,8 +81,8 @@ def main(argv=None) -> int:
     parser.add_argument("--search-trials", type=int, default=6, help="combinations the ASHA search tries")
     parser.add_argument("--quick", action="store_true", help="20-second runs and 3 search trials")
     parser.add_argument("--eval-corpus", type=Path,
-                        help=f"held-out text for the final comparison (default: the embedded corpus's "
-                             f"{HELD_OUT_SOURCE!r} source, which the tuning text excludes)")
+                        help=f"held-out text (file or folder) for the final comparison; none: the embedded "
+                             f"corpus's {HELD_OUT_SOURCE!r} source, which the tuning text excludes")
     parser.add_argument("--model", default="mini", help="model preset of every run")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
