@@ -141,7 +141,8 @@ def main(argv=None) -> int:
     combo = final[-1]
     lower = 1 - combo["ratio"]
     reach = combo["time_to_baseline"]
-    print(f"on the unseen text the best combination ends {lower:+.1%} below the plain recipe "
+    side = f"{lower:.1%} below" if lower >= 0 else f"{-lower:.1%} above"
+    print(f"on the unseen text the best combination ends {side} the plain recipe "
           f"(ratio {combo['ratio']:.3f}; goal >= 5% lower: {'met' if lower >= 0.05 else 'NOT met'})")
     print(f"it reaches the plain recipe's final loss at "
           f"{'never' if reach is None else f'{reach:.2f}'} of its budget "
