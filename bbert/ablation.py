@@ -9,7 +9,7 @@ validation-loss curves; :func:`search_combinations` hands the on/off grid of all
 
     rows = run_ablation(base, "runs/ablation", budget_s=60)
     print(ablation_table(rows))
-    best = search_combinations(base, "runs/ablation-search", budget_s=60, n_trials=8)
+    found = search_combinations(base, "runs/ablation-search", budget_s=60, n_trials=8)
 
 Every run reads the same validation batches, scored at 15% masking whatever the training rate
 (the objective owns that), so losses compare on one yardstick. The runs share one machine in
@@ -65,7 +65,7 @@ OPTIONS: tuple[Option, ...] = (
            "warmup-stable-decay with a 20% cool-down matched cosine; the loss drops fast in the decay"),
     Option("batch_ramp", {"batch_ramp_proportion": 0.5}, {"batch_ramp_proportion": 0.0},
            "Geiping & Goldstein 2023 (Cramming)",
-           "Cramming grows the batch linearly to its final size over the first half of its day"),
+           "Cramming grows the batch linearly to its final size over about the first half of its budget"),
 )
 
 
