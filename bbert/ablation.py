@@ -25,6 +25,7 @@ import io
 import itertools
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from bbert.train import pretrain
 from bbert.train_config import TrainConfig
 
 BASELINE = "baseline"
+FINISHED = ("budget", "max_steps")  # runs that spent their budget (not pruned, stopped or NaN)
 
 
 @dataclass(frozen=True)
@@ -122,12 +124,15 @@ def time_to_reach(curve, target: float, budget_s: float) -> float | None:
 
 
 def run_result(name: str, run_dir, budget_s: float, names=()) -> dict:
-    """One row of the ablation: the run's final validation loss, curve, steps and end reason."""
+    """One row of the ablation: the run's final validation loss, curve, steps, end reason and median
+    training throughput (``seq_per_s``: the option's own speed, and a neighbor's load if any)."""
     curve = loss_curve(run_dir)
     end = read_metrics(run_dir, "end")
+    speeds = [r["seq_per_s"] for r in read_metrics(run_dir, "train") if r.get("seq_per_s")]
     return {"name": name, "options": list(names), "run_dir": str(run_dir), "budget_s": budget_s,
             "final_val_loss": curve[-1][1] if curve else math.nan, "curve": curve,
-            "steps": end[-1]["step"] if end else None, "end_reason": end[-1]["reason"] if end else None}
+            "steps": end[-1]["step"] if end else None, "end_reason": end[-1]["reason"] if end else None,
+            "seq_per_s": statistics.median(speeds) if speeds else math.nan}
 
 
 def compare(rows: list[dict], baseline: str = BASELINE) -> list[dict]:
@@ -215,6 +220,16 @@ def search_combinations(base: TrainConfig, out_dir, budget_s: float, n_trials: i
     return {"rows": rows, "best": best, "best_options": best["options_on"] if best else None}
 
 
+def best_combination(rows: list[dict], found: dict | None = None) -> list[str] | None:
+    """The options of the lowest final loss among the runs that spent their whole budget: the
+    ablation's ``rows`` and the search's trials (``found``); None when the plain recipe is best."""
+    done = [(r["final_val_loss"], r["options"]) for r in rows
+            if r["end_reason"] in FINISHED and math.isfinite(r["final_val_loss"])]
+    if found and found["best"] is not None:
+        done.append((found["best"]["val_loss"], found["best_options"]))
+    return list(min(done, key=lambda pair: pair[0], default=(math.nan, []))[1]) or None
+
+
 # ---- text and tables ----------------------------------------------------------------------
 
 
@@ -239,13 +254,13 @@ def _fraction(value: float | None) -> str:
 
 
 def ablation_table(rows: list[dict]) -> str:
-    """The ablation as a Markdown table: final validation loss, ratio to the baseline, and the
-    fraction of the budget each run needed to reach the baseline's final loss."""
-    lines = ["| run | steps | final val loss | ratio to baseline | time to baseline's loss |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    """The ablation as a Markdown table: steps, median throughput, final validation loss, ratio to
+    the baseline, and the fraction of the budget each run needed to reach the baseline's final loss."""
+    lines = ["| run | steps | seq/s | final val loss | ratio to baseline | time to baseline's loss |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['steps']} | {r['final_val_loss']:.4f} | {r['ratio']:.3f} "
-                     f"| {_fraction(r['time_to_baseline'])} |")
+        lines.append(f"| {r['name']} | {r['steps']} | {r['seq_per_s']:.1f} | {r['final_val_loss']:.4f} "
+                     f"| {r['ratio']:.3f} | {_fraction(r['time_to_baseline'])} |")
     return "\n".join(lines)
 
 

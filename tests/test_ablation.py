@@ -20,11 +20,13 @@ def data_dir(tmp_path_factory):
     return make_data_dir(tmp_path_factory.mktemp("ablation-data") / "data")
 
 
-def write_run(run_dir, curve, steps=40):
-    """A run dir holding only metrics: validation records at ``curve`` and an end record."""
+def write_run(run_dir, curve, steps=40, speeds=(30.0, 10.0, 31.0)):
+    """A run dir holding only metrics: training speeds, validation records at ``curve`` and an end record."""
     run_dir.mkdir(parents=True)
     log = MetricsLog(run_dir, tensorboard=False, enabled=True)
     log.write({"type": "start", "step": 0, "elapsed_seconds": 0.0})
+    for i, speed in enumerate(speeds, 1):
+        log.write({"type": "train", "step": i, "elapsed_seconds": float(i), "loss": 9.0, "seq_per_s": speed})
     for i, (seconds, loss) in enumerate(curve, 1):
         log.write({"type": "val", "step": i * steps // len(curve), "elapsed_seconds": seconds, "val_loss": loss})
     log.write({"type": "end", "reason": "budget", "step": steps, "elapsed_seconds": curve[-1][0]})
@@ -111,8 +113,14 @@ def test_compare_reads_run_dirs_and_gives_ratio_and_time(tmp_path):
     assert by["fast"]["ratio"] == pytest.approx(4.5 / 5.0) and by["fast"]["time_to_baseline"] == pytest.approx(0.5)
     assert by["slow"]["ratio"] == pytest.approx(1.1) and by["slow"]["time_to_baseline"] is None
     assert by["fast"]["steps"] == 40 and by["fast"]["end_reason"] == "budget" and by["fast"]["options"] == ["wsd"]
+    assert by["fast"]["seq_per_s"] == 30.0  # the median: one slow logging interval does not move it
     table = ablation_table(rows)
-    assert "| fast | 40 | 4.5000 | 0.900 | 0.50 |" in table and "| slow | 40 | 5.5000 | 1.100 | never |" in table
+    assert "| fast | 40 | 30.0 | 4.5000 | 0.900 | 0.50 |" in table
+    assert "| slow | 40 | 30.0 | 5.5000 | 1.100 | never |" in table
+    assert ablation.best_combination(rows) == ["wsd"]
+    searched = {"best": {"val_loss": 4.4}, "best_options": ["mask30", "rope"]}
+    assert ablation.best_combination(rows, searched) == ["mask30", "rope"]
+    assert ablation.best_combination(rows[:1], {"best": None, "best_options": None}) is None  # the plain recipe
     with pytest.raises(ValueError, match="no row named 'baseline'"):
         compare(rows[1:])
 
