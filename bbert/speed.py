@@ -1,6 +1,6 @@
 """Measuring speed: FLOPs, matmul peaks, MFU, timed training steps and the known-GPU table.
 
-    training_flops_per_sequence   matmul FLOPs of one training step, per sequence
+    training_flops_per_sequence   matmul FLOPs of one training step, per sequence (ffn_flops_per_token: the FFN's)
     matmul_peak_flops             measured FLOP/s of a large torch.mm (wall clock, or one thread's CPU time)
     model_flops_utilization       achieved FLOP/s as a share of a peak (MFU)
     GPU, KNOWN_GPUS, get_gpu      datasheet peaks of common GPUs; gpu_from_device_name for this one
@@ -33,6 +33,14 @@ CLOCKS = ("wall", "thread")
 # ---- FLOPs, peaks, MFU ---------------------------------------------------------------------
 
 
+def ffn_flops_per_token(config) -> float:
+    """Forward matmul FLOPs of one token through one feed-forward block: 2 per multiply-add, over
+    two H x I matrices for the MLP, three for a gated GLU (gate, value, out). Biases add no matmul.
+    """
+    matrices = 2 if getattr(config, "ffn_type", "mlp") == "mlp" else 3
+    return 2 * matrices * config.hidden_size * config.intermediate_size
+
+
 def training_flops_per_sequence(config, seq_len: int = 128, masked_fraction: float = 0.15,
                                 sparse_mlm_head: bool = True) -> float:
     """Matmul FLOPs of one training step (forward + backward = 3x forward) for one sequence.
@@ -40,9 +48,9 @@ def training_flops_per_sequence(config, seq_len: int = 128, masked_fraction: flo
     Counts only what is computed: with ``sparse_mlm_head`` the head transform and the decoder
     run on ``masked_fraction`` of the positions.
     """
-    h, L, i = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    h, L = config.hidden_size, config.num_hidden_layers
     v = getattr(config, "padded_vocab_size", config.vocab_size)
-    per_token_layer = 2 * (4 * h * h + 2 * h * i)      # QKV + out proj, FFN in + out
+    per_token_layer = 2 * 4 * h * h + ffn_flops_per_token(config)  # QKV + out proj, FFN
     attention = 2 * 2 * seq_len * h                       # QK^T and AV, per token per layer
     encoder = L * seq_len * (per_token_layer + attention)
     head_tokens = seq_len * (masked_fraction if sparse_mlm_head else 1.0)
