@@ -179,6 +179,7 @@ class Padding:
 
 
 def layer_norm(config: BertConfig) -> nn.LayerNorm:
+    """A LayerNorm over the hidden size; bias-free with ``config.bias=False``."""
     return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
 
 
