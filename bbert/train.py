@@ -1,21 +1,19 @@
 """The time-budgeted masked-LM pretraining loop of 24hBERT: accumulate, step, validate, checkpoint, stop.
 
 A run is defined by a wall-clock *budget* (``time_budget_hours``), not a step count. The loop
-asks the run's :class:`bbert.optim.Schedule` for the learning rate, the fraction of the budget
-used and whether the run is over:
+asks the run's :class:`bbert.optim.Schedule` for the learning rate, the batch, the fraction of
+the budget used and whether the run is over:
 
 * the learning rate warms up over ``warmup_proportion`` of the budget and decays linearly to
-  zero at its end, with elapsed seconds as the clock (``lr_schedule="wsd"`` holds the peak and
-  decays over the last ``decay_proportion`` only);
+  zero at its end, with elapsed seconds as the clock (``lr_schedule="wsd"`` holds the peak
+  and decays over the last ``decay_proportion`` only);
 * the budget is checked after every optimizer step; the run stops at the budget and saves
   a final checkpoint and ``final/model``. The clock starts at the first step (building the
   model and starting DeepSpeed are not counted) and includes validation and checkpoints; the
   budget used so far is saved in every checkpoint, so a resumed run continues the same clock;
 * the global batch (4096 in the paper) comes from gradient accumulation:
-  ``batch_size = micro_batch_size x world_size x gradient_accumulation_steps``. With a batch
-  ramp (``batch_ramp_proportion``) the schedule gives each step its batch, and so its number of
-  micro-batches; the step's loss is the mean over them, and the samples consumed (where a
-  resumed run picks up the data) add up the batches actually used.
+  ``batch_size = micro_batch_size x world_size x gradient_accumulation_steps``; with a batch
+  ramp the schedule gives each step its batch (the samples consumed add up the real ones).
 
 The config is :mod:`bbert.train_config`, the engines :mod:`bbert.engines`, the run folder
 :mod:`bbert.run_dir`. Run it in one process or under a launcher::
