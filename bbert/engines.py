@@ -155,10 +155,15 @@ class TorchEngine:
         if dist.world_size > 1:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.accumulation = config.gradient_accumulation_steps(dist.world_size)
+        self.set_batch_size(config.batch_size)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
         self.scaler = torch.amp.GradScaler(dist.device.type) if config.precision == "fp16" else None
         self.skipped_steps = 0  # fp16 steps the scaler skipped (inf/NaN gradients)
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """The global batch of the next steps (a batch ramp changes it): the loss of each
+        micro-batch is divided by their number, so the gradient is the mean over the batch."""
+        self.accumulation = batch_size // (self.config.micro_batch_size * self.dist.world_size)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -248,9 +253,18 @@ class DeepSpeedEngine:
         if config.compile:  # compiles the module in place: its parameter names stay as they were
             self.engine.compile()
 
+    def set_batch_size(self, batch_size: int) -> None:
+        """The global batch of the next steps: DeepSpeed changes its gradient accumulation (and
+        so the loss's divisor) to match, keeping the micro-batch size."""
+        if batch_size != self.engine.train_batch_size():
+            self.engine.set_train_batch_size(batch_size)
+
     def micro_step(self, batch: dict, last: bool, poison: bool = False) -> torch.Tensor:
         """Forward and backward of one micro-batch. The step on the last micro-batch waits for
         :meth:`optimizer_step`, so that a NaN loss can stop the run before it touches the weights."""
+        # the boundary is said, not counted: DeepSpeed's micro-step count goes out of phase once
+        # the accumulation changes (a batch ramp)
+        self.engine.set_gradient_accumulation_boundary(last)
         loss = self.engine(**batch).loss
         if poison:
             loss = loss * float("nan")

@@ -1,17 +1,19 @@
 """The time-budgeted masked-LM pretraining loop of 24hBERT: accumulate, step, validate, checkpoint, stop.
 
 A run is defined by a wall-clock *budget* (``time_budget_hours``), not a step count. The loop
-asks the run's :class:`bbert.optim.Schedule` for the learning rate, the fraction of the budget
-used and whether the run is over:
+asks the run's :class:`bbert.optim.Schedule` for the learning rate, the batch, the fraction of
+the budget used and whether the run is over:
 
 * the learning rate warms up over ``warmup_proportion`` of the budget and decays linearly to
-  zero at its end, with elapsed seconds as the clock;
+  zero at its end, with elapsed seconds as the clock (``lr_schedule="wsd"`` holds the peak
+  and decays over the last ``decay_proportion`` only);
 * the budget is checked after every optimizer step; the run stops at the budget and saves
   a final checkpoint and ``final/model``. The clock starts at the first step (building the
   model and starting DeepSpeed are not counted) and includes validation and checkpoints; the
   budget used so far is saved in every checkpoint, so a resumed run continues the same clock;
 * the global batch (4096 in the paper) comes from gradient accumulation:
-  ``batch_size = micro_batch_size x world_size x gradient_accumulation_steps``.
+  ``batch_size = micro_batch_size x world_size x gradient_accumulation_steps``; with a batch
+  ramp the schedule gives each step its batch (the samples consumed add up the real ones).
 
 The config is :mod:`bbert.train_config`, the engines :mod:`bbert.engines`, the run folder
 :mod:`bbert.run_dir`. Run it in one process or under a launcher::
@@ -99,8 +101,7 @@ class Trainer:
         self.allow_data_change = allow_data_change
         self.tokenizer = load_tokenizer(Path(config.data_dir) / "tokenizer")
         self.model_config = config.model_config(self.manifest["vocab_size"])
-        self.accumulation = config.gradient_accumulation_steps(dist.world_size)
-        self.schedule = Schedule.from_config(config)
+        self.schedule = Schedule.from_config(config, dist.world_size)
         self.resume_from = self._resume_point(resume)
 
         set_seed(config.seed + dist.rank)
@@ -211,13 +212,16 @@ class Trainer:
             start_wall, start_elapsed, start_step = time.monotonic(), self.elapsed, self.step
             last_log_wall, last_log_samples = time.monotonic(), self.samples
             while reason is None:
-                # the lr is set at the step's start
+                # the lr and the batch are set at the step's start
                 lr, lr_elapsed = self.schedule.lr_at(self.elapsed, self.step), self.elapsed
+                batch_size = self.schedule.batch_size_at(self.elapsed, self.step)
+                accumulation = self.schedule.accumulation_at(self.elapsed, self.step)
+                self.engine.set_batch_size(batch_size)
                 losses = []
                 poison = cfg.debug.nan_at_step == self.step + 1
-                for micro in range(self.accumulation):
+                for micro in range(accumulation):
                     batch = {k: v.to(dist.device, non_blocking=True) for k, v in next(batches).items()}
-                    losses.append(self.engine.micro_step(batch, last=micro == self.accumulation - 1, poison=poison))
+                    losses.append(self.engine.micro_step(batch, last=micro == accumulation - 1, poison=poison))
                 if cfg.debug.sleep_seconds_per_step:
                     time.sleep(cfg.debug.sleep_seconds_per_step)
                 local_loss = float(torch.stack(losses).mean())
@@ -232,7 +236,7 @@ class Trainer:
                     break
                 grad_norm = self.engine.optimizer_step(lr, want_norm=(self.step + 1) % cfg.log_every_steps == 0)
                 self.step += 1
-                self.samples += cfg.batch_size
+                self.samples += batch_size
                 self.elapsed = clock_sum / dist.world_size
                 loss = loss_sum / dist.world_size
 
@@ -243,7 +247,7 @@ class Trainer:
                     mfu = flops_per_seq * seq_per_s / (peak * dist.world_size) if peak else None
                     record = {"type": "train", "step": self.step, "elapsed_seconds": self.elapsed,
                               "budget_fraction": self._progress(), "loss": loss, "lr": lr,
-                              "lr_elapsed_seconds": lr_elapsed,
+                              "lr_elapsed_seconds": lr_elapsed, "batch_size": batch_size,
                               "grad_norm": grad_norm, "seq_per_s": seq_per_s,
                               "tokens_per_s": seq_per_s * seq_len, "mfu": mfu}
                     scale = self.engine.loss_scale()

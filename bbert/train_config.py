@@ -67,7 +67,11 @@ class TrainConfig:
     accumulates ``batch_size / (micro_batch_size x world_size)`` micro-batches per step.
     ``schedule`` picks the clock of :class:`bbert.optim.Schedule`: ``"time"`` (the paper's,
     over ``time_budget_hours``) or ``"step"`` (over ``max_steps``); ``max_steps`` also caps a
-    time-budgeted run. ``max_grad_norm = 0`` means no clipping (the paper's setting).
+    time-budgeted run. ``lr_schedule`` is the lr's shape: ``"linear"`` (the paper's decay after
+    warm-up) or ``"wsd"`` (warmup-stable-decay: the peak held until the last ``decay_proportion``
+    of the budget). ``batch_ramp_proportion > 0`` grows the global batch linearly from
+    ``batch_ramp_start`` to ``batch_size`` over that share of the budget (Cramming's batch ramp).
+    ``max_grad_norm = 0`` means no clipping (the paper's setting).
     ``checkpoint_fractions`` are the time markers (fractions of the budget) where a checkpoint
     is kept for finetuning.
     """
@@ -83,6 +87,10 @@ class TrainConfig:
     max_steps: int | None = None
     schedule: str = "time"
     warmup_proportion: float = 0.06
+    lr_schedule: str = "linear"  # "wsd": warmup-stable-decay over the last decay_proportion
+    decay_proportion: float = 0.2
+    batch_ramp_proportion: float = 0.0  # the batch grows to batch_size over this share; 0 = off
+    batch_ramp_start: int | None = None  # None = one micro-batch per rank
     # optimizer
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -212,7 +220,8 @@ class TrainConfig:
                              "(the paper warms up for 0.06 of the budget)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
-        Schedule.from_config(self)  # the budget and warm-up as the trainer will read them
+        # the budget, warm-up, lr shape and batch ramp as the trainer will read them
+        Schedule.from_config(self, world_size)
         if not self.lr > 0 or not self.eps > 0:
             raise ValueError(f"lr and eps must be > 0, got lr={self.lr}, eps={self.eps}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):

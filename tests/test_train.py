@@ -279,3 +279,122 @@ def test_a_data_dir_replaced_during_the_run_stops_it_at_the_next_validation(tmp_
     with pytest.raises(DataDirError, match="changed during this run"):
         pretrain(config)
     assert [r["step"] for r in records(tmp_path / "run", "val")] == [2]  # only the first, on the old data
+
+
+# ---- the warmup-stable-decay schedule and the batch ramp in a run ------------------------------
+
+
+def ramped_config(data_dir, run_dir, **overrides):
+    # 3 minutes of 18 simulated seconds a step: 10 steps. The global batch grows from one
+    # micro-batch (4) to 16 over the first half; the lr holds its peak until the last 20%.
+    base = dict(batch_size=16, micro_batch_size=4, warmup_proportion=0.1, lr_schedule="wsd", decay_proportion=0.2,
+                batch_ramp_proportion=0.5, checkpoint_fractions=[], validation_every_minutes=None,
+                debug={"step_time_seconds": 18.0})
+    return tiny_config(data_dir, run_dir, **{**base, **overrides})
+
+
+def ramp_from_definition(t, budget=180.0, start=4, batch=16, share=0.5, unit=4):
+    """The batch of a step that starts at ``t`` seconds, computed exactly (fractions, not floats)."""
+    from fractions import Fraction
+
+    progress = Fraction(t) / Fraction(budget)
+    if progress >= Fraction(share).limit_denominator():
+        return batch
+    ramped = start + (batch - start) * progress / Fraction(share).limit_denominator()
+    return unit * math.floor(ramped / unit)
+
+
+@pytest.fixture(scope="module")
+def ramped_run(data_dir, tmp_path_factory):
+    return pretrain(ramped_config(data_dir, tmp_path_factory.mktemp("ramped") / "run"))
+
+
+@pytest.mark.slow
+def test_a_ramped_wsd_run_logs_the_batch_and_lr_of_the_definition(ramped_run):
+    run_dir = ramped_run
+    train = records(run_dir, "train")
+    starts = [18.0 * k for k in range(10)]  # the clock at each step's start
+    assert [r["lr_elapsed_seconds"] for r in train] == starts
+    assert [r["batch_size"] for r in train] == [ramp_from_definition(t) for t in starts]
+    assert [r["batch_size"] for r in train][:6] == [4, 4, 8, 8, 12, 16]  # the definition, by hand
+    assert train[-1]["batch_size"] == 16
+    # WSD: warm-up over 18 s, the peak to 144 s, then down to zero at 180 s (half-way at 162 s)
+    assert [r["lr"] for r in train] == pytest.approx([0.0] + [1e-3] * 8 + [0.5e-3], abs=1e-12)
+    budget = json.loads((run_dir / "final" / "budget.json").read_text())
+    assert budget["samples_consumed"] == sum(r["batch_size"] for r in train) == 4 + 4 + 8 + 8 + 12 + 16 * 5
+    assert train[-1]["loss"] < train[0]["loss"]
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_ramped_run_matches_the_uninterrupted_one(data_dir, tmp_path, monkeypatch, ramped_run):
+    reference = ramped_run
+    config = ramped_config(data_dir, tmp_path / "run")  # a checkpoint each minute: steps 4 and 7
+    real = run_dir_module.atomic_write_json
+    calls = {"n": 0}
+
+    def dies_at_the_second_checkpoint(path, obj):
+        if path.name == "budget.json":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError("killed (simulated)")
+        return real(path, obj)
+
+    monkeypatch.setattr(run_dir_module, "atomic_write_json", dies_at_the_second_checkpoint)
+    with pytest.raises(OSError, match="killed"):
+        pretrain(config)
+    # it died in the middle of the ramp, after step 7; the run resumes from step 4
+    assert latest_checkpoint(tmp_path / "run").name == "step-0000004"
+    assert json.loads((latest_checkpoint(tmp_path / "run") / "budget.json").read_text())["samples_consumed"] == 24
+    monkeypatch.setattr(run_dir_module, "atomic_write_json", real)
+    pretrain(config)
+    resumed, ref = records(tmp_path / "run", "train"), records(reference, "train")
+    assert [r["step"] for r in resumed] == list(range(1, 11))
+    for a, b in zip(resumed, ref):  # same batches, same data, same lr: the same losses
+        assert (a["batch_size"], a["lr"], a["elapsed_seconds"]) == (b["batch_size"], b["lr"], b["elapsed_seconds"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    final = BertForMaskedLM.from_pretrained(tmp_path / "run" / "final" / "model").state_dict()
+    for k, v in BertForMaskedLM.from_pretrained(reference / "final" / "model").state_dict().items():
+        assert torch.allclose(final[k], v, rtol=1e-5, atol=1e-6), k
+
+
+def test_the_step_loss_is_the_mean_over_its_micro_batches_whatever_the_batch(data_dir, tmp_path):
+    # the same micro-batch twice in a batch of 8 gives the gradient of it once in a batch of 4
+    from bbert.data import build_pretraining_loader
+    from bbert.engines import DistEnv, TorchEngine
+
+    config = tiny_config(data_dir, tmp_path / "run", batch_size=16, micro_batch_size=4)
+    torch.manual_seed(0)
+    engine = TorchEngine(BertForMaskedLM(config.model_config(vocab_size=2048)), config, DistEnv())
+    engine.train(False)  # no dropout: both passes see the same network
+    batch = next(iter(build_pretraining_loader(config.data_dir, "train", 4, seed=0)))
+
+    def gradients(batch_size, passes):
+        engine.set_batch_size(batch_size)
+        for i in range(passes):
+            engine.micro_step(batch, last=i == passes - 1)
+        grads = [p.grad.clone() for p in engine.raw_model.parameters() if p.grad is not None]
+        engine.optimizer.zero_grad(set_to_none=True)
+        return grads
+
+    once, twice = gradients(4, 1), gradients(8, 2)
+    assert len(once) == len(twice) > 0
+    for a, b in zip(once, twice):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    quadruple = gradients(16, 4)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(once, quadruple))
+
+
+def test_schedule_options_reach_set_print_config_and_the_search_grid(capsys, tmp_path):
+    import yaml
+
+    from bbert.search import trial_config
+
+    assert main(["--preset", "tiny-cpu", "--set", "lr_schedule=wsd", "--set", "batch_ramp_proportion=0.3",
+                 "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["lr_schedule"], printed["decay_proportion"]) == ("wsd", 0.2)
+    assert (printed["batch_ramp_proportion"], printed["batch_ramp_start"]) == (0.3, None)
+    assert TrainConfig.from_preset("tiny-cpu").lr_schedule == "linear"  # off by default
+    trial = trial_config(TrainConfig.from_preset("tiny-cpu"), {"lr_schedule": "wsd", "decay_proportion": 0.3,
+                                                               "batch_ramp_start": 16}, tmp_path / "t")
+    assert (trial.lr_schedule, trial.decay_proportion, trial.batch_ramp_start) == ("wsd", 0.3, 16)
