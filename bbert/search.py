@@ -22,12 +22,16 @@ The command line runs the same search::
     bbert search ... --trial 3      # only the fourth trial of the grid, e.g. one job of an array
 
 This loop runs trials one after the other, which is what a single machine (and the book) wants.
-Across GPUs or machines, keep the trial as the unit and hand the loop to an existing scheduler:
-a job array (Slurm ``--array=0-N`` with ``bbert search ... --trial $SLURM_ARRAY_TASK_ID``,
-all jobs writing to one shared ``--out``), or Ray Tune / Optuna with a shared storage
-(Optuna's RDB storage), whose objective calls ``bbert.pretrain`` on a run dir per trial and
-returns its final validation loss. Nothing here needs to change for that, because a trial is a
-folder that any process can finish or read.
+Across GPUs or machines, keep the trial as the unit. ``--pruner asha`` (or ``hyperband``) runs
+the same grid as an Optuna study (:mod:`bbert.study`): successive halving stops the trials
+that are behind at each rung of the time budget instead of at one fixed threshold, and every
+process that runs the same command (on any machine that sees ``--out`` and the ``--storage``
+database) asks the study for its next trial::
+
+    bbert search ... --grid lr=5e-4,1e-3,2e-3 --out runs/search --pruner asha   # in each process
+
+A job array works too (Slurm ``--array=0-N`` with ``--trial $SLURM_ARRAY_TASK_ID``, all jobs
+writing to one shared ``--out``), because a trial is a folder that any process can finish or read.
 
 Chapter: ``notebooks/06_findings.ipynb``.
 """

@@ -60,7 +60,6 @@ def _optuna():
         import optuna
     except ImportError:
         raise configs.UsageError("--pruner asha|hyperband needs optuna: pip install 'bbert[search]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
 

@@ -274,3 +274,34 @@ def test_bad_pruner_or_storage_fails_in_one_line(data_dir, tmp_path, capsys):
         err = capsys.readouterr()
         assert message in err.err and err.err.count("\n") == 1, err.err
         assert "[search] trial" not in err.out and not out.exists()
+
+
+@pytest.mark.slow
+def test_interrupted_study_trial_is_queued_again_and_resumed(data_dir, tmp_path):
+    import signal
+    import subprocess
+
+    from helpers_train import PYTHON, REPO, subprocess_env
+
+    base = asha_base(data_dir, tmp_path, sleep_seconds_per_step=0.5)
+    out = tmp_path / "trials"
+    command = [PYTHON, "-m", "bbert.search", "--config", str(base.to_yaml(tmp_path / "base.yaml")),
+               "--grid", "lr=1e-3", "--out", str(out), "--pruner", "asha"]
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:  # Ctrl-C once the trial has validated (and reported) once
+        lines.append(line)
+        if "validation loss" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    lines += process.communicate(timeout=120)[0].splitlines()
+    assert process.returncode == 0 and any("queued again" in line for line in lines), lines
+    assert read_metrics(out / "lr=0.001")[-1]["reason"] == "interrupted"
+
+    rows = search(base, {"lr": [1e-3]}, out, pruner="asha", verbose=False)
+    assert (rows[0]["end_reason"], rows[0]["state"], rows[0]["number"], rows[0]["steps"]) == ("budget", "COMPLETE", 1, 10)
+    assert [r["resumed"] for r in read_metrics(out / "lr=0.001", "start")] == [False, True]
+    first, retry = load_study(out).trials
+    assert (first.state.name, first.user_attrs["end_reason"]) == ("FAIL", "interrupted")
+    assert retry.system_attrs["failed_trial"] == 0 and 72 in retry.intermediate_values  # its report carried over
