@@ -220,6 +220,11 @@ def test_study_rerun_skips_finished_trials(asha_search):
         [(r["state"], r["number"], r["val_loss"]) for r in results]
     assert {r["trial"]: (out / r["trial"] / "metrics.jsonl").read_text() for r in again} == before
     assert len(load_study(out).trials) == 2  # no new trial was asked for
+    from bbert.search import trial_config
+    from bbert.train import pretrain
+
+    pretrain(trial_config(base, {"lr": 1e-8}, out / "lr=1e-08"))  # a pruned run is over, like an early stop
+    assert (out / "lr=1e-08" / "metrics.jsonl").read_text() == before["lr=1e-08"]
 
 
 @pytest.mark.slow
