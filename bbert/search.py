@@ -22,12 +22,16 @@ The command line runs the same search::
     bbert search ... --trial 3      # only the fourth trial of the grid, e.g. one job of an array
 
 This loop runs trials one after the other, which is what a single machine (and the book) wants.
-Across GPUs or machines, keep the trial as the unit and hand the loop to an existing scheduler:
-a job array (Slurm ``--array=0-N`` with ``bbert search ... --trial $SLURM_ARRAY_TASK_ID``,
-all jobs writing to one shared ``--out``), or Ray Tune / Optuna with a shared storage
-(Optuna's RDB storage), whose objective calls ``bbert.pretrain`` on a run dir per trial and
-returns its final validation loss. Nothing here needs to change for that, because a trial is a
-folder that any process can finish or read.
+Across GPUs or machines, keep the trial as the unit. ``--pruner asha`` (or ``hyperband``) runs
+the same grid as an Optuna study (:mod:`bbert.study`): successive halving stops the trials
+that are behind at each rung of the time budget instead of at one fixed threshold, and every
+process that runs the same command (on any machine that sees ``--out`` and the ``--storage``
+database) asks the study for its next trial::
+
+    bbert search ... --grid lr=5e-4,1e-3,2e-3 --out runs/search --pruner asha   # in each process
+
+A job array works too (Slurm ``--array=0-N`` with ``--trial $SLURM_ARRAY_TASK_ID``, all jobs
+writing to one shared ``--out``), because a trial is a folder that any process can finish or read.
 
 Chapter: ``notebooks/06_findings.ipynb``.
 """
@@ -40,11 +44,12 @@ from pathlib import Path
 
 from bbert import configs
 from bbert.run_dir import read_metrics
-from bbert.train import pretrain
+from bbert.train import PRUNED, pretrain
 from bbert.train_config import TrainConfig, override_key
 
 # Trials that ended for one of these reasons are done; "interrupted" ones are resumed.
-FINISHED_REASONS = ("budget", "max_steps", "early_stop", "nan")
+FINISHED_REASONS = ("budget", "max_steps", "early_stop", "nan", PRUNED)
+PRUNERS = ("none", "asha", "hyperband")  # none: every trial runs (early stop aside); else bbert.study
 
 
 def expand_grid(grid: dict[str, list]) -> list[dict]:
@@ -121,40 +126,63 @@ def is_finished(run_dir) -> bool:
     return trial_result(run_dir)["end_reason"] in FINISHED_REASONS
 
 
+def prepare_trials(base: TrainConfig, grid: dict[str, list], out_dir) -> list[tuple[dict, TrainConfig]]:
+    """The grid's ``(values, config)`` pairs, values parsed and every config checked before any trial runs."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise configs.UsageError(f"--out {out_dir} is a file, not a folder; choose a folder for the trials' run dirs")
+    # values from the command line are strings: name each trial by its parsed values
+    points = [{key: ({k: _field(config, k) for k in value} if isinstance(value, dict) else _field(config, key))
+               for key, value in params.items()}
+              for params, config in ((p, trial_config(base, p, out_dir)) for p in expand_grid(grid))]
+    configs_ = [trial_config(base, params, out_dir / trial_name(params)) for params in points]
+    for config in configs_:
+        config.validate()  # a bad grid value (or one the data can't take) fails before any trial runs
+    return list(zip(points, configs_))
+
+
 def search(base: TrainConfig, grid: dict[str, list], out_dir, trials: list[int] | None = None,
-           verbose: bool = True) -> list[dict]:
+           verbose: bool = True, pruner: str = "none", **study_options) -> list[dict]:
     """Run every trial of ``grid`` over ``base`` as a run dir under ``out_dir``; return the table rows.
 
     Each row holds the trial's values, its ``run_dir``, ``end_reason``, ``steps``,
     ``elapsed_seconds`` (budget spent), final ``val_loss`` and ``skipped`` (True when it had
     already finished and was not run again). ``trials`` picks grid indices to run (the others are
     only read), e.g. one index per job of a job array.
+
+    ``pruner="asha"`` or ``"hyperband"`` runs the grid as an Optuna study instead
+    (:func:`bbert.study.search_study`, which takes the ``study_options``: ``storage``,
+    ``study_name``, ``n_trials``, ``min_resource_s``, ``reduction_factor``); its rows also hold
+    the trial's Optuna ``state`` and ``number``.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise configs.UsageError(f"--out {out_dir} is a file, not a folder; choose a folder for the trials' run dirs")
-    points = expand_grid(grid)
-    chosen = set(range(len(points))) if trials is None else set(trials)
-    bad = sorted(i for i in chosen if not 0 <= i < len(points))
+    if pruner not in PRUNERS:
+        raise configs.UsageError(f"--pruner {pruner!r} is not one of {', '.join(PRUNERS)}; "
+                                 "asha = successive halving, hyperband, none = the plain grid")
+    if pruner != "none":
+        if trials is not None:
+            raise configs.UsageError("--trial picks grid indices of the plain grid (--pruner none); with a "
+                                     "pruner every process asks the study for its next trial: drop --trial")
+        from bbert.study import search_study
+        return search_study(base, grid, out_dir, pruner=pruner, verbose=verbose, **study_options)
+    given = sorted(k for k, v in study_options.items() if v is not None)
+    if given:
+        raise configs.UsageError(f"{', '.join('--' + k.replace('_', '-') for k in given)} set(s) up an Optuna "
+                                 "study: add --pruner asha (or hyperband), or drop it")
+    prepared = prepare_trials(base, grid, out_dir)
+    chosen = set(range(len(prepared))) if trials is None else set(trials)
+    bad = sorted(i for i in chosen if not 0 <= i < len(prepared))
     if bad:
-        raise ValueError(f"trial index {bad[0]} is outside the grid's {len(points)} trials (0..{len(points) - 1})")
-    # values from the command line are strings: name each trial by its parsed values
-    points = [{key: ({k: _field(config, k) for k in value} if isinstance(value, dict) else _field(config, key))
-               for key, value in params.items()}
-              for params, config in ((p, trial_config(base, p, out_dir)) for p in points)]
-    configs_ = [trial_config(base, params, out_dir / trial_name(params)) for params in points]
-    for config in configs_:
-        config.validate()  # a bad grid value (or one the data can't take) fails before any trial runs
+        raise ValueError(f"trial index {bad[0]} is outside the grid's {len(prepared)} trials (0..{len(prepared) - 1})")
     rows = []
-    for index, (params, config) in enumerate(zip(points, configs_)):
+    for index, (params, config) in enumerate(prepared):
         run_dir = Path(config.run_dir)
         skipped = is_finished(run_dir)
         if index in chosen and not skipped:
             if verbose:
-                print(f"[search] trial {index + 1}/{len(points)}: {run_dir.name}", flush=True)
+                print(f"[search] trial {index + 1}/{len(prepared)}: {run_dir.name}", flush=True)
             pretrain(config)  # resume="auto": an interrupted trial continues from its checkpoint
         elif verbose and index in chosen:
-            print(f"[search] trial {index + 1}/{len(points)}: {run_dir.name} finished before, skipped", flush=True)
+            print(f"[search] trial {index + 1}/{len(prepared)}: {run_dir.name} finished before, skipped", flush=True)
         rows.append({**trial_result(run_dir, params), "skipped": skipped,
                      "budget_seconds": config.time_budget_seconds})
     return rows
@@ -170,7 +198,7 @@ def budget_saved(results: list[dict]) -> tuple[float, float]:
     """``(seconds saved, seconds the whole grid would take)``: what the stopped trials did not spend."""
     total = sum(r["budget_seconds"] for r in results)
     saved = sum(max(r["budget_seconds"] - r["elapsed_seconds"], 0.0) for r in results
-                if r["end_reason"] in ("early_stop", "nan"))
+                if r["end_reason"] in ("early_stop", "nan", PRUNED))
     return saved, total
 
 
@@ -187,7 +215,8 @@ def search_table(results: list[dict]) -> str:
     """
     best = best_trial(results)
     keys = [k for k in results[0] if k not in ("trial", "run_dir", "end_reason", "steps", "elapsed_seconds",
-                                               "val_loss", "skipped", "budget_seconds")] if results else []
+                                               "val_loss", "skipped", "budget_seconds", "state",
+                                               "number")] if results else []
     lines = ["| " + " | ".join(keys + ["end", "steps", "budget used", "final val loss", ""]) + " |",
              "|" + " --- |" * (len(keys) + 5)]
     for r in sorted(results, key=lambda r: (not math.isfinite(r["val_loss"]), r["val_loss"])):
@@ -241,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="folder of the trials' run dirs")
     parser.add_argument("--trial", type=int, action="append", metavar="INDEX",
                         help="run only this grid index (0-based, repeatable); the others are only read")
+    study = parser.add_argument_group("pruning (an Optuna study that every process of the same command joins)")
+    study.add_argument("--pruner", default="none", metavar="|".join(PRUNERS),
+                       help="asha: successive halving, hyperband, none: the plain grid (default)")
+    study.add_argument("--storage", metavar="URL", help="the study's database (default sqlite:///OUT/study.db)")
+    study.add_argument("--study-name", help="the study's name in the storage (default: the --out folder's name)")
+    study.add_argument("--n-trials", type=int, metavar="N", help="trials of the whole study (default: the grid's size)")
+    study.add_argument("--min-resource-s", type=int, metavar="S",
+                       help="budget seconds of the first rung (default: the first validation)")
+    study.add_argument("--reduction-factor", type=int, metavar="ETA",
+                       help="a rung keeps the best 1/ETA of the trials (default 3)")
     return parser
 
 
@@ -249,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     base = configs.build_config(TrainConfig, configs.to_dict(TrainConfig.from_preset(args.preset)),
                                 args.config, args.assignments)
-    results = search(base, parse_grid(args.grid), args.out, trials=args.trial)
+    options = {k: getattr(args, k) for k in ("storage", "study_name", "n_trials", "min_resource_s", "reduction_factor")}
+    results = search(base, parse_grid(args.grid), args.out, trials=args.trial, pruner=args.pruner, **options)
     print(search_table(results))
     best = best_trial(results)
     print(f"best: {best['run_dir']} (final validation loss {best['val_loss']:.4f})" if best

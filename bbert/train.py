@@ -58,6 +58,8 @@ from bbert.utils import atomic_path, set_seed
 
 __all__ = ["Trainer", "pretrain", "main", "TrainConfig", "read_metrics", "latest_checkpoint"]
 
+PRUNED = "pruned"  # end reason when the ``on_validation`` hook (a search's pruner) stops the run
+
 
 class _Stop:
     """Set by SIGINT/SIGTERM; the loop finishes its step, saves and ends with reason 'interrupted'."""
@@ -93,8 +95,9 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, dist: DistEnv, resume: bool | str = "auto",
-                 allow_data_change: bool = False):
+                 allow_data_change: bool = False, on_validation=None):
         self.config, self.dist = config, dist
+        self.on_validation = on_validation
         self.run_dir = Path(config.run_dir)
         self.manifest = load_manifest(config.data_dir)
         self.data = data_fingerprint(self.manifest)
@@ -189,7 +192,7 @@ class Trainer:
         if self.resume_from is not None:
             log.message(f"resuming from {self.resume_from} (step {self.step}, {self.elapsed:.1f} s, "
                         f"{100 * self._progress():.1f}% of the budget used)")
-            if self.end_reason == "early_stop" or self.schedule.done(self.elapsed, self.step):
+            if self.end_reason in ("early_stop", PRUNED) or self.schedule.done(self.elapsed, self.step):
                 log.message("the run had already finished; nothing to do")
                 return self.run_dir
         log.write({"type": "start", "step": self.step, "elapsed_seconds": self.elapsed,
@@ -268,12 +271,16 @@ class Trainer:
         if self.elapsed >= self.next_validation:
             interval = _seconds(cfg.validation_every_minutes)
             self.next_validation = (math.floor(self.elapsed / interval) + 1) * interval
-            val_loss = self._validate(log)
+            record = self._validate(log)
+            val_loss = record["val_loss"]
             es = cfg.early_stop
             if es.enabled and self.elapsed >= _seconds(es.after_minutes) and not val_loss <= es.max_val_loss:
                 log.message(f"early stop: validation loss {val_loss:.4f} > {es.max_val_loss} "
                             f"after {es.after_minutes:g} minutes")
                 reason = "early_stop"
+            if reason is None and self.on_validation is not None and self.on_validation(dict(record)):
+                log.message(f"pruned by the search at step {self.step} (validation loss {val_loss:.4f})")
+                reason = PRUNED
         if reason is None:
             reason = self.schedule.end_reason(self.elapsed, self.step) or ("interrupted" if stop_requested else None)
 
@@ -307,12 +314,13 @@ class Trainer:
 
     # -- validation ---------------------------------------------------------------------------
 
-    def _validate(self, log: MetricsLog) -> float:
+    def _validate(self, log: MetricsLog) -> dict:
         val_loss = self.evaluate()
         self.last_val_step = self.step
-        log.write({"type": "val", "step": self.step, "elapsed_seconds": self.elapsed, "val_loss": val_loss})
+        record = {"type": "val", "step": self.step, "elapsed_seconds": self.elapsed, "val_loss": val_loss}
+        log.write(record)
         log.message(f"step {self.step}: validation loss {val_loss:.4f}")
-        return val_loss
+        return record
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -436,7 +444,8 @@ def _short(value) -> str:
     return value[:12] if isinstance(value, str) else str(value)
 
 
-def pretrain(config: TrainConfig, resume: bool | str = "auto", allow_data_change: bool = False) -> Path:
+def pretrain(config: TrainConfig, resume: bool | str = "auto", allow_data_change: bool = False,
+             on_validation=None) -> Path:
     """Run (or resume) the pretraining described by ``config``; return the run dir.
 
     ``resume="auto"`` continues from the latest checkpoint when the run dir holds one with the
@@ -446,7 +455,9 @@ def pretrain(config: TrainConfig, resume: bool | str = "auto", allow_data_change
     at a time per run dir: rank 0 holds the run dir's lock (:class:`bbert.locks.DirLock`) for the
     life of the run, and a second run fails at once naming the first. Works in one process and under
     ``torchrun`` / ``deepspeed`` (one call per rank). SIGINT/SIGTERM end the run cleanly with a
-    checkpoint (end reason ``"interrupted"``).
+    checkpoint (end reason ``"interrupted"``). ``on_validation(record)`` is called (on every
+    rank) with each validation's record (``step``, ``elapsed_seconds``, ``val_loss``); when it
+    returns True the run ends with reason ``"pruned"``, its checkpoints kept as at an early stop.
     """
     config.validate(int(os.environ.get("WORLD_SIZE", 1)))
     rd.check_run_dir(config.run_dir, config.data_dir)
@@ -454,7 +465,7 @@ def pretrain(config: TrainConfig, resume: bool | str = "auto", allow_data_change
     lock = DirLock(config.run_dir, "trained into") if dist.is_main else contextlib.nullcontext()
     try:
         with lock:
-            return Trainer(config, dist, resume, allow_data_change).run()
+            return Trainer(config, dist, resume, allow_data_change, on_validation).run()
     finally:
         dist.close()
 
