@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bbert.model import BertConfig, BertForMaskedLM
-from bbert.utils import autocast_dtype, fast_bf16
+from bbert.hardware import autocast_dtype, fast_bf16
 
 CLOCKS = ("wall", "thread")
 

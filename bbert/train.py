@@ -52,7 +52,8 @@ from bbert.optim import Schedule
 from bbert.run_dir import MetricsLog, latest_checkpoint, read_metrics
 from bbert.speed import device_peak_flops, training_flops_per_sequence
 from bbert.train_config import PRESETS, TrainConfig, load_config
-from bbert.utils import atomic_path, set_seed
+from bbert.atomic import atomic_path
+from bbert.env import set_seed
 
 __all__ = ["Trainer", "pretrain", "main", "TrainConfig", "read_metrics", "latest_checkpoint"]
 

@@ -19,7 +19,7 @@ from bbert.data import (CorpusError, DataDirError, IGNORE_INDEX, group_rows, Mas
                         is_validation, load_manifest, load_tokenizer, prepare, read_documents,
                         read_sample_corpus, sample_corpus_path, train_tokenizer, verify_shards)
 from bbert.data.readers import iter_clean_documents
-from bbert.utils import HubUnavailableError
+from bbert.hub import HubUnavailableError
 
 SMALL = dict(max_documents=300, vocab_size=2048, val_fraction=0.05, progress=False)
 

@@ -16,7 +16,7 @@ from bbert.cli import main as cli_main
 from bbert.data.tokenizer import wrap_tokenizer
 from bbert.model import BertConfig, BertForMaskedLM
 from bbert.run_dir import write_budget
-from bbert.utils import HubUnavailableError
+from bbert.hub import HubUnavailableError
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = "the a cat dog sat on mat budget bert train hour gpu".split()

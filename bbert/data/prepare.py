@@ -30,7 +30,8 @@ from bbert.data.shards import (FORMAT_VERSION, DataDirError, Packer, check_data_
                                manifest_path, record_verified, write_shard)
 from bbert.data.tokenizer import encoder, load_tokenizer, special_ids, tokenizer_fingerprint, train_tokenizer
 from bbert.locks import DirLock
-from bbert.utils import Progress, atomic_write_json
+from bbert.atomic import atomic_write_json
+from bbert.progress import Progress
 
 SPLITS = ("train", "val")
 EMBEDDED = "embedded:sample"  # how the manifest names the shipped corpus (its path varies by install)
