@@ -1,7 +1,7 @@
 """The process's setting: the scale (``BBERT_SCALE``), switches from environment variables, a free
 port for a distributed run, and the random seeds.
 
-See the introduction chapter (``book/intro.md``) for how scale and offline use work.
+See the introduction chapter (``book/intro.md``) for how the scale works.
 """
 from __future__ import annotations
 

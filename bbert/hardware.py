@@ -13,7 +13,7 @@ def fast_bf16(device: str = "cpu") -> bool:
     A CUDA GPU with bf16; an x86 CPU with AVX-512 BF16 or AMX. Elsewhere (an AVX2-only CPU, most
     laptops) torch emulates bf16 matmuls, about 100x slower than fp32 on a 2-core AVX2 EPYC, so
     bbert's CPU defaults fall back to fp32 there. ``BBERT_CPU_BF16=1`` or ``0`` overrides the
-    CPU check. Chapter: ``notebooks/03_model.ipynb`` (mixed precision).
+    CPU check.
     """
     import torch
 
@@ -32,7 +32,7 @@ def fast_bf16(device: str = "cpu") -> bool:
 
 def autocast_dtype(device: str = "cpu"):
     """bf16 where :func:`fast_bf16` holds, else None (train in fp32): the default mixed precision
-    of bbert's measuring helpers. Chapter: ``notebooks/03_model.ipynb``.
+    of bbert's measuring helpers.
     """
     import torch
 

@@ -255,6 +255,7 @@ def _tiny_model(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_command_output_to_a_pipe_has_no_carriage_returns(tmp_path):
     model = _tiny_model(tmp_path / "model")
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

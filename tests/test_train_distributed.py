@@ -18,6 +18,8 @@ from bbert.env import free_port
 
 from helpers_train import BIN, PYTHON, REPO, make_data_dir, records, run_cli, subprocess_env, tiny_config
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains several runs
+
 STEPS = 6
 
 
