@@ -254,6 +254,9 @@ def test_contributing_import_map_is_the_code():
     for room in sorted(code):
         if room not in table:
             pytest.fail(f"bbert/{room} has no line in CONTRIBUTING.md's imports block: " + _ADD_IT.format(room=room))
+        missing = code[room] - set(code)
+        assert not missing, (f"{room} imports {sorted(missing)}, which bbert/ does not have (bbert.utils was "
+                             "split into atomic, env, hardware, hub, lazy and progress: see the rooms list)")
         unsaid, unused = code[room] - table[room], table[room] - code[room]
         assert not unsaid, (f"{room} imports {sorted(unsaid)}, which CONTRIBUTING.md's imports block does not "
                             f"say: add them to its `{room} ->` line if the arrow belongs (see 'Arrows go one way')")
