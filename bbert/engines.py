@@ -21,7 +21,7 @@ import torch
 from bbert.model import BertForMaskedLM
 from bbert.optim import build_optimizer, set_lr
 from bbert.train_config import TrainConfig
-from bbert.utils import env_flag, free_port
+from bbert.env import env_flag, free_port
 
 
 def deepspeed_config(config: TrainConfig, world_size: int = 1) -> dict:

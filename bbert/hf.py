@@ -42,7 +42,8 @@ from bbert import __version__
 from bbert.configs import UsageError, command
 from bbert.model import CONFIG_NAME, BertConfig, BertForMaskedLM
 from bbert.run_dir import latest_checkpoint
-from bbert.utils import atomic_path, require_hub
+from bbert.atomic import atomic_path
+from bbert.hub import require_hub
 
 HF_BERT, HF_PRELN = "bert", "roberta-prelayernorm"
 EXPORT_MARKER = "bbert-export.json"  # written into every export, so a re-export may replace it

@@ -38,7 +38,7 @@ import psutil
 
 from bbert import run_dir as rd
 from bbert.locks import DirLock
-from bbert.utils import free_port
+from bbert.env import free_port
 
 LAUNCHERS = ("auto", "deepspeed", "torchrun", "python")
 

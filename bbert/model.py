@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bbert.utils import atomic_path
+from bbert.atomic import atomic_path
 
 PRESETS = {
     #         layers, hidden, heads

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bbert.utils import atomic_write_json
+from bbert.atomic import atomic_write_json
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -234,7 +234,7 @@ def latest_checkpoint(run_dir) -> Path | None:
 
 def remove_leftovers(run_dir) -> list[Path]:
     """Delete what a killed write left behind: ``.tmp-*`` and ``.old-*`` folders of
-    :func:`bbert.utils.atomic_path` in the run dir and its ``checkpoints/``. Returns them.
+    :func:`bbert.atomic.atomic_path` in the run dir and its ``checkpoints/``. Returns them.
 
     Call it only while holding the run dir's lock: a live run's temporary folder looks the same.
     """

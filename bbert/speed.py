@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bbert.model import BertConfig, BertForMaskedLM
-from bbert.utils import autocast_dtype, fast_bf16
+from bbert.hardware import autocast_dtype, fast_bf16
 
 CLOCKS = ("wall", "thread")
 
@@ -62,7 +62,7 @@ def matmul_peak_flops(dtype: torch.dtype | None = None, n: int = 4096, device: s
                       min_seconds: float = 1.0, clock: str = "wall") -> float:
     """Measured FLOP/s of a large square ``torch.mm``: the peak that MFU is measured against.
 
-    ``dtype=None`` is bf16 where the device runs it natively (``bbert.utils.fast_bf16``), else fp32.
+    ``dtype=None`` is bf16 where the device runs it natively (``bbert.hardware.fast_bf16``), else fp32.
     ``clock="wall"`` times torch's usual threads by the wall clock: the peak for
     ``measure_throughput`` and ``compare_throughput(clock="wall")``. ``clock="thread"`` (CPU only)
     runs torch on one thread and times that thread's CPU time: the peak for
@@ -188,7 +188,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
                amp_dtype: torch.dtype | str | None = "auto", scaler=None) -> float:
     """One optimization step: forward under autocast, backward, optimizer step. Returns the loss.
 
-    ``amp_dtype="auto"`` is bf16 where the device runs it natively (``bbert.utils.fast_bf16``),
+    ``amp_dtype="auto"`` is bf16 where the device runs it natively (``bbert.hardware.fast_bf16``),
     else fp32; None is fp32. bf16 needs no loss scaling; for fp16 on a GPU pass
     ``scaler=torch.amp.GradScaler("cuda")``.
     Works for bbert and for transformers models (both take input_ids/attention_mask/labels).
@@ -240,7 +240,7 @@ def measure_throughput(model: str = "tiny", seq_len: int = 128, micro_batch_size
 
     The model and the batch come from ``seed`` (:func:`random_mlm_batch`), each step is
     :func:`train_step`, and one untimed warm-up step comes first. ``precision="auto"`` is bf16
-    where the device runs it natively (``bbert.utils.fast_bf16``), else fp32.
+    where the device runs it natively (``bbert.hardware.fast_bf16``), else fp32.
     """
     if precision not in ("auto", *PRECISIONS):
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")

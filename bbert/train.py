@@ -54,7 +54,8 @@ from bbert.optim import Schedule
 from bbert.run_dir import MetricsLog, latest_checkpoint, read_metrics
 from bbert.speed import device_peak_flops, training_flops_per_sequence
 from bbert.train_config import PRESETS, TrainConfig, load_config
-from bbert.utils import atomic_path, set_seed
+from bbert.atomic import atomic_path
+from bbert.env import set_seed
 
 __all__ = ["Trainer", "pretrain", "main", "TrainConfig", "read_metrics", "latest_checkpoint"]
 
@@ -359,7 +360,7 @@ class Trainer:
     def save_checkpoint(self, final: Path, log: MetricsLog) -> Path:
         """Write checkpoint folder ``final`` atomically from every rank, then drop old periodic ones.
 
-        Rank 0 opens a temporary folder (``bbert.utils.atomic_path``) and tells the others its
+        Rank 0 opens a temporary folder (``bbert.atomic.atomic_path``) and tells the others its
         name; everyone writes into it; rank 0 renames it into place. A kill at any moment leaves
         the previous checkpoints intact and at most a ``.tmp-*`` folder, which resume ignores.
         """

@@ -22,7 +22,8 @@ from bbert.configs import build_config, coerce, from_dict, load_yaml, merge, par
 from bbert.data import MaskingConfig, load_manifest
 from bbert.model import BertConfig
 from bbert.optim import Schedule
-from bbert.utils import atomic_write_text, fast_bf16
+from bbert.atomic import atomic_write_text
+from bbert.hardware import fast_bf16
 
 ENGINES = ("deepspeed", "torch")
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -10,7 +10,7 @@ A step is forward + backward + optimizer step on the same batch of packed 128-to
 15% of positions masked. Each model runs at the best settings it offers on this device:
 - transformers: attn_implementation="sdpa", bf16 autocast, fused AdamW;
 - bbert: its defaults (sparse MLM head, fused QKV + SDPA, unpadding), bf16 autocast, fused AdamW.
-On a CPU without native bf16 (no AVX-512 BF16 / AMX; bbert.utils.fast_bf16) torch emulates bf16
+On a CPU without native bf16 (no AVX-512 BF16 / AMX; bbert.hardware.fast_bf16) torch emulates bf16
 matmuls ~100x slower than fp32, so there both run in fp32 and MFU is against the fp32 peak.
 The two alternate (ABBA...) within one run after a warm-up, so that the machine's load, which
 others share, hits both alike. MFU counts only the FLOPs each model really computes (bbert's
@@ -29,7 +29,7 @@ from bbert.model import BertConfig, BertForMaskedLM
 from bbert.optim import build_optimizer
 from bbert.speed import (compare_throughput, matmul_peak_flops, model_flops_utilization, random_mlm_batch,
                          training_flops_per_sequence)
-from bbert.utils import autocast_dtype
+from bbert.hardware import autocast_dtype
 
 VOCAB = 30522  # bert-base-uncased's vocabulary
 

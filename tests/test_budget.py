@@ -187,7 +187,7 @@ def test_matmul_peak_defaults_to_the_native_precision(monkeypatch):
     for flag, dtype in (("0", torch.float32), ("1", torch.bfloat16)):
         monkeypatch.setenv("BBERT_CPU_BF16", flag)
         seen.clear()
-        assert matmul_peak_flops(n=64, min_seconds=0.0) > 0
+        matmul_peak_flops(n=64, min_seconds=0.0)
         assert seen and set(seen) == {dtype}
 
 

@@ -44,6 +44,7 @@ def test_expand_grid_and_names():
                                                                         "warmup_proportion": ["0.02"]}
 
 
+@pytest.mark.slow
 def test_trials_are_ordinary_run_dirs(finished_search):
     base, grid, out, results = finished_search
     assert [r["trial"] for r in results] == ["lr=0.001", "lr=0.003", "lr=1000"]
@@ -63,6 +64,7 @@ def test_trials_are_ordinary_run_dirs(finished_search):
         assert (out / row["trial"] / "final" / "model").is_dir()
 
 
+@pytest.mark.slow
 def test_early_stop_ends_a_diverging_trial(finished_search):
     _, _, out, results = finished_search
     bad = results[2]
@@ -77,6 +79,7 @@ def test_early_stop_ends_a_diverging_trial(finished_search):
     assert f"| {bad['end_reason']} |" in bad_line and "**best**" not in bad_line
 
 
+@pytest.mark.slow
 def test_best_trial_has_the_lowest_final_loss(finished_search):
     _, _, _, results = finished_search
     best = best_trial(results)
@@ -87,6 +90,7 @@ def test_best_trial_has_the_lowest_final_loss(finished_search):
     assert best_trial([{**results[2]}]) is None
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_trials(finished_search):
     base, grid, out, results = finished_search
     before = {r["trial"]: ((out / r["trial"] / "metrics.jsonl").stat().st_mtime_ns,
@@ -106,6 +110,7 @@ def test_bad_grid_value_fails_before_any_trial(data_dir, tmp_path):
     assert not (tmp_path / "trials").exists()
 
 
+@pytest.mark.slow
 def test_command_runs_one_trial_and_reports_errors(data_dir, tmp_path, capsys):
     base = base_config(data_dir, tmp_path)
     config_file = base.to_yaml(tmp_path / "base.yaml")

@@ -25,6 +25,7 @@ def data_dir(tmp_path_factory):
     return make_data_dir(tmp_path_factory.mktemp("train") / "data")
 
 
+@pytest.mark.slow
 def test_time_schedule_for_a_budget_of_minutes_and_stop_at_the_budget(data_dir, tmp_path):
     # 3-minute budget, each step counts 18 s: 10 steps; warm-up 20% = 36 s = 2 steps
     config = tiny_config(data_dir, tmp_path / "run", warmup_proportion=0.2, debug={"step_time_seconds": 18.0})
@@ -69,6 +70,7 @@ def test_time_schedule_for_a_budget_of_minutes_and_stop_at_the_budget(data_dir, 
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_real_clock_stops_at_the_budget(data_dir, tmp_path):
     config = tiny_config(data_dir, tmp_path / "run", time_budget_hours=6 / 3600, debug={},
                          validation_every_minutes=None, checkpoint_every_minutes=None, checkpoint_fractions=[])
@@ -91,6 +93,7 @@ def test_real_clock_stops_at_the_budget(data_dir, tmp_path):
     assert (run_dir / "final" / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     config = tiny_config(data_dir, tmp_path / "run", checkpoint_fractions=[],
                          debug={"step_time_seconds": 30.0, "nan_at_step": 4})
@@ -105,6 +108,7 @@ def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(data_dir, tmp
     assert all(torch.isfinite(p).all() for p in good.parameters())
 
 
+@pytest.mark.slow
 def test_early_stop_after_t_minutes_when_validation_loss_is_too_high(data_dir, tmp_path):
     # validation every 24 s; the threshold (loss 1.0, never reached) only counts after 1 minute
     config = tiny_config(data_dir, tmp_path / "run", validation_every_minutes=0.4, checkpoint_fractions=[],
@@ -118,6 +122,7 @@ def test_early_stop_after_t_minutes_when_validation_loss_is_too_high(data_dir, t
     assert (run_dir / "final" / "model").is_dir()
 
 
+@pytest.mark.slow
 def test_a_failed_save_leaves_the_last_good_checkpoint_and_resume_goes_on(data_dir, tmp_path, monkeypatch):
     config = tiny_config(data_dir, tmp_path / "run", checkpoint_fractions=[], validation_every_minutes=None,
                          debug={"step_time_seconds": 30.0})
@@ -170,6 +175,7 @@ def test_resume_refuses_a_changed_config_unless_asked(data_dir, tmp_path):
     assert records(tmp_path / "run", "end")[-1]["reason"] == "max_steps"
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_exits_0(data_dir, tmp_path):
     config = tiny_config(data_dir, tmp_path / "run", time_budget_hours=1.0, checkpoint_every_minutes=None,
                          validation_every_minutes=None, checkpoint_fractions=[],
@@ -237,6 +243,7 @@ def test_one_run_per_run_dir_and_a_dead_holder_does_not_block(data_dir, tmp_path
     assert records(run, "end")[0]["reason"] == "max_steps"
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_data_unless_asked(data_dir, tmp_path):
     from bbert.data import PrepareConfig, prepare, sample_corpus_path
 
@@ -257,6 +264,7 @@ def test_resume_refuses_other_data_unless_asked(data_dir, tmp_path):
     assert [r["step"] for r in records(tmp_path / "run", "train")] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_a_data_dir_replaced_during_the_run_stops_it_at_the_next_validation(tmp_path, monkeypatch):
     import bbert.train as train_module
     from bbert.data import DataDirError, PrepareConfig, prepare, sample_corpus_path

@@ -14,9 +14,11 @@ import pytest
 from bbert.speed import training_flops_per_sequence
 from bbert.run_dir import latest_checkpoint
 from bbert.train import pretrain
-from bbert.utils import free_port
+from bbert.env import free_port
 
 from helpers_train import BIN, PYTHON, REPO, make_data_dir, records, run_cli, subprocess_env, tiny_config
+
+pytestmark = pytest.mark.slow  # every test here starts processes or trains several runs
 
 STEPS = 6
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bbert.atomic import atomic_write_json
 from bbert.configs import add_config_arguments, command, from_dict, load_yaml, merge, parse_assignments
 from bbert.data.readers import (CorpusError, ReadStats, iter_clean_documents, missing_input_message, read_documents,
                                 sample_corpus_path)
@@ -30,7 +31,7 @@ from bbert.data.shards import (FORMAT_VERSION, DataDirError, Packer, check_data_
                                manifest_path, record_verified, write_shard)
 from bbert.data.tokenizer import encoder, load_tokenizer, special_ids, tokenizer_fingerprint, train_tokenizer
 from bbert.locks import DirLock
-from bbert.utils import Progress, atomic_write_json
+from bbert.progress import Progress
 
 SPLITS = ("train", "val")
 EMBEDDED = "embedded:sample"  # how the manifest names the shipped corpus (its path varies by install)

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from bbert.utils import require_hub
+from bbert.hub import require_hub
 
 FORMATS = ("auto", "text", "jsonl", "books", "wikiextractor", "hf")
 TEXT_UNITS = ("paragraph", "line", "file")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bbert.utils import atomic_path, atomic_write_json
+from bbert.atomic import atomic_path, atomic_write_json
 
 FORMAT_VERSION = 1
 VERIFIED_FILE = ".verified.json"  # the sidecar of shards already hashed

@@ -67,7 +67,7 @@ def load_tokenizer(path: str | Path):
     """
     from transformers import AutoTokenizer
 
-    from bbert.utils import require_hub
+    from bbert.hub import require_hub
 
     local = Path(path)
     if local.is_dir() and (local / "tokenizer" / "tokenizer.json").exists():

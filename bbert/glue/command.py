@@ -89,17 +89,17 @@ def build_grid(args: argparse.Namespace) -> GridConfig:
 
 
 def _load_tasks(args: argparse.Namespace) -> list:
-    from bbert.glue import tasks  # deferred: scikit-learn and scipy take seconds (see main)
+    from bbert.glue import custom, loaders, tasks  # deferred: only a run reads tasks (see main)
 
     if args.train_file or args.dev_file:
         if not (args.train_file and args.dev_file):
             raise ValueError("a custom task needs both --train-file and --dev-file")
-        return [tasks.load_custom_task(args.train_file, args.dev_file,
-                                       [c.strip() for c in args.text_columns.split(",")],
-                                       args.label_column, args.test_file, args.task_name,
-                                       [x.strip() for x in args.labels.split(",")]
-                                       if args.labels else None,
-                                       args.regression)]
+        return [custom.load_custom_task(args.train_file, args.dev_file,
+                                        [c.strip() for c in args.text_columns.split(",")],
+                                        args.label_column, args.test_file, args.task_name,
+                                        [x.strip() for x in args.labels.split(",")]
+                                        if args.labels else None,
+                                        args.regression)]
     if not (args.glue_dir or args.hub):
         raise ValueError("say where GLUE is: --glue-dir glue_data (the original download layout) "
                          "or --hub; or give a custom task with --train-file/--dev-file")
@@ -109,7 +109,7 @@ def _load_tasks(args: argparse.Namespace) -> list:
         raise ValueError(f"--tasks {args.tasks!r} names no task: give GLUE tasks such as --tasks rte,mrpc, "
                          "or leave --tasks out for all nine")
     unique = dict.fromkeys(tasks.get_task(t).name for t in names)  # "rte,RTE" is one task
-    return [tasks.load_task(t, args.glue_dir, args.hub) for t in unique]
+    return [loaders.load_task(t, args.glue_dir, args.hub) for t in unique]
 
 
 @command("bbert finetune")

@@ -23,12 +23,15 @@ from transformers import DataCollatorWithPadding
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.utils import logging as hf_logging
 
+from bbert.atomic import atomic_path, atomic_write_json, atomic_write_text
+from bbert.env import set_seed
 from bbert.glue.config import FinetuneConfig
-from bbert.glue.tasks import TaskData, compute_metrics, main_score, predictions_tsv
+from bbert.glue.metrics import compute_metrics, main_score, predictions_tsv
+from bbert.glue.tasks import TaskData
 from bbert.hf import load_pretrained
 from bbert.model import BertForSequenceClassification
 from bbert.optim import Schedule, build_optimizer, set_lr
-from bbert.utils import Progress, atomic_path, atomic_write_json, atomic_write_text, set_seed
+from bbert.progress import Progress
 
 # Bump when result.json changes shape: a record of another version counts as not finished, so a
 # re-run redoes it instead of crashing on it (version 1 used learning_rate/bf16, not lr/precision;

@@ -32,7 +32,7 @@ from bbert.glue.config import FinetuneConfig, GridConfig
 from bbert.glue.finetuning import RESULT_VERSION, finetune
 from bbert.glue.tasks import (BERT_BASE_TEST, GLUE_TRAIN_SIZES, PAPER_24HBERT_TEST, TaskData,
                               TaskSpec, get_task)
-from bbert.utils import atomic_path, atomic_write_json, atomic_write_text
+from bbert.atomic import atomic_path, atomic_write_json, atomic_write_text
 
 # ---- grid search ----------------------------------------------------------------------------
 
