@@ -1,5 +1,6 @@
 """bbert.launcher: the commands it builds, a tiny run to completion, interruption, failure."""
 import json
+import math
 import os
 import shlex
 import signal
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bbert import run_dir as rd
+from bbert.data import load_manifest
 from bbert.engines import deepspeed_config
 from bbert.launcher import (LaunchError, build_launch_command, format_command, hostfile_slots, launch,
                             world_size_of)
@@ -117,8 +120,10 @@ def test_launch_runs_a_tiny_run_to_completion(tmp_path, data_dir, capsys):
     end = records(run_dir, "end")
     assert end and end[-1]["reason"] == "budget"
     train = records(run_dir, "train")
-    assert train and all(r["loss"] > 0 for r in train)
-    assert (run_dir / "final" / "model" / "model.safetensors").is_file()
+    # a fresh model guesses uniformly: its first loss is about ln(vocabulary size)
+    assert train and train[0]["loss"] == pytest.approx(math.log(load_manifest(data_dir)["vocab_size"]), abs=0.5)
+    assert all(math.isfinite(r["loss"]) for r in train)
+    assert (rd.model_dir(rd.final_dir(run_dir)) / "model.safetensors").is_file()
     assert (run_dir / "config.yaml").is_file()
     assert TrainConfig.from_yaml(run_dir / "config.yaml").time_budget_hours == pytest.approx(0.004)
     assert "run ended (budget)" in (run_dir / "launch.log").read_text()
@@ -162,7 +167,7 @@ def assert_interrupted_with_checkpoint(run_dir, min_step=2):
     checkpoints = records(run_dir, "checkpoint")
     assert checkpoints and checkpoints[-1]["step"] == end[-1]["step"] >= min_step
     saved = run_dir / "checkpoints" / checkpoints[-1]["name"]
-    assert (saved / "model" / "model.safetensors").is_file() and (saved / "budget.json").is_file()
+    assert (rd.model_dir(saved) / "model.safetensors").is_file() and (saved / "budget.json").is_file()
     return json.loads((saved / "budget.json").read_text())
 
 
