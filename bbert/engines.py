@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
-from bbert.model import BertForMaskedLM
+from bbert import run_dir as rd
+from bbert.objective import MaskedLM, build_objective
 from bbert.optim import build_optimizer, set_lr
+from bbert.precision import autocast, grad_scaler
 from bbert.train_config import TrainConfig
 from bbert.env import env_flag, free_port
 
@@ -136,16 +138,20 @@ def init_distributed(engine: str) -> DistEnv:
 # ---- engines ---------------------------------------------------------------------------------
 
 
-def build_engine(model: BertForMaskedLM, config: TrainConfig, dist: DistEnv) -> "TorchEngine | DeepSpeedEngine":
-    """The engine ``config.engine`` names, holding ``model`` and its optimizer."""
-    return (DeepSpeedEngine if config.engine == "deepspeed" else TorchEngine)(model, config, dist)
+def build_engine(model: torch.nn.Module, config: TrainConfig, dist: DistEnv,
+                 objective: MaskedLM | None = None) -> "TorchEngine | DeepSpeedEngine":
+    """The engine ``config.engine`` names, holding ``model`` and its optimizer; ``objective``
+    (default: the config's, :func:`bbert.objective.build_objective`) computes the loss."""
+    return (DeepSpeedEngine if config.engine == "deepspeed" else TorchEngine)(model, config, dist, objective)
 
 
 class TorchEngine:
     """Plain PyTorch: autocast for bf16/fp16 (GradScaler for fp16), DDP when world_size > 1."""
 
-    def __init__(self, model: BertForMaskedLM, config: TrainConfig, dist: DistEnv):
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, dist: DistEnv,
+                 objective: MaskedLM | None = None):
         self.config, self.dist = config, dist
+        self.objective = objective or build_objective(config)
         self.raw_model = model.to(dist.device)
         self.optimizer = build_optimizer(self.raw_model, config.optimizer, config.lr, config.betas,
                                          config.eps, config.weight_decay)
@@ -156,26 +162,19 @@ class TorchEngine:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.set_batch_size(config.batch_size)
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-        self.scaler = torch.amp.GradScaler(dist.device.type) if config.precision == "fp16" else None
+        self.scaler = grad_scaler(dist.device, config.precision)
         self.skipped_steps = 0  # fp16 steps the scaler skipped (inf/NaN gradients)
 
     def set_batch_size(self, batch_size: int) -> None:
         """The global batch of the next steps (a batch ramp changes it): the loss of each
         micro-batch is divided by their number, so the gradient is the mean over the batch."""
         self.accumulation = batch_size // (self.config.micro_batch_size * self.dist.world_size)
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
-
     def micro_step(self, batch: dict, last: bool, poison: bool = False) -> torch.Tensor:
         """Forward and backward of one micro-batch; gradients sync only on the last one."""
         sync = contextlib.nullcontext() if last or self.dist.world_size == 1 else self.model.no_sync()
         with sync:
-            with self.autocast():
-                loss = self.model(**batch).loss
+            with autocast(self.dist.device, self.config.precision):
+                loss = self.objective.loss(self.model, batch)
             if poison:
                 loss = loss * float("nan")
             scaled = loss / self.accumulation
@@ -207,8 +206,8 @@ class TorchEngine:
         return self.scaler.get_scale() if self.scaler else None
 
     def eval_loss(self, batch: dict) -> torch.Tensor:
-        with self.autocast():
-            return self.raw_model(**batch).loss.float()
+        with autocast(self.dist.device, self.config.precision):
+            return self.objective.loss(self.raw_model, batch).float()
 
     def train(self, mode: bool = True) -> None:
         self.raw_model.train(mode)
@@ -225,7 +224,7 @@ class TorchEngine:
             torch.save(state, folder / "optimizer.pt")
 
     def load_state(self, folder: Path) -> None:
-        weights = BertForMaskedLM.from_pretrained(folder / "model").state_dict()
+        weights = self.objective.model_class.from_pretrained(rd.model_dir(folder)).state_dict()
         self.raw_model.load_state_dict(weights)
         state = torch.load(folder / "optimizer.pt", map_location=self.dist.device, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -240,10 +239,12 @@ class DeepSpeedEngine:
     The optimizer is bbert's ``torch.optim.AdamW`` (or LAMB); bbert sets the lr before each step.
     """
 
-    def __init__(self, model: BertForMaskedLM, config: TrainConfig, dist: DistEnv):
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, dist: DistEnv,
+                 objective: MaskedLM | None = None):
         import deepspeed  # deferred: optional, and slow to import
 
         self.config, self.dist = config, dist
+        self.objective = objective or build_objective(config)
         model = model.to(dist.device)
         optimizer = build_optimizer(model, config.optimizer, config.lr, config.betas, config.eps,
                                     config.weight_decay)
@@ -265,7 +266,7 @@ class DeepSpeedEngine:
         # the boundary is said, not counted: DeepSpeed's micro-step count goes out of phase once
         # the accumulation changes (a batch ramp)
         self.engine.set_gradient_accumulation_boundary(last)
-        loss = self.engine(**batch).loss
+        loss = self.objective.loss(self.engine, batch)
         if poison:
             loss = loss * float("nan")
         self.engine.backward(loss)
@@ -295,7 +296,7 @@ class DeepSpeedEngine:
         return float(self.optimizer.loss_scale) if self.config.precision == "fp16" else None
 
     def eval_loss(self, batch: dict) -> torch.Tensor:
-        return self.engine(**batch).loss.float()
+        return self.objective.loss(self.engine, batch).float()
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)

@@ -41,9 +41,10 @@ from transformers.utils import logging as hf_logging
 from bbert import __version__
 from bbert.configs import UsageError, command
 from bbert.model import CONFIG_NAME, BertConfig, BertForMaskedLM
-from bbert.run_dir import latest_checkpoint
 from bbert.atomic import atomic_path
+from bbert.data.layout import tokenizer_dir
 from bbert.hub import require_hub
+from bbert.run_dir import final_dir, latest_checkpoint, model_dir
 
 HF_BERT, HF_PRELN = "bert", "roberta-prelayernorm"
 EXPORT_MARKER = "bbert-export.json"  # written into every export, so a re-export may replace it
@@ -62,12 +63,12 @@ def find_model_folder(path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is a file; pass the folder that holds the model "
                                 "(a model folder, a checkpoint folder or a run dir)")
-    for candidate in (path, path / "model", path / "final", path / "final" / "model"):
+    for candidate in (path, model_dir(path), final_dir(path), model_dir(final_dir(path))):
         if (candidate / CONFIG_NAME).is_file():
             return candidate
     checkpoint = latest_checkpoint(path)
-    if checkpoint is not None and (checkpoint / "model" / CONFIG_NAME).is_file():
-        return checkpoint / "model"
+    if checkpoint is not None and (model_dir(checkpoint) / CONFIG_NAME).is_file():
+        return model_dir(checkpoint)
     raise FileNotFoundError(
         f"no model found in {path}: it is neither a model folder nor a run dir; pass a folder with "
         f"{CONFIG_NAME} in it, in model/, in final/ or in checkpoints/<name>/model/ (a run dir "
@@ -77,7 +78,7 @@ def find_model_folder(path) -> Path:
 def find_tokenizer_folder(folder) -> Path | None:
     """The tokenizer beside a model folder: in it, or in a ``tokenizer/`` one or two levels up."""
     folder = Path(folder)
-    for candidate in (folder, folder.parent / "tokenizer", folder.parent.parent / "tokenizer"):
+    for candidate in (folder, tokenizer_dir(folder.parent), tokenizer_dir(folder.parent.parent)):
         if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.txt").is_file():
             return candidate
     return None
@@ -374,7 +375,7 @@ def export_to_transformers(model: BertForMaskedLM, tokenizer, out_dir, overwrite
     hf = to_transformers(model)  # first: a model that can't be exported needs no tokenizer
     if tokenizer is None:
         raise ValueError("export needs the tokenizer, so that AutoTokenizer.from_pretrained(out_dir) works; "
-                         "load it with bbert.data.load_tokenizer(data_dir / 'tokenizer')")
+                         "load it with bbert.data.load_tokenizer(data_dir)")
     out_dir = check_out_dir(out_dir, overwrite=overwrite)
     marker = {"exported_by": f"bbert {__version__}", "architecture": type(hf).__name__}
     with atomic_path(out_dir) as tmp, _quiet_transformers():

@@ -188,7 +188,7 @@ class _Progress:
             self.postfix["val_loss"] = f"{record.get('val_loss', float('nan')):.3f}"
         elif kind == "end":
             self.postfix["end"] = str(record.get("reason"))
-            if record.get("reason") == "budget":
+            if record.get("reason") == rd.EndReason.BUDGET:
                 self.bar.update(100.0 - self.bar.n)
         self.bar.set_postfix(self.postfix, refresh=True)
 
@@ -263,7 +263,7 @@ def launch(config, num_gpus: int | None = None, launcher: str = "auto", hostfile
             child.wait()
 
     code = child.returncode
-    if code != 0 and not (interrupted and end_record and end_record.get("reason") == "interrupted"):
+    if code != 0 and not (interrupted and end_record and end_record.get("reason") == rd.EndReason.INTERRUPTED):
         last = "\n".join(tail)
         ended = f" (run ended: {end_record.get('reason')})" if end_record else ""
         raise LaunchError(f"the training process exited with code {code}{ended}.\n"

@@ -15,6 +15,7 @@ Chapter: ``notebooks/04_pretraining.ipynb``.
 """
 from __future__ import annotations
 
+import enum
 import json
 import random
 import shutil
@@ -29,6 +30,26 @@ from bbert.atomic import atomic_write_json
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 BUDGET_FILE = "budget.json"
+MODEL_DIR = "model"
+
+
+class EndReason(str, enum.Enum):
+    """Why a run ended: the ``reason`` of its ``end`` record and ``end_reason`` in ``budget.json``.
+
+    A ``str``: it compares equal to, and is written as, the plain string (``"budget"``, ...).
+    """
+
+    BUDGET = "budget"            # the time budget is spent
+    MAX_STEPS = "max_steps"      # the step limit (or a step-based schedule's end) is reached
+    EARLY_STOP = "early_stop"    # the validation loss was too high (config.early_stop)
+    NAN = "nan"                  # a non-finite loss; the last good checkpoint is kept
+    INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: a checkpoint was saved, a re-run resumes
+    PRUNED = "pruned"            # a search's pruner stopped the trial
+
+    def __str__(self) -> str:  # the plain string in messages and f-strings too
+        return self.value
+
+    __format__ = str.__format__
 
 
 def config_path(run_dir) -> Path:
@@ -197,6 +218,11 @@ def marker_checkpoint(run_dir, fraction: float) -> Path:
 
 def final_dir(run_dir) -> Path:
     return Path(run_dir) / "final"
+
+
+def model_dir(folder) -> Path:
+    """The bbert model folder (weights, config, tokenizer) inside a checkpoint or ``final/``."""
+    return Path(folder) / MODEL_DIR
 
 
 def write_budget(folder, record: dict) -> None:

@@ -43,12 +43,14 @@ import math
 from pathlib import Path
 
 from bbert import configs
-from bbert.run_dir import read_metrics
-from bbert.train import PRUNED, pretrain
+from bbert.run_dir import EndReason, read_metrics
+from bbert.train import pretrain
 from bbert.train_config import TrainConfig, override_key
 
-# Trials that ended for one of these reasons are done; "interrupted" ones are resumed.
-FINISHED_REASONS = ("budget", "max_steps", "early_stop", "nan", PRUNED)
+# Trials that ended for one of these reasons are done; interrupted ones are resumed.
+RAN_TO_THE_END = (EndReason.BUDGET, EndReason.MAX_STEPS)  # a final validation loss that ranks the trial
+STOPPED_EARLY = (EndReason.EARLY_STOP, EndReason.NAN, EndReason.PRUNED)  # budget left unspent
+FINISHED_REASONS = RAN_TO_THE_END + STOPPED_EARLY
 PRUNERS = ("none", "asha", "hyperband")  # none: every trial runs (early stop aside); else bbert.study
 
 
@@ -190,7 +192,7 @@ def search(base: TrainConfig, grid: dict[str, list], out_dir, trials: list[int] 
 
 def best_trial(results: list[dict]) -> dict | None:
     """The trial with the lowest final validation loss among those that ran to their end."""
-    done = [r for r in results if r["end_reason"] in ("budget", "max_steps") and math.isfinite(r["val_loss"])]
+    done = [r for r in results if r["end_reason"] in RAN_TO_THE_END and math.isfinite(r["val_loss"])]
     return min(done, key=lambda r: r["val_loss"]) if done else None
 
 
@@ -198,7 +200,7 @@ def budget_saved(results: list[dict]) -> tuple[float, float]:
     """``(seconds saved, seconds the whole grid would take)``: what the stopped trials did not spend."""
     total = sum(r["budget_seconds"] for r in results)
     saved = sum(max(r["budget_seconds"] - r["elapsed_seconds"], 0.0) for r in results
-                if r["end_reason"] in ("early_stop", "nan", PRUNED))
+                if r["end_reason"] in STOPPED_EARLY)
     return saved, total
 
 

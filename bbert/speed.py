@@ -2,7 +2,7 @@
 
     training_flops_per_sequence   matmul FLOPs of one training step, per sequence (ffn_flops_per_token: the FFN's)
     matmul_peak_flops             measured FLOP/s of a large torch.mm (wall clock, or one thread's CPU time)
-    model_flops_utilization       achieved FLOP/s as a share of a peak (MFU)
+    mfu, seq_per_s_at_mfu         achieved FLOP/s as a share of a peak (MFU), and the speed a given MFU means
     GPU, KNOWN_GPUS, get_gpu      datasheet peaks of common GPUs; gpu_from_device_name for this one
     device_peak_flops             the peak a run's MFU is read against: the GPU table, else a measurement
     random_mlm_batch, train_step  the synthetic batch and the training step that every timing uses
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from bbert.model import BertConfig, BertForMaskedLM
 from bbert.hardware import autocast_dtype, fast_bf16
+from bbert.precision import PRECISIONS, amp_dtype
 
 CLOCKS = ("wall", "thread")
 
@@ -95,11 +96,16 @@ def matmul_peak_flops(dtype: torch.dtype | None = None, n: int = 4096, device: s
         torch.set_num_threads(threads)
 
 
-def model_flops_utilization(flops_per_sequence: float, seq_per_s: float, peak_flops: float,
-                            num_devices: int = 1) -> float:
+def mfu(flops_per_sequence: float, seq_per_s: float, peak_flops: float, n_devices: int = 1) -> float:
     """MFU: the FLOP/s a training run achieves (``flops_per_sequence x seq_per_s``) over the peak
-    of its ``num_devices`` devices. ``peak_flops`` is one device's, measured or from the table."""
-    return flops_per_sequence * seq_per_s / (peak_flops * num_devices)
+    of its ``n_devices`` devices. ``peak_flops`` is one device's, measured or from the table."""
+    return flops_per_sequence * seq_per_s / (peak_flops * n_devices)
+
+
+def seq_per_s_at_mfu(flops_per_sequence: float, mfu: float, peak_flops: float, n_devices: int = 1) -> float:
+    """The inverse of :func:`mfu`: the sequences per second that ``n_devices`` devices of peak
+    ``peak_flops`` train at a utilization of ``mfu``."""
+    return mfu * peak_flops * n_devices / flops_per_sequence
 
 
 # ---- the known-GPU table -------------------------------------------------------------------
@@ -158,7 +164,7 @@ def device_peak_flops(device: torch.device, precision: str) -> float | None:
         gpu = gpu_from_device_name(torch.cuda.get_device_name(device))
         if gpu is not None:
             return gpu.peak_tflops * 1e12
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = amp_dtype(precision) or torch.float32
     n = 8192 if device.type == "cuda" else 1024  # a GPU needs big matrices to reach its peak
     return matmul_peak_flops(dtype, n=n, device=device.type, min_seconds=0.3)
 
@@ -213,9 +219,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
 
 # ---- timing training steps -----------------------------------------------------------------
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 @dataclass
 class Throughput:
     """A short real benchmark of training steps on this device."""
@@ -256,10 +259,10 @@ def measure_throughput(model: str = "tiny", seq_len: int = 128, micro_batch_size
     batch = {k: v.to(device) for k, v in
              random_mlm_batch(micro_batch_size, seq_len, vocab_size, masked_fraction, seed=seed).items()}
     # fp16 without a GradScaler: a step it skips after an overflow would be timed as a fast step.
-    train_step(net, optimizer, batch, PRECISIONS[precision])  # warm-up: allocations, kernel selection
+    train_step(net, optimizer, batch, amp_dtype(precision))  # warm-up: allocations, kernel selection
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(net, optimizer, batch, PRECISIONS[precision])
+        train_step(net, optimizer, batch, amp_dtype(precision))
     seq_per_s = steps * micro_batch_size / (time.perf_counter() - start)
     flops = training_flops_per_sequence(config, seq_len, masked_fraction, sparse_mlm_head=True)
     return Throughput(model, str(device), precision, micro_batch_size, seq_len, seq_per_s, seq_per_s * flops)

@@ -39,7 +39,8 @@ from pathlib import Path
 from bbert import configs
 from bbert.optim import Schedule
 from bbert.search import PRUNERS, is_finished, prepare_trials, trial_name, trial_result
-from bbert.train import PRUNED, pretrain
+from bbert.run_dir import EndReason
+from bbert.train import pretrain
 from bbert.train_config import TrainConfig
 
 HEARTBEAT_SECONDS = 60  # how often a running trial tells the storage that its process lives
@@ -237,4 +238,4 @@ def _rows(study, prepared, index_of, keys, finished_before) -> list[dict]:
     return rows
 
 
-__all__ = ["search_study", "open_study", "make_pruner", "PRUNED"]
+__all__ = ["search_study", "open_study", "make_pruner"]

@@ -46,20 +46,19 @@ import yaml
 from bbert import run_dir as rd
 from bbert.configs import add_config_arguments, command
 from bbert.data import (DataDirError, build_pretraining_loader, data_fingerprint, load_manifest,
-                        load_tokenizer)
+                        load_tokenizer, tokenizer_dir)
 from bbert.engines import DistEnv, build_engine, deepspeed_config, init_distributed
 from bbert.locks import DirLock
-from bbert.model import BertForMaskedLM
+from bbert.objective import build_objective
 from bbert.optim import Schedule
-from bbert.run_dir import MetricsLog, latest_checkpoint, read_metrics
-from bbert.speed import device_peak_flops, training_flops_per_sequence
+from bbert.run_dir import EndReason, MetricsLog, latest_checkpoint, read_metrics
+from bbert.speed import device_peak_flops, mfu
 from bbert.train_config import PRESETS, TrainConfig, load_config
 from bbert.atomic import atomic_path
 from bbert.env import set_seed
 
 __all__ = ["Trainer", "pretrain", "main", "TrainConfig", "read_metrics", "latest_checkpoint"]
 
-PRUNED = "pruned"  # end reason when the ``on_validation`` hook (a search's pruner) stops the run
 
 
 class _Stop:
@@ -103,13 +102,14 @@ class Trainer:
         self.manifest = load_manifest(config.data_dir)
         self.data = data_fingerprint(self.manifest)
         self.allow_data_change = allow_data_change
-        self.tokenizer = load_tokenizer(Path(config.data_dir) / "tokenizer")
+        self.tokenizer = load_tokenizer(tokenizer_dir(config.data_dir))
+        self.objective = build_objective(config)
         self.model_config = config.model_config(self.manifest["vocab_size"])
         self.schedule = Schedule.from_config(config, dist.world_size)
         self.resume_from = self._resume_point(resume)
 
         set_seed(config.seed + dist.rank)
-        self.engine = build_engine(BertForMaskedLM(self.model_config), config, dist)
+        self.engine = build_engine(self.objective.build_model(self.model_config), config, dist, self.objective)
 
         # run state: everything a checkpoint must hold to continue exactly
         self.step = 0
@@ -119,7 +119,7 @@ class Trainer:
         self.next_checkpoint = _seconds(config.checkpoint_every_minutes)
         self.markers_done: list[float] = []
         self.last_saved_step = -1
-        self.end_reason: str | None = None
+        self.end_reason: EndReason | None = None
         self.pending_rng: dict | None = None
         self.last_val_step = -1
         if self.resume_from is not None:
@@ -193,7 +193,7 @@ class Trainer:
         if self.resume_from is not None:
             log.message(f"resuming from {self.resume_from} (step {self.step}, {self.elapsed:.1f} s, "
                         f"{100 * self._progress():.1f}% of the budget used)")
-            if self.end_reason in ("early_stop", PRUNED) or self.schedule.done(self.elapsed, self.step):
+            if self.end_reason in (EndReason.EARLY_STOP, EndReason.PRUNED) or self.schedule.done(self.elapsed, self.step):
                 log.message("the run had already finished; nothing to do")
                 return self.run_dir
         log.write({"type": "start", "step": self.step, "elapsed_seconds": self.elapsed,
@@ -201,7 +201,7 @@ class Trainer:
                    "engine": cfg.engine, "precision": cfg.precision, "device": str(dist.device)})
 
         seq_len = self.manifest["max_seq_length"]
-        flops_per_seq = self._flops_per_sequence(seq_len)
+        flops_per_seq = self.objective.flops_per_sequence(self.model_config, seq_len)
         peak = cfg.peak_flops if cfg.peak_flops is not None else device_peak_flops(dist.device, cfg.precision)
 
         loader = build_pretraining_loader(cfg.data_dir, "train", cfg.micro_batch_size, rank=dist.rank,
@@ -235,7 +235,7 @@ class Trainer:
                     [local_loss if math.isfinite(local_loss) else 0.0, local_clock,
                      float(not math.isfinite(local_loss)), float(stop.requested)])
                 if bad:
-                    reason = "nan"  # the weights never see this step: the last checkpoint stays good
+                    reason = EndReason.NAN  # the weights never see this step: the last checkpoint stays good
                     log.message(f"non-finite loss at step {self.step + 1}: stopping; the last good checkpoint is kept")
                     break
                 grad_norm = self.engine.optimizer_step(lr, want_norm=(self.step + 1) % cfg.log_every_steps == 0)
@@ -248,12 +248,12 @@ class Trainer:
                     now = time.monotonic()
                     seq_per_s = (self.samples - last_log_samples) / max(now - last_log_wall, 1e-9)
                     last_log_wall, last_log_samples = now, self.samples
-                    mfu = flops_per_seq * seq_per_s / (peak * dist.world_size) if peak else None
+                    utilization = mfu(flops_per_seq, seq_per_s, peak, dist.world_size) if peak else None
                     record = {"type": "train", "step": self.step, "elapsed_seconds": self.elapsed,
                               "budget_fraction": self._progress(), "loss": loss, "lr": lr,
                               "lr_elapsed_seconds": lr_elapsed, "batch_size": batch_size,
                               "grad_norm": grad_norm, "seq_per_s": seq_per_s,
-                              "tokens_per_s": seq_per_s * seq_len, "mfu": mfu}
+                              "tokens_per_s": seq_per_s * seq_len, "mfu": utilization}
                     scale = self.engine.loss_scale()
                     if scale is not None:  # fp16: overflowing steps are skipped; show how many
                         record.update(loss_scale=scale, skipped_steps=self.engine.skipped_steps)
@@ -265,7 +265,7 @@ class Trainer:
         self._finish(log, reason)
         return self.run_dir
 
-    def _after_step(self, log: MetricsLog, stop_requested: bool) -> str | None:
+    def _after_step(self, log: MetricsLog, stop_requested: bool) -> EndReason | None:
         """Validation, early stop, the end test and checkpoints, in a fixed order after each step."""
         cfg = self.config
         reason = None
@@ -278,12 +278,13 @@ class Trainer:
             if es.enabled and self.elapsed >= _seconds(es.after_minutes) and not val_loss <= es.max_val_loss:
                 log.message(f"early stop: validation loss {val_loss:.4f} > {es.max_val_loss} "
                             f"after {es.after_minutes:g} minutes")
-                reason = "early_stop"
+                reason = EndReason.EARLY_STOP
             if reason is None and self.on_validation is not None and self.on_validation(dict(record)):
                 log.message(f"pruned by the search at step {self.step} (validation loss {val_loss:.4f})")
-                reason = PRUNED
+                reason = EndReason.PRUNED
         if reason is None:
-            reason = self.schedule.end_reason(self.elapsed, self.step) or ("interrupted" if stop_requested else None)
+            reason = self.schedule.end_reason(self.elapsed, self.step)
+            reason = EndReason(reason) if reason else (EndReason.INTERRUPTED if stop_requested else None)
 
         for marker in sorted(cfg.checkpoint_fractions):
             if marker not in self.markers_done and self._progress() >= marker:
@@ -295,11 +296,11 @@ class Trainer:
             self.save_checkpoint(rd.step_checkpoint(self.run_dir, self.step), log)
         return reason
 
-    def _finish(self, log: MetricsLog, reason: str) -> None:
-        if reason in ("budget", "max_steps") and self.config.validation_every_minutes is not None \
+    def _finish(self, log: MetricsLog, reason: EndReason) -> None:
+        if reason in (EndReason.BUDGET, EndReason.MAX_STEPS) and self.config.validation_every_minutes is not None \
                 and self.last_val_step != self.step:
             self._validate(log)  # the run's final validation loss
-        if reason != "nan":
+        if reason != EndReason.NAN:
             self.end_reason = reason
             last = rd.step_checkpoint(self.run_dir, self.step)
             if self.last_saved_step != self.step or not last.exists():
@@ -308,10 +309,6 @@ class Trainer:
         log.write({"type": "end", "reason": reason, "step": self.step, "elapsed_seconds": self.elapsed})
         log.message(f"run ended ({reason}) at step {self.step} after {self.elapsed:.1f} s of budget: {self.run_dir}")
         self.end_reason = reason
-
-    def _flops_per_sequence(self, seq_len: int) -> float:
-        return training_flops_per_sequence(self.model_config, seq_len, self.config.masking.mlm_probability,
-                                           self.model_config.sparse_mlm_head)
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -325,11 +322,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Masked-LM loss over the held-out split (token-weighted, all ranks together)."""
+        """The objective's loss over the held-out split, weighted by predicted tokens, all ranks together.
+
+        Validation masks at the objective's rate (always the paper's 15%), whatever the training rate.
+        """
         cfg, dist = self.config, self.dist
         loader = build_pretraining_loader(cfg.data_dir, "val", cfg.micro_batch_size, rank=dist.rank,
-                                          world_size=dist.world_size, seed=cfg.seed, masking=cfg.masking,
-                                          infinite=False)
+                                          world_size=dist.world_size, seed=cfg.seed,
+                                          masking=self.objective.validation_masking, infinite=False)
         if data_fingerprint(loader.dataset.manifest) != self.data:  # a new loader would read new data
             raise DataDirError(f"{cfg.data_dir} changed during this run (replaced, e.g. by bbert prepare "
                                "--overwrite), so validation would score other data: restore it, or resume "
@@ -340,7 +340,7 @@ class Trainer:
             if cfg.max_val_batches is not None and i >= cfg.max_val_batches:
                 break
             batch = {k: v.to(dist.device) for k, v in batch.items()}
-            n = float((batch["labels"] != -100).sum())
+            n = float(self.objective.predicted_tokens(batch))
             if n:
                 total += float(self.engine.eval_loss(batch)) * n
                 count += n
@@ -399,7 +399,7 @@ class Trainer:
         self.engine.save_state(folder)  # collective for DeepSpeed
         rd.save_rng(folder, dist.rank, dist.device)
         dist.barrier()
-        self._save_model(folder / "model")
+        self._save_model(rd.model_dir(folder))
         if dist.is_main:
             self.config.to_yaml(rd.config_path(folder))
             rd.write_budget(folder, self._budget_record())  # last: marks it complete
@@ -409,7 +409,7 @@ class Trainer:
         state = self.engine.full_state_dict()
         if self.dist.is_main:
             with torch.device("meta"):  # no memory, no init: the weights come from ``state``
-                model = BertForMaskedLM(self.model_config)
+                model = self.objective.build_model(self.model_config)
             model.load_state_dict(state, assign=True)
             model.save_pretrained(model_dir)
             self.tokenizer.save_pretrained(str(model_dir))
@@ -433,7 +433,7 @@ class Trainer:
     def _save_final(self) -> None:
         if self.dist.is_main:
             with self._writing(rd.final_dir(self.run_dir)), atomic_path(rd.final_dir(self.run_dir)) as tmp:
-                self._save_model(tmp / "model")
+                self._save_model(rd.model_dir(tmp))
                 rd.write_budget(tmp, self._budget_record())
         self.dist.barrier()
 
@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run_dir = pretrain(config, resume=args.resume, allow_data_change=args.allow_data_change)
     ends = read_metrics(run_dir, "end")
-    return 1 if ends and ends[-1]["reason"] == "nan" else 0
+    return 1 if ends and ends[-1]["reason"] == EndReason.NAN else 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import torch
 import yaml
 
 from bbert.configs import build_config, coerce, from_dict, load_yaml, merge, parse_assignments, parse_value, to_dict
-from bbert.data import MaskingConfig, load_manifest
+from bbert.data import MaskingConfig, load_manifest, manifest_path
+from bbert.data.layout import SHARD_SUFFIX
 from bbert.model import BertConfig
 from bbert.optim import Schedule
 from bbert.atomic import atomic_write_text
@@ -290,12 +291,12 @@ class TrainConfig:
         if data_dir.is_file():
             raise ValueError(f"data_dir {str(data_dir)!r} is a file; a data dir is the folder that `bbert prepare "
                              f"--out` wrote (it holds manifest.json): pass its folder, {data_dir.parent}")
-        if (data_dir.is_dir() and not (data_dir / "manifest.json").exists() and any(data_dir.iterdir())
-                and not any(data_dir.glob("*.bin"))):  # shards without a manifest: an older or unfinished prepare
+        if (data_dir.is_dir() and not manifest_path(data_dir).exists() and any(data_dir.iterdir())
+                and not any(data_dir.glob(f"*{SHARD_SUFFIX}"))):  # shards without a manifest: an older or unfinished prepare
             raise ValueError(f"data_dir {str(data_dir)!r} holds no manifest.json, so it is not a data dir (raw text?): "
                              f"prepare it first, `bbert prepare {data_dir} --out DATA_DIR`, then pass "
                              "--data-dir DATA_DIR")
-        if not (data_dir / "manifest.json").is_file():
+        if not manifest_path(data_dir).is_file():
             raise ValueError(f"data_dir {str(data_dir)!r} has no manifest.json: prepare it first with "
                              f"`bbert prepare --out {data_dir}` (or bbert.data.prepare), or set data_dir")
         manifest = load_manifest(data_dir)

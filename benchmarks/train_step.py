@@ -27,7 +27,7 @@ import torch
 from bbert.hf import transformers_baseline
 from bbert.model import BertConfig, BertForMaskedLM
 from bbert.optim import build_optimizer
-from bbert.speed import (compare_throughput, matmul_peak_flops, model_flops_utilization, random_mlm_batch,
+from bbert.speed import (compare_throughput, matmul_peak_flops, mfu, random_mlm_batch,
                          training_flops_per_sequence)
 from bbert.hardware import autocast_dtype
 
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             flops = training_flops_per_sequence(runners[name][0].config, args.seq_len, masked, sparse[name])
             seq_s = r["seq_s"][name]
             print(f"  {name:<13} {seq_s:7.2f} seq/s  {flops * seq_s / 1e9:6.1f} GFLOP/s  "
-                  + ", ".join(f"MFU {model_flops_utilization(flops, seq_s, p):5.1%} of {k} peak"
+                  + ", ".join(f"MFU {mfu(flops, seq_s, p):5.1%} of {k} peak"
                               for k, p in peaks.items()))
         print(f"  ratio bbert / transformers: {ratio_summary(r, 'bbert', 'transformers')}")
         if args.compile:

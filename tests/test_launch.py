@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bbert import run_dir as rd
 from bbert.data import load_manifest
 from bbert.engines import deepspeed_config
 from bbert.launcher import (LaunchError, build_launch_command, format_command, hostfile_slots, launch,
@@ -123,7 +124,7 @@ def test_launch_runs_a_tiny_run_to_completion(tmp_path, data_dir, capsys):
     assert [r["step"] for r in train] == list(range(1, len(train) + 1))  # log_every_steps=1
     # the child trained this data's model: a fresh one guesses about uniformly over the vocabulary
     assert train[0]["loss"] == pytest.approx(math.log(load_manifest(data_dir)["vocab_size"]), abs=1.0)
-    assert (run_dir / "final" / "model" / "model.safetensors").is_file()
+    assert (rd.model_dir(rd.final_dir(run_dir)) / "model.safetensors").is_file()
     assert (run_dir / "config.yaml").is_file()
     assert TrainConfig.from_yaml(run_dir / "config.yaml").time_budget_hours == pytest.approx(0.004)
     assert "run ended (budget)" in (run_dir / "launch.log").read_text()
@@ -167,7 +168,7 @@ def assert_interrupted_with_checkpoint(run_dir, min_step=2):
     checkpoints = records(run_dir, "checkpoint")
     assert checkpoints and checkpoints[-1]["step"] == end[-1]["step"] >= min_step
     saved = run_dir / "checkpoints" / checkpoints[-1]["name"]
-    assert (saved / "model" / "model.safetensors").is_file() and (saved / "budget.json").is_file()
+    assert (rd.model_dir(saved) / "model.safetensors").is_file() and (saved / "budget.json").is_file()
     return json.loads((saved / "budget.json").read_text())
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-import bbert.run_dir as run_dir_module
+import bbert.run_dir as rd
 from bbert.model import BertForMaskedLM
 from bbert.optim import Schedule
 from bbert.run_dir import latest_checkpoint, list_checkpoints, read_metrics
@@ -58,11 +58,11 @@ def test_time_schedule_for_a_budget_of_minutes_and_stop_at_the_budget(data_dir, 
     assert names == ["step-0000004", "marker-0.5", "step-0000007", "step-0000010"]
     assert sorted(p.name for _, p in list_checkpoints(run_dir)) == ["marker-0.5", "step-0000007", "step-0000010"]
     assert [r["step"] for r in records(run_dir, "val")] == [4, 7, 10]
-    final = BertForMaskedLM.from_pretrained(run_dir / "final" / "model")
-    last = BertForMaskedLM.from_pretrained(run_dir / "checkpoints" / "step-0000010" / "model")
+    final = BertForMaskedLM.from_pretrained(rd.model_dir(rd.final_dir(run_dir)))
+    last = BertForMaskedLM.from_pretrained(rd.model_dir(rd.step_checkpoint(run_dir, 10)))
     for a, b in zip(final.state_dict().values(), last.state_dict().values()):
         assert torch.equal(a, b)
-    assert (run_dir / "final" / "model" / "tokenizer.json").is_file()
+    assert (rd.model_dir(rd.final_dir(run_dir)) / "tokenizer.json").is_file()
     assert TrainConfig.from_yaml(run_dir / "config.yaml") == config
     # running it again finds the run complete and changes nothing
     before = (run_dir / "metrics.jsonl").read_text()
@@ -90,7 +90,7 @@ def test_real_clock_stops_at_the_budget(data_dir, tmp_path):
     assert (schedule.clock, schedule.length) == ("time", pytest.approx(6.0))
     for before, r in zip(train, train[1:]):
         assert r["lr"] == pytest.approx(schedule.lr_at(before["elapsed_seconds"], before["step"]), rel=1e-9)
-    assert (run_dir / "final" / "model" / "model.safetensors").is_file()
+    assert (rd.model_dir(rd.final_dir(run_dir)) / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -104,7 +104,7 @@ def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(data_dir, tmp
     assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3]
     assert latest_checkpoint(run_dir).name == "step-0000002"
     assert not (run_dir / "final").exists()
-    good = BertForMaskedLM.from_pretrained(latest_checkpoint(run_dir) / "model")
+    good = BertForMaskedLM.from_pretrained(rd.model_dir(latest_checkpoint(run_dir)))
     assert all(torch.isfinite(p).all() for p in good.parameters())
 
 
@@ -119,14 +119,14 @@ def test_early_stop_after_t_minutes_when_validation_loss_is_too_high(data_dir, t
     assert [r["step"] for r in records(run_dir, "val")] == [2, 4, 6]
     end = records(run_dir, "end")[0]
     assert (end["reason"], end["step"]) == ("early_stop", 6)
-    assert (run_dir / "final" / "model").is_dir()
+    assert rd.model_dir(rd.final_dir(run_dir)).is_dir()
 
 
 @pytest.mark.slow
 def test_a_failed_save_leaves_the_last_good_checkpoint_and_resume_goes_on(data_dir, tmp_path, monkeypatch):
     config = tiny_config(data_dir, tmp_path / "run", checkpoint_fractions=[], validation_every_minutes=None,
                          debug={"step_time_seconds": 30.0})
-    real = run_dir_module.atomic_write_json
+    real = rd.atomic_write_json
     calls = {"n": 0}
 
     def dies_on_second_checkpoint(path, obj):
@@ -137,7 +137,7 @@ def test_a_failed_save_leaves_the_last_good_checkpoint_and_resume_goes_on(data_d
                 raise OSError("disk full (simulated)")
         return real(path, obj)
 
-    monkeypatch.setattr(run_dir_module, "atomic_write_json", dies_on_second_checkpoint)
+    monkeypatch.setattr(rd, "atomic_write_json", dies_on_second_checkpoint)
     with pytest.raises(OSError, match=r"could not write \S*step-0000004: disk full \(simulated\)\. Nothing of it "
                                       r"was kept and the last good checkpoint \(\S*step-0000002\) is intact"):
         pretrain(config)
@@ -147,9 +147,9 @@ def test_a_failed_save_leaves_the_last_good_checkpoint_and_resume_goes_on(data_d
     # a SIGKILL leaves its temporary folder behind: resume must not take it for a checkpoint
     (ckpts / ".tmp-step-0000004-x" / "step-0000004").mkdir(parents=True)
     assert latest_checkpoint(run_dir).name == "step-0000002"
-    BertForMaskedLM.from_pretrained(ckpts / "step-0000002" / "model")
+    BertForMaskedLM.from_pretrained(rd.model_dir(ckpts / "step-0000002"))
 
-    monkeypatch.setattr(run_dir_module, "atomic_write_json", real)
+    monkeypatch.setattr(rd, "atomic_write_json", real)
     pretrain(config)  # same config: resumes from step 2 by itself
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # the killed write's leftovers are gone
     history = read_metrics(run_dir)
@@ -218,6 +218,20 @@ def test_fp16_grad_scaler_counts_the_steps_it_skips(data_dir, tmp_path):
     engine.optimizer_step(lr=1e-3)
     assert engine.skipped_steps == 1  # a finite step goes through
     assert not torch.equal(engine.raw_model.bert.layers[0].ffn.fc1.weight, before["bert.layers.0.ffn.fc1.weight"])
+
+
+def test_the_precision_helpers_cast_and_scale_as_the_engines_need():
+    from bbert.precision import amp_dtype, autocast, grad_scaler
+
+    x = torch.randn(4, 4)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        with autocast(torch.device("cpu"), precision):
+            assert (x @ x).dtype == dtype
+    assert amp_dtype("fp16") == torch.float16 and amp_dtype("fp32") is None
+    scaler = grad_scaler("cpu", "fp16")
+    assert scaler.get_scale() == 2.0 ** 16 and grad_scaler("cpu", "bf16") is None
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, got 'fp8'"):
+        autocast("cpu", "fp8")
 
 
 def test_one_run_per_run_dir_and_a_dead_holder_does_not_block(data_dir, tmp_path, capsys):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bbert.data import MaskingConfig
+from bbert.data import MaskingConfig, manifest_path
 from bbert.engines import deepspeed_config
 from bbert.optim import Schedule
 from bbert.train import build_parser, config_from_args, main
@@ -177,7 +177,7 @@ def test_a_data_dir_that_is_raw_text_or_a_file_names_the_right_fix(tmp_path):
     with pytest.raises(ValueError, match=r"holds no manifest.json, so it is not a data dir.*raw text.*"
                                          rf"bbert prepare {corpus} --out DATA_DIR.*--data-dir DATA_DIR"):
         c.validate(world_size=1)
-    manifest = tmp_path / "data" / "manifest.json"
+    manifest = manifest_path(tmp_path / "data")
     manifest.parent.mkdir()
     manifest.write_text("{}")
     c = TrainConfig.from_preset("tiny-cpu", data_dir=str(manifest))
@@ -243,14 +243,14 @@ def test_a_split_smaller_than_one_micro_batch_per_rank_is_refused_before_the_run
     from helpers_train import make_data_dir
 
     data = make_data_dir(tmp_path / "data")
-    n_val = json.loads((data / "manifest.json").read_text())["splits"]["val"]["num_samples"]
+    n_val = json.loads(manifest_path(data).read_text())["splits"]["val"]["num_samples"]
     too_big = n_val + 1
     c = TrainConfig.from_preset("tiny-cpu", data_dir=str(data), max_seq_length=64,
                                 micro_batch_size=too_big, batch_size=2 * too_big)
     with pytest.raises(ValueError, match=r"split 'val'.*fewer than one micro-batch.*raise --val-fraction.*"
                                          r"lower micro_batch_size"):
         c.validate(world_size=1)
-    n_train = json.loads((data / "manifest.json").read_text())["splits"]["train"]["num_samples"]
+    n_train = json.loads(manifest_path(data).read_text())["splits"]["train"]["num_samples"]
     c = TrainConfig.from_preset("tiny-cpu", data_dir=str(data), max_seq_length=64, validation_every_minutes=None,
                                 micro_batch_size=n_train + 1, batch_size=n_train + 1)
     with pytest.raises(ValueError, match=r"split 'train'.*fewer than one micro-batch.*lower --val-fraction"):

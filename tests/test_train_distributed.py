@@ -12,6 +12,7 @@ import time
 import pytest
 
 from bbert.speed import training_flops_per_sequence
+from bbert import run_dir as rd
 from bbert.run_dir import latest_checkpoint
 from bbert.train import pretrain
 from bbert.env import free_port
@@ -78,7 +79,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(data_dir, tmp_path, r
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not records(run_dir, "end")  # killed: no end record, no final model
-    assert not (run_dir / "final").exists()
+    assert not rd.final_dir(run_dir).exists()
 
     result = run_cli(cmd)  # same config: resumes by itself
     assert result.returncode == 0, result.stderr[-3000:]
@@ -110,7 +111,7 @@ def test_deepspeed_single_process_matches_torch_and_resumes(data_dir, tmp_path, 
     assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-5)
     assert [r["lr"] for r in records(run_dir, "train")] == [r["lr"] for r in records(reference, "train")]
     assert records(run_dir, "end")[-1]["reason"] == "max_steps"
-    assert (run_dir / "final" / "model" / "model.safetensors").is_file()
+    assert (rd.model_dir(rd.final_dir(run_dir)) / "model.safetensors").is_file()
 
 
 @pytest.fixture(scope="module")
