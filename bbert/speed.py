@@ -26,8 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bbert.model import BertConfig, BertForMaskedLM
-from bbert.hardware import autocast_dtype, fast_bf16
-from bbert.precision import PRECISIONS, amp_dtype
+from bbert.precision import PRECISIONS, amp_dtype, fast_bf16, native_amp_dtype
 
 CLOCKS = ("wall", "thread")
 
@@ -63,7 +62,7 @@ def matmul_peak_flops(dtype: torch.dtype | None = None, n: int = 4096, device: s
                       min_seconds: float = 1.0, clock: str = "wall") -> float:
     """Measured FLOP/s of a large square ``torch.mm``: the peak that MFU is measured against.
 
-    ``dtype=None`` is bf16 where the device runs it natively (``bbert.hardware.fast_bf16``), else fp32.
+    ``dtype=None`` is bf16 where the device runs it natively (``bbert.precision.fast_bf16``), else fp32.
     ``clock="wall"`` times torch's usual threads by the wall clock: the peak for
     ``measure_throughput`` and ``compare_throughput(clock="wall")``. ``clock="thread"`` (CPU only)
     runs torch on one thread and times that thread's CPU time: the peak for
@@ -74,7 +73,7 @@ def matmul_peak_flops(dtype: torch.dtype | None = None, n: int = 4096, device: s
         raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
     if clock == "thread" and kind != "cpu":
         raise ValueError(f"clock='thread' times CPU work; use clock='wall' on {device}")
-    dtype = dtype or autocast_dtype(device) or torch.float32
+    dtype = dtype or native_amp_dtype(device) or torch.float32
     threads = torch.get_num_threads()
     if clock == "thread":
         torch.set_num_threads(1)  # all the work then runs on this thread, which thread_time sees
@@ -194,7 +193,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
                amp_dtype: torch.dtype | str | None = "auto", scaler=None) -> float:
     """One optimization step: forward under autocast, backward, optimizer step. Returns the loss.
 
-    ``amp_dtype="auto"`` is bf16 where the device runs it natively (``bbert.hardware.fast_bf16``),
+    ``amp_dtype="auto"`` is bf16 where the device runs it natively (``bbert.precision.fast_bf16``),
     else fp32; None is fp32. bf16 needs no loss scaling; for fp16 on a GPU pass
     ``scaler=torch.amp.GradScaler("cuda")``.
     Works for bbert and for transformers models (both take input_ids/attention_mask/labels).
@@ -203,7 +202,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
     if isinstance(amp_dtype, str):
         if amp_dtype != "auto":
             raise ValueError(f"amp_dtype must be a torch dtype, None or 'auto', got {amp_dtype!r}")
-        amp_dtype = autocast_dtype(device)
+        amp_dtype = native_amp_dtype(device)
     with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         loss = model(**batch).loss
     if scaler is not None:
@@ -243,7 +242,7 @@ def measure_throughput(model: str = "tiny", seq_len: int = 128, micro_batch_size
 
     The model and the batch come from ``seed`` (:func:`random_mlm_batch`), each step is
     :func:`train_step`, and one untimed warm-up step comes first. ``precision="auto"`` is bf16
-    where the device runs it natively (``bbert.hardware.fast_bf16``), else fp32.
+    where the device runs it natively (``bbert.precision.fast_bf16``), else fp32.
     """
     if precision not in ("auto", *PRECISIONS):
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")

@@ -24,7 +24,7 @@ from bbert.data.layout import SHARD_SUFFIX
 from bbert.model import BertConfig
 from bbert.optim import Schedule
 from bbert.atomic import atomic_write_text
-from bbert.hardware import fast_bf16
+from bbert.precision import fast_bf16
 
 ENGINES = ("deepspeed", "torch")
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bbert import atomic, env, hardware, hub
+from bbert import atomic, env, hub, precision
 from bbert.cli import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,14 +149,14 @@ def test_fast_bf16_follows_the_cpu_flags_and_the_override(monkeypatch):
 
     monkeypatch.delenv("BBERT_CPU_BF16", raising=False)
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert hardware.fast_bf16("cpu") is native
-    assert hardware.autocast_dtype("cpu") == (torch.bfloat16 if native else None)
+    assert precision.fast_bf16("cpu") is native
+    assert precision.native_amp_dtype("cpu") == (torch.bfloat16 if native else None)
     monkeypatch.setenv("BBERT_CPU_BF16", "0")
-    assert hardware.fast_bf16("cpu") is False and hardware.autocast_dtype("cpu") is None
+    assert precision.fast_bf16("cpu") is False and precision.native_amp_dtype("cpu") is None
     monkeypatch.setenv("BBERT_CPU_BF16", "1")
-    assert hardware.fast_bf16("cpu") is True and hardware.autocast_dtype("cpu") is torch.bfloat16
-    assert hardware.fast_bf16("meta") is False
-    assert hardware.fast_bf16("cuda") is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert precision.fast_bf16("cpu") is True and precision.native_amp_dtype("cpu") is torch.bfloat16
+    assert precision.fast_bf16("meta") is False
+    assert precision.fast_bf16("cuda") is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def test_show_source_prints_the_live_source(capsys):
@@ -256,7 +256,7 @@ def test_contributing_import_map_is_the_code():
             pytest.fail(f"bbert/{room} has no line in CONTRIBUTING.md's imports block: " + _ADD_IT.format(room=room))
         missing = code[room] - set(code)
         assert not missing, (f"{room} imports {sorted(missing)}, which bbert/ does not have (bbert.utils was "
-                             "split into atomic, env, hardware, hub, lazy and progress: see the rooms list)")
+                             "split into atomic, env, precision, hub, lazy and progress: see the rooms list)")
         unsaid, unused = code[room] - table[room], table[room] - code[room]
         assert not unsaid, (f"{room} imports {sorted(unsaid)}, which CONTRIBUTING.md's imports block does not "
                             f"say: add them to its `{room} ->` line if the arrow belongs (see 'Arrows go one way')")

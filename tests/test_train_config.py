@@ -11,7 +11,7 @@ from bbert.engines import deepspeed_config
 from bbert.optim import Schedule
 from bbert.train import build_parser, config_from_args, main
 from bbert.train_config import TrainConfig
-from bbert.hardware import fast_bf16
+from bbert.precision import fast_bf16
 
 
 def test_24hbert_preset_is_the_papers_run():
