@@ -45,7 +45,7 @@ from bbert import run_dir as rd
 from bbert.configs import add_config_arguments, command
 from bbert.data import (DataDirError, build_pretraining_loader, data_fingerprint, load_manifest,
                         load_tokenizer)
-from bbert.engines import DistEnv, build_engine, deepspeed_config, init_distributed
+from bbert.engines import DistEnv, build_engine, check_engine, deepspeed_config, init_distributed
 from bbert.locks import DirLock
 from bbert.model import BertForMaskedLM
 from bbert.optim import Schedule
@@ -445,6 +445,7 @@ def pretrain(config: TrainConfig, resume: bool | str = "auto", allow_data_change
     checkpoint (end reason ``"interrupted"``).
     """
     config.validate(int(os.environ.get("WORLD_SIZE", 1)))
+    check_engine(config)
     rd.check_run_dir(config.run_dir, config.data_dir)
     dist = init_distributed(config.engine)
     lock = DirLock(config.run_dir, "trained into") if dist.is_main else contextlib.nullcontext()

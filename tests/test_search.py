@@ -164,3 +164,18 @@ def test_bad_grid_or_out_fails_before_any_trial_in_one_line(data_dir, tmp_path, 
     assert main(["--config", str(config_file), "--grid", "lr=1e-3", "--out", str(out)]) == 2
     err = capsys.readouterr()
     assert f"--out {out} is a file, not a folder" in err.err and "[search] trial" not in err.out
+
+
+def test_command_sets_model_fields_as_pretrain_does(data_dir, tmp_path, capsys):
+    # `bbert search --set model.hidden_size=64` failed with "model must be a string" (its config
+    # skipped the model.X -> model_overrides.X rule that `bbert pretrain --set` follows)
+    config_file = base_config(data_dir, tmp_path).to_yaml(tmp_path / "base.yaml")
+    out = tmp_path / "trials"
+    args = ["--config", str(config_file), "--set", "model.hidden_size=32", "--set", "max_steps=2",
+            "--grid", "lr=1e-3", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    saved = yaml.safe_load((out / "lr=0.001" / "config.yaml").read_text())
+    assert saved["model"] == "tiny" and saved["max_steps"] == 2
+    assert saved["model_overrides"] == {"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2}
+    assert main([*args[:3], "model.hidden_size=abc", *args[4:]]) == 2
+    assert "model.hidden_size must be a number, got 'abc'" in capsys.readouterr().err
