@@ -80,10 +80,6 @@ class _Stop:
             signal.signal(sig, old)
 
 
-def _seconds(minutes: float | None) -> float:
-    return math.inf if minutes is None else minutes * 60.0
-
-
 class Trainer:
     """One pretraining run: setup, resume, the optimizer-step loop, validation, checkpoints.
 
@@ -110,8 +106,8 @@ class Trainer:
         self.step = 0
         self.samples = 0  # global samples consumed
         self.elapsed = 0.0  # seconds of the budget consumed
-        self.next_validation = _seconds(config.validation_every_minutes)
-        self.next_checkpoint = _seconds(config.checkpoint_every_minutes)
+        self.next_validation = config.validation_interval_seconds
+        self.next_checkpoint = config.checkpoint_interval_seconds
         self.markers_done: list[float] = []
         self.last_saved_step = -1
         self.end_reason: str | None = None
@@ -262,11 +258,11 @@ class Trainer:
         cfg = self.config
         reason = None
         if self.elapsed >= self.next_validation:
-            interval = _seconds(cfg.validation_every_minutes)
+            interval = cfg.validation_interval_seconds
             self.next_validation = (math.floor(self.elapsed / interval) + 1) * interval
             val_loss = self._validate(log)
             es = cfg.early_stop
-            if es.enabled and self.elapsed >= _seconds(es.after_minutes) and not val_loss <= es.max_val_loss:
+            if es.enabled and self.elapsed >= cfg.early_stop_after_seconds and not val_loss <= es.max_val_loss:
                 log.message(f"early stop: validation loss {val_loss:.4f} > {es.max_val_loss} "
                             f"after {es.after_minutes:g} minutes")
                 reason = "early_stop"
@@ -278,7 +274,7 @@ class Trainer:
                 self.markers_done.append(marker)
                 self.save_checkpoint(rd.marker_checkpoint(self.run_dir, marker), log)
         if reason is None and self.elapsed >= self.next_checkpoint:
-            interval = _seconds(cfg.checkpoint_every_minutes)
+            interval = cfg.checkpoint_interval_seconds
             self.next_checkpoint = (math.floor(self.elapsed / interval) + 1) * interval
             self.save_checkpoint(rd.step_checkpoint(self.run_dir, self.step), log)
         return reason

@@ -22,6 +22,12 @@ from bbert.model import BertConfig
 from bbert.optim import Schedule
 from bbert.utils import atomic_write_text, fast_bf16
 
+# Hours and minutes are for people (the config's fields); inside bbert time is seconds. These
+# are the only conversions: TrainConfig's *_seconds properties, and hours()/minutes() to fill
+# the fields from seconds (e.g. a notebook's budget).
+SECONDS_PER_HOUR = 3600.0
+SECONDS_PER_MINUTE = 60.0
+
 ENGINES = ("deepspeed", "torch")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("time", "step")
@@ -163,7 +169,22 @@ class TrainConfig:
     @property
     def time_budget_seconds(self) -> float:
         """The budget on the wall clock: the one place where ``time_budget_hours`` becomes seconds."""
-        return self.time_budget_hours * 3600.0
+        return self.time_budget_hours * SECONDS_PER_HOUR
+
+    @property
+    def validation_interval_seconds(self) -> float:
+        """``validation_every_minutes`` in seconds; ``inf`` when validation is off."""
+        return _in_seconds(self.validation_every_minutes)
+
+    @property
+    def checkpoint_interval_seconds(self) -> float:
+        """``checkpoint_every_minutes`` in seconds; ``inf`` when periodic checkpoints are off."""
+        return _in_seconds(self.checkpoint_every_minutes)
+
+    @property
+    def early_stop_after_seconds(self) -> float:
+        """``early_stop.after_minutes`` in seconds: when the early stop starts to judge."""
+        return _in_seconds(self.early_stop.after_minutes)
 
     def gradient_accumulation_steps(self, world_size: int = 1) -> int:
         """Micro-batches per optimizer step on each rank: batch / (micro-batch x world size)."""
@@ -337,6 +358,20 @@ def _preset_tiny_cpu() -> dict:
 
 
 PRESETS = {"24hbert": _preset_24hbert, "tiny-cpu": _preset_tiny_cpu}
+
+
+def _in_seconds(minutes: float | None) -> float:
+    return math.inf if minutes is None else minutes * SECONDS_PER_MINUTE
+
+
+def hours(seconds: float) -> float:
+    """``seconds`` in hours, for ``time_budget_hours`` (``time_budget_hours=hours(90)``)."""
+    return seconds / SECONDS_PER_HOUR
+
+
+def minutes(seconds: float) -> float:
+    """``seconds`` in minutes, for the ``*_minutes`` fields (``validation_every_minutes=minutes(15)``)."""
+    return seconds / SECONDS_PER_MINUTE
 
 
 def preset(name: str) -> dict:
