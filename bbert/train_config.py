@@ -326,8 +326,8 @@ def _preset_24hbert() -> dict:
       factor 10, at most 20 predictions per sequence: ``--masking static --duplication-factor 10
       --set masking.max_predictions_per_seq=20``.
     * ZeRO: stage 1; the paper's DeepSpeed config has none. DeepSpeed 0.19's fp16 does not train at
-      stage 0 (deepspeedai/DeepSpeed#8393, see ``validate``); stage 1 shards the optimizer state only,
-      the same arithmetic.
+      stage 0 (deepspeedai/DeepSpeed#8393, see ``bbert.engines.check_engine``); stage 1 shards the
+      optimizer state only, the same arithmetic.
     * fused kernels: the paper used apex (fused LayerNorm, fused linear + GELU); bbert uses PyTorch
       SDPA attention, unpadding and torch's fused AdamW.
     * tokenizer: the paper used ``bert-large-uncased``'s vocabulary; ``bbert prepare`` trains its own

@@ -297,3 +297,30 @@ def test_indivisible_batch_advice_names_only_fixes_that_work():
     assert "split evenly over the 3 ranks" in str(on_3.value) and "divides" not in str(on_3.value)
     with pytest.raises(ValueError, match=r"micro_batch_size that divides 1024"):  # 4,096 = 4 x 1,024
         TrainConfig.from_preset("24hbert", micro_batch_size=48).gradient_accumulation_steps(4)
+
+
+def test_every_entry_point_assembles_the_config_one_way(tmp_path):
+    from bbert.search import trial_config
+    from bbert.train_config import load_config
+
+    (tmp_path / "c.yaml").write_text("lr: 2e-3\nmodel_overrides: {num_hidden_layers: 3}\n")
+    via_cli = load_config("tiny-cpu", tmp_path / "c.yaml", ["model.hidden_size=64", "early_stop.after_minutes=2"])
+    assert via_cli.model_overrides == {"num_hidden_layers": 3, "hidden_size": 64} and via_cli.lr == 2e-3
+    base = TrainConfig.from_preset("tiny-cpu", lr=2e-3, model_overrides={"num_hidden_layers": 3})
+    assert base.with_overrides(["model.hidden_size=64", "early_stop.after_minutes=2"]) == via_cli
+    trial = trial_config(base, {"model.hidden_size": 64, "early_stop.after_minutes": 2}, via_cli.run_dir)
+    assert trial == via_cli
+    # a keyword replaces the preset's value (the 24hbert preset's model overrides are gone)
+    assert TrainConfig.from_preset("24hbert", model_overrides={}).model_overrides == {}
+
+
+def test_times_are_seconds_inside():
+    from bbert.train_config import hours, minutes
+
+    c = TrainConfig.from_preset("24hbert")
+    assert (c.time_budget_seconds, c.validation_interval_seconds, c.checkpoint_interval_seconds,
+            c.early_stop_after_seconds) == (86400.0, 1800.0, 3600.0, 10800.0)
+    off = TrainConfig.from_preset("24hbert", validation_every_minutes=None, checkpoint_every_minutes=None)
+    assert off.validation_interval_seconds == off.checkpoint_interval_seconds == float("inf")
+    filled = TrainConfig.from_preset("tiny-cpu", time_budget_hours=hours(90), validation_every_minutes=minutes(15))
+    assert (filled.time_budget_seconds, filled.validation_interval_seconds) == pytest.approx((90.0, 15.0))
