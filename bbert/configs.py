@@ -2,8 +2,8 @@
 
 Each stage's config is a dataclass beside the code it configures (``PrepareConfig``,
 ``TrainConfig``, ``FinetuneConfig``, ...). This module turns YAML files, dicts and
-``--set KEY=VALUE`` assignments into those dataclasses, checking each value against its
-annotation, and gives the commands one error convention: bad input prints one line naming
+``--set KEY=VALUE`` assignments into those dataclasses (one function for all of them,
+:func:`build_config`), checking each value against its annotation, and gives the commands one error convention: bad input prints one line naming
 the problem and the fix, then exits 2 (``BBERT_DEBUG=1`` shows the traceback instead).
 
 Chapter: ``notebooks/04_pretraining.ipynb`` (configs and the command line).
@@ -201,7 +201,7 @@ def merge(base: dict, update: dict) -> dict:
 
 def build_config(cls: type[T], base: Any = None, config_file: str | os.PathLike | None = None,
                  assignments: typing.Iterable[str] = (), updates: dict | None = None) -> T:
-    """THE way a config is assembled: ``cls`` from ``base``, a YAML file, ``--set``, then ``updates``.
+    """The one way a config is assembled: ``cls`` from ``base``, a YAML file, ``--set``, then ``updates``.
 
     ``base`` is a preset's dict or a config object; the YAML file's mapping is merged over it,
     then each ``--set KEY=VALUE`` assignment, then each ``updates`` item (``{"lr": 1e-3,
