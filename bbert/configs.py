@@ -3,8 +3,9 @@
 Each stage's config is a dataclass beside the code it configures (``PrepareConfig``,
 ``TrainConfig``, ``FinetuneConfig``, ...). This module turns YAML files, dicts and
 ``--set KEY=VALUE`` assignments into those dataclasses (one function for all of them,
-:func:`build_config`), checking each value against its annotation, and gives the commands one error convention: bad input prints one line naming
-the problem and the fix, then exits 2 (``BBERT_DEBUG=1`` shows the traceback instead).
+:func:`build_config`), checking each value against its annotation, and gives the commands one
+error convention: bad input prints one line naming the problem and the fix, then exits 2
+(``BBERT_DEBUG=1`` shows the traceback instead).
 
 Chapter: ``notebooks/04_pretraining.ipynb`` (configs and the command line).
 """
