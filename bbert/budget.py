@@ -143,7 +143,8 @@ def plan_budget(num_gpus: int = 8, gpu: str | None = "titan-v", hours: float = 2
         throughput_source = throughput_source or f"table: {spec.peak_tflops:g} TFLOP/s peak x MFU {mfu:.2f}"
     elif not 0 < seq_per_s_per_gpu < math.inf:
         raise ValueError(f"seq_per_s_per_gpu must be > 0 and finite, got {seq_per_s_per_gpu}")
-    sequences = seq_per_s_per_gpu * num_gpus * hours * 3600.0
+    seconds = hours * 3600.0  # the planner speaks hours at its edge; throughput is per second
+    sequences = seq_per_s_per_gpu * num_gpus * seconds
     return BudgetPlan(
         num_gpus=num_gpus, gpu=gpu or "this device", hours=hours, price_per_gpu_hour=price_per_gpu_hour,
         model=model, seq_len=seq_len, batch_size=batch_size, seq_per_s_per_gpu=seq_per_s_per_gpu,

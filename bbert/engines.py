@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,49 @@ import torch
 from bbert import run_dir as rd
 from bbert.objective import MaskedLM, build_objective
 from bbert.optim import build_optimizer, set_lr
-from bbert.precision import autocast, grad_scaler
+from bbert.precision import autocast, fast_bf16, grad_scaler
 from bbert.train_config import TrainConfig
 from bbert.env import env_flag, free_port
+
+
+def check_engine(config: TrainConfig, device: str | torch.device | None = None) -> None:
+    """Raise ``ValueError`` naming what to change if this machine can't run ``config``.
+
+    :meth:`TrainConfig.validate` checks the config itself; this checks what it asks of the
+    machine: the precision on ``device`` (default: CUDA where there is one, else the CPU), and
+    DeepSpeed (installed, and clear of its known bugs). Called by ``pretrain``, ``launch`` and
+    ``search`` before anything is written.
+    """
+    cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if config.engine == "deepspeed" and config.precision == "fp16" and config.zero_stage == 0:
+        # DeepSpeed's engine.backward scales the loss only for its ZeRO optimizers, yet the
+        # stage-0 fp16 optimizer still divides the gradients by the loss scale: every update
+        # comes out ~65536x too small. Seen with DeepSpeed 0.19.8 on an H200 (the loss barely
+        # moved); upstream: deepspeedai/DeepSpeed#8393.
+        raise ValueError("engine='deepspeed' with precision='fp16' needs zero_stage >= 1: at zero_stage=0 "
+                         "DeepSpeed leaves the loss unscaled but still unscales the gradients, so training "
+                         "stalls (deepspeedai/DeepSpeed#8393). Use zero_stage=1 (the 24hbert preset's; it "
+                         "also shards the optimizer state), precision='bf16', or engine='torch'")
+    if config.engine == "deepspeed" and config.optimizer == "lamb" and config.zero_stage >= 1:
+        # ZeRO hands the optimizer flat slices of many tensors; LAMB's trust ratio is per tensor.
+        raise ValueError(f"optimizer='lamb' with zero_stage={config.zero_stage}: ZeRO flattens the parameters, "
+                         "so LAMB's per-layer trust ratios would be computed over slices of many layers. "
+                         "Use engine='torch' (fp16 with a grad scaler, DDP across GPUs), or zero_stage=0 "
+                         "with precision='bf16' or 'fp32'")
+    if config.precision == "fp16" and not cuda:
+        raise ValueError("precision='fp16' needs a CUDA GPU (no fp16 training on this CPU); "
+                         "use precision='bf16' or 'fp32'")
+    if config.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bf16; use precision='fp16' (as the paper) or 'fp32'")
+    if config.precision == "bf16" and not cuda and not fast_bf16("cpu"):
+        warnings.warn("precision='bf16' on a CPU without native bf16 (no AVX-512 BF16 / AMX): torch "
+                      "emulates it, ~100x slower than fp32; use precision='fp32' here", stacklevel=2)
+    if config.engine == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as e:
+            raise ValueError("engine='deepspeed' but DeepSpeed is not installed: pip install 'bbert[deepspeed]', "
+                             "or use engine='torch'") from e
 
 
 def deepspeed_config(config: TrainConfig, world_size: int = 1) -> dict:

@@ -37,6 +37,7 @@ from pathlib import Path
 import psutil
 
 from bbert import run_dir as rd
+from bbert.engines import check_engine
 from bbert.locks import DirLock
 from bbert.env import free_port
 
@@ -215,6 +216,7 @@ def launch(config, num_gpus: int | None = None, launcher: str = "auto", hostfile
     """
     num_gpus = _default_num_gpus() if num_gpus is None else int(num_gpus)
     config.validate(world_size_of(num_gpus, hostfile))  # fail before anything starts
+    check_engine(config)
     run_dir = Path(config.run_dir)
     with DirLock(run_dir, "trained into"):
         pass  # a run in progress holds it: fail now, before its config.yaml is replaced

@@ -43,9 +43,10 @@ import math
 from pathlib import Path
 
 from bbert import configs
+from bbert.engines import check_engine
 from bbert.run_dir import EndReason, read_metrics
 from bbert.train import pretrain
-from bbert.train_config import TrainConfig, override_key
+from bbert.train_config import TrainConfig
 
 # Trials that ended for one of these reasons are done; interrupted ones are resumed.
 RAN_TO_THE_END = (EndReason.BUDGET, EndReason.MAX_STEPS)  # a final validation loss that ranks the trial
@@ -76,17 +77,9 @@ def trial_name(params: dict) -> str:
 
 
 def trial_config(base: TrainConfig, params: dict, run_dir) -> TrainConfig:
-    """``base`` with the trial's values (dotted keys reach nested fields, e.g. ``early_stop.max_val_loss``)."""
-    update: dict = {"run_dir": str(run_dir)}
-    for key, value in _flat(params).items():
-        if key.startswith("model."):  # as with --set: model.X overrides field X of the model preset
-            key, value = override_key(key), configs.parse_value(value, key)
-        *parents, leaf = key.split(".")
-        node = update
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return configs.from_dict(TrainConfig, configs.merge(configs.to_dict(base), update))
+    """``base`` with the trial's values (dotted keys reach nested fields, e.g. ``early_stop.max_val_loss``;
+    ``model.X`` a model override, as with ``--set``)."""
+    return configs.build_config(TrainConfig, base, updates={**_flat(params), "run_dir": str(run_dir)})
 
 
 def _flat(params: dict) -> dict:
@@ -98,11 +91,9 @@ def _flat(params: dict) -> dict:
 
 
 def _field(config, key: str):
-    if key.startswith("model."):
-        return config.model_overrides.get(key[len("model."):])
     value = config
-    for part in key.split("."):
-        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    for part in TrainConfig.dotted_key(key, None)[0].split("."):  # where trial_config put it
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part)
     return value
 
 
@@ -140,6 +131,7 @@ def prepare_trials(base: TrainConfig, grid: dict[str, list], out_dir) -> list[tu
     configs_ = [trial_config(base, params, out_dir / trial_name(params)) for params in points]
     for config in configs_:
         config.validate()  # a bad grid value (or one the data can't take) fails before any trial runs
+        check_engine(config)
     return list(zip(points, configs_))
 
 
@@ -288,8 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 @configs.command("bbert search")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    base = configs.build_config(TrainConfig, configs.to_dict(TrainConfig.from_preset(args.preset)),
-                                args.config, args.assignments)
+    base = configs.build_config(TrainConfig, TrainConfig.from_preset(args.preset), args.config, args.assignments)
     options = {k: getattr(args, k) for k in ("storage", "study_name", "n_trials", "min_resource_s", "reduction_factor")}
     results = search(base, parse_grid(args.grid), args.out, trials=args.trial, pruner=args.pruner, **options)
     print(search_table(results))

@@ -47,7 +47,7 @@ from bbert import run_dir as rd
 from bbert.configs import add_config_arguments, command
 from bbert.data import (DataDirError, build_pretraining_loader, data_fingerprint, load_manifest,
                         load_tokenizer, tokenizer_dir)
-from bbert.engines import DistEnv, build_engine, deepspeed_config, init_distributed
+from bbert.engines import DistEnv, build_engine, check_engine, deepspeed_config, init_distributed
 from bbert.locks import DirLock
 from bbert.objective import build_objective
 from bbert.optim import Schedule
@@ -84,10 +84,6 @@ class _Stop:
             signal.signal(sig, old)
 
 
-def _seconds(minutes: float | None) -> float:
-    return math.inf if minutes is None else minutes * 60.0
-
-
 class Trainer:
     """One pretraining run: setup, resume, the optimizer-step loop, validation, checkpoints.
 
@@ -115,8 +111,8 @@ class Trainer:
         self.step = 0
         self.samples = 0  # global samples consumed
         self.elapsed = 0.0  # seconds of the budget consumed
-        self.next_validation = _seconds(config.validation_every_minutes)
-        self.next_checkpoint = _seconds(config.checkpoint_every_minutes)
+        self.next_validation = config.validation_interval_seconds
+        self.next_checkpoint = config.checkpoint_interval_seconds
         self.markers_done: list[float] = []
         self.last_saved_step = -1
         self.end_reason: EndReason | None = None
@@ -270,12 +266,12 @@ class Trainer:
         cfg = self.config
         reason = None
         if self.elapsed >= self.next_validation:
-            interval = _seconds(cfg.validation_every_minutes)
+            interval = cfg.validation_interval_seconds
             self.next_validation = (math.floor(self.elapsed / interval) + 1) * interval
             record = self._validate(log)
             val_loss = record["val_loss"]
             es = cfg.early_stop
-            if es.enabled and self.elapsed >= _seconds(es.after_minutes) and not val_loss <= es.max_val_loss:
+            if es.enabled and self.elapsed >= cfg.early_stop_after_seconds and not val_loss <= es.max_val_loss:
                 log.message(f"early stop: validation loss {val_loss:.4f} > {es.max_val_loss} "
                             f"after {es.after_minutes:g} minutes")
                 reason = EndReason.EARLY_STOP
@@ -291,7 +287,7 @@ class Trainer:
                 self.markers_done.append(marker)
                 self.save_checkpoint(rd.marker_checkpoint(self.run_dir, marker), log)
         if reason is None and self.elapsed >= self.next_checkpoint:
-            interval = _seconds(cfg.checkpoint_every_minutes)
+            interval = cfg.checkpoint_interval_seconds
             self.next_checkpoint = (math.floor(self.elapsed / interval) + 1) * interval
             self.save_checkpoint(rd.step_checkpoint(self.run_dir, self.step), log)
         return reason
@@ -461,6 +457,7 @@ def pretrain(config: TrainConfig, resume: bool | str = "auto", allow_data_change
     returns True the run ends with reason ``"pruned"``, its checkpoints kept as at an early stop.
     """
     config.validate(int(os.environ.get("WORLD_SIZE", 1)))
+    check_engine(config)
     rd.check_run_dir(config.run_dir, config.data_dir)
     dist = init_distributed(config.engine)
     lock = DirLock(config.run_dir, "trained into") if dist.is_main else contextlib.nullcontext()

@@ -201,7 +201,7 @@ def test_deepspeed_through_the_launcher(data_dir, tmp_path, precision, zero_stag
 
     It learns as fast as bf16 and as the torch engine (same seed, same batches): at ZeRO stage 0
     DeepSpeed 0.19.8 left fp16's loss unscaled and this loss fell 0.4 instead of 1.8, so
-    ``TrainConfig.validate`` refuses that pair and it is not run here.
+    ``bbert.engines.check_engine`` refuses that pair and it is not run here.
     """
     from bbert.launcher import launch
     from bbert.model import BertForMaskedLM as Model

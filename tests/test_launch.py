@@ -102,6 +102,17 @@ def test_multi_node_hostfile(tmp_path):
         hostfile_slots(tmp_path / "missing")
 
 
+def test_plots_take_seconds_and_pick_their_axis_unit():
+    from bbert import plot
+
+    assert plot.time_unit(45) == ("seconds", 1.0) and plot.time_unit(180) == ("minutes", 60.0)
+    assert plot.time_unit(24 * 3600) == ("hours", 3600.0)
+    ax = plot.plot_schedule(0.06, 24 * 3600.0).axes[0]
+    assert ax.get_xlabel() == "elapsed wall-clock time (hours)" and max(ax.lines[0].get_xdata()) == 24.0
+    ax = plot.plot_schedule(0.5, 300.0).axes[0]
+    assert ax.get_title() == "Time-based schedule, budget 5 minutes" and ax.lines[1].get_xdata()[0] == 2.5
+
+
 def test_invalid_config_fails_before_starting(tmp_path, data_dir):
     config = tiny_config(data_dir, tmp_path / "run", batch_size=30)  # not a multiple of 16
     with pytest.raises(ValueError, match="divisible"):
@@ -132,14 +143,15 @@ def test_launch_runs_a_tiny_run_to_completion(tmp_path, data_dir, capsys):
     from bbert import plot
 
     fig = plot.plot_loss_curves(run_dir)
-    assert len(fig.axes[0].lines[0].get_xdata()) == len(train)
-    fig = plot.plot_schedule(0.06, 0.004, lr=1e-3, run=run_dir)
+    assert list(fig.axes[0].lines[0].get_xdata()) == [r["elapsed_seconds"] for r in train]  # 14 s: in seconds
+    assert fig.axes[0].get_xlabel() == "elapsed time (seconds)"
+    fig = plot.plot_schedule(0.06, 0.004 * 3600, lr=1e-3, run=run_dir)
     logged = fig.axes[0].lines[1]
     assert list(logged.get_ydata()) == [r["lr"] for r in train]
     # each lr sits where the step set it (its start), where the schedule line gives that lr
-    assert list(logged.get_xdata()) == pytest.approx([r["lr_elapsed_seconds"] / 60 for r in train])
+    assert list(logged.get_xdata()) == pytest.approx([r["lr_elapsed_seconds"] for r in train])
     assert all(r["lr_elapsed_seconds"] < r["elapsed_seconds"] for r in train)
-    assert fig.axes[0].get_xlabel().endswith("(minutes)")
+    assert fig.axes[0].get_xlabel().endswith("(seconds)")
 
 
 def interrupt_after(run_dir, train_records=2):

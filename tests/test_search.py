@@ -330,3 +330,18 @@ def test_a_pruned_trial_is_finished_and_stopped_early_but_never_the_best(tmp_pat
         run.mkdir()
         (run / "metrics.jsonl").write_text(json.dumps({"type": "end", "reason": reason, "step": 3}) + "\n")
         assert is_finished(run) is finished
+
+
+def test_command_sets_model_fields_as_pretrain_does(data_dir, tmp_path, capsys):
+    # `bbert search --set model.hidden_size=64` failed with "model must be a string" (its config
+    # skipped the model.X -> model_overrides.X rule that `bbert pretrain --set` follows)
+    config_file = base_config(data_dir, tmp_path).to_yaml(tmp_path / "base.yaml")
+    out = tmp_path / "trials"
+    args = ["--config", str(config_file), "--set", "model.hidden_size=32", "--set", "max_steps=2",
+            "--grid", "lr=1e-3", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    saved = yaml.safe_load((out / "lr=0.001" / "config.yaml").read_text())
+    assert saved["model"] == "tiny" and saved["max_steps"] == 2
+    assert saved["model_overrides"] == {"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2}
+    assert main([*args[:3], "model.hidden_size=abc", *args[4:]]) == 2
+    assert "model.hidden_size must be a number, got 'abc'" in capsys.readouterr().err

@@ -198,7 +198,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(data_dir, tmp_path):
 
 
 def test_fp16_grad_scaler_counts_the_steps_it_skips(data_dir, tmp_path):
-    # validate() keeps fp16 to GPUs; the engine itself runs it on CPU, which lets this test
+    # check_engine() keeps fp16 to GPUs; the engine itself runs it on CPU, which lets this test
     # see an overflow: the step is skipped, the weights stay, the scale halves, the count goes up.
     from bbert.data import build_pretraining_loader
     from bbert.engines import DistEnv, TorchEngine

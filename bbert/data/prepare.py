@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bbert.atomic import atomic_write_json
-from bbert.configs import add_config_arguments, command, from_dict, load_yaml, merge, parse_assignments
+from bbert.configs import add_config_arguments, build_config, command
 from bbert.data.layout import MANIFEST_FILE, SHARD_SUFFIX, shard_name, tokenizer_dir
 from bbert.data.readers import (CorpusError, ReadStats, iter_clean_documents, missing_input_message, read_documents,
                                 sample_corpus_path)
@@ -451,14 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``bbert prepare``."""
     args = build_parser().parse_args(argv)
-    data = load_yaml(args.config) if args.config else {}
-    data = merge(data, parse_assignments(args.assignments))
     flags = {k: v for k, v in vars(args).items()
              if k not in ("config", "assignments", "inputs", "more_inputs") and v is not None}
     inputs = list(args.inputs) + list(args.more_inputs)
     if inputs:
         flags["inputs"] = inputs
-    config = from_dict(PrepareConfig, merge(data, flags))
+    config = build_config(PrepareConfig, None, args.config, args.assignments, updates=flags)
     manifest = prepare(config)
     t, s = manifest["splits"], manifest["stats"]
     print(f"{config.out}: {t['train']['num_samples']:,} train + {t['val']['num_samples']:,} val samples "

@@ -19,9 +19,9 @@ from bbert.configs import add_config_arguments, build_config, command
 from bbert.glue.config import GRID_PRESETS, PRECISIONS, GridConfig, grid_preset
 
 
-def _list(text: str) -> str:
-    # "2e-5,3e-5" -> "[2e-5,3e-5]": bbert.configs parses and checks it against the field's type
-    return "[" + ",".join(x.strip() for x in text.split(",") if x.strip()) + "]"
+def _list(text: str) -> list[str]:
+    # "2e-5,3e-5" -> ["2e-5", "3e-5"]: bbert.configs parses and checks each against the field's type
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,18 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_grid(args: argparse.Namespace) -> GridConfig:
     """The grid from the preset, ``--config``, ``--set`` and the shortcut flags, in that order."""
-    assignments = list(args.assignments)
+    flags = {}
     for flag, key in (("lrs", "lr"), ("batch_sizes", "batch_size"), ("epochs", "num_epochs"),
                       ("seeds", "seed")):
         if getattr(args, flag) is not None:  # "--seeds ''" is an empty axis, an error below
-            assignments.append(f"{key}={_list(getattr(args, flag))}")
+            flags[key] = _list(getattr(args, flag))
     for flag in ("max_train_examples", "max_seq_length", "warmup_proportion", "weight_decay",
                  "precision"):
         if getattr(args, flag) is not None:
-            assignments.append(f"base.{flag}={getattr(args, flag)}")
+            flags[f"base.{flag}"] = getattr(args, flag)
     if args.no_save_models:
-        assignments.append("base.save_best_model=false")
-    grid = build_config(GridConfig, grid_preset(args.grid), args.config, assignments)
+        flags["base.save_best_model"] = False
+    grid = build_config(GridConfig, grid_preset(args.grid), args.config, args.assignments, updates=flags)
     grid.runs()  # an empty axis is an error now, not after the data has loaded
     return grid
 
