@@ -38,11 +38,11 @@ from pathlib import Path
 
 from bbert import configs
 from bbert.optim import Schedule
-from bbert.search import PRUNERS, is_finished, prepare_trials, trial_name, trial_result
-from bbert.run_dir import EndReason
+from bbert.trials import is_finished, prepare_trials, trial_name, trial_result
 from bbert.train import pretrain
 from bbert.train_config import TrainConfig
 
+STUDY_PRUNERS = ("asha", "hyperband")
 HEARTBEAT_SECONDS = 60  # how often a running trial tells the storage that its process lives
 GRACE_SECONDS = 300  # a running trial silent for this long is failed and queued again
 MAX_RETRIES = 3  # how often a killed trial is queued again
@@ -145,8 +145,8 @@ def search_study(base: TrainConfig, grid: dict[str, list], out_dir, pruner: str 
     ``reduction_factor`` (default 3) set the rungs.
     """
     optuna = _optuna()
-    if pruner not in PRUNERS[1:]:
-        raise configs.UsageError(f"--pruner {pruner!r} is not one of {', '.join(PRUNERS[1:])} for a study")
+    if pruner not in STUDY_PRUNERS:
+        raise configs.UsageError(f"--pruner {pruner!r} is not one of {', '.join(STUDY_PRUNERS)} for a study")
     out_dir = Path(out_dir)
     prepared = prepare_trials(base, grid, out_dir)
     n_trials = len(prepared) if n_trials is None else n_trials
