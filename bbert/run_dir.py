@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from bbert.atomic import atomic_write_json
 
@@ -309,3 +310,49 @@ def restore_rng(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _short(value) -> str:
+    return value[:12] if isinstance(value, str) else str(value)
+
+
+def resume_point(run_dir, config: dict, data: dict, resume: bool | str = "auto", allow_data_change: bool = False,
+                 data_dir: str = "the data dir") -> Path | None:
+    """The checkpoint a run continues from (None: a new run), or a ``ValueError`` saying why not.
+
+    ``resume="auto"`` continues only a run of the same ``config`` (a dict; run_dir and data_dir may
+    differ), ``True`` requires a checkpoint and accepts a changed config, ``False`` refuses a run
+    dir that holds checkpoints. Either way the run must continue on the ``data`` it started on (the
+    data fingerprint saved in the checkpoint), unless ``allow_data_change``.
+    """
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if resume is False:
+        if ckpt is not None:
+            raise ValueError(f"run dir {run_dir} already holds checkpoints; resume it (--resume) "
+                             "or choose a new --run-dir (nothing is overwritten)")
+        return None
+    if ckpt is None:
+        if resume is True:
+            raise ValueError(f"--resume given but {run_dir} has no finished checkpoint; "
+                             "drop --resume to start a new run")
+        return None
+    # compare with the config the checkpoint was written under (run_dir/config.yaml may
+    # already hold the new one, e.g. written by bbert.launch)
+    saved_cfg = config_path(ckpt)
+    if resume == "auto" and saved_cfg.is_file():
+        ignore = {"run_dir", "data_dir"}
+        old = {k: v for k, v in yaml.safe_load(saved_cfg.read_text()).items() if k not in ignore}
+        new = {k: v for k, v in config.items() if k not in ignore}
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            raise ValueError(f"run dir {run_dir} holds a run with a different config "
+                             f"(changed: {', '.join(changed)}). Pass --resume to continue it with the new "
+                             "config, or choose a new --run-dir")
+    old = read_budget(ckpt).get("data")
+    if old is not None and old != data and not allow_data_change:
+        changed = ", ".join(f"{k} {_short(old.get(k))} -> {_short(v)}" for k, v in data.items() if old.get(k) != v)
+        raise ValueError(f"run dir {run_dir} was trained on other data than {data_dir} "
+                         f"({changed}); choose a new --run-dir, or pass --allow-data-change to continue "
+                         "this run on the new data")
+    return ckpt

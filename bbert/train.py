@@ -35,7 +35,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -55,33 +54,9 @@ from bbert.run_dir import EndReason, MetricsLog, latest_checkpoint, read_metrics
 from bbert.speed import device_peak_flops, mfu
 from bbert.train_config import PRESETS, TrainConfig, load_config
 from bbert.atomic import atomic_path
-from bbert.env import set_seed
+from bbert.env import StopSignals, set_seed
 
 __all__ = ["Trainer", "pretrain", "main", "TrainConfig", "read_metrics", "latest_checkpoint"]
-
-
-
-class _Stop:
-    """Set by SIGINT/SIGTERM; the loop finishes its step, saves and ends with reason 'interrupted'."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 class Trainer:
@@ -97,12 +72,12 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.manifest = load_manifest(config.data_dir)
         self.data = data_fingerprint(self.manifest)
-        self.allow_data_change = allow_data_change
         self.tokenizer = load_tokenizer(tokenizer_dir(config.data_dir))
         self.objective = build_objective(config)
         self.model_config = config.model_config(self.manifest["vocab_size"])
         self.schedule = Schedule.from_config(config, dist.world_size)
-        self.resume_from = self._resume_point(resume)
+        self.resume_from = rd.resume_point(self.run_dir, config.to_dict(), self.data, resume,
+                                           allow_data_change, config.data_dir)
 
         set_seed(config.seed + dist.rank)
         self.engine = build_engine(self.objective.build_model(self.model_config), config, dist, self.objective)
@@ -120,43 +95,6 @@ class Trainer:
         self.last_val_step = -1
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
-
-    def _resume_point(self, resume: bool | str) -> Path | None:
-        ckpt = latest_checkpoint(self.run_dir)
-        if resume is False:
-            if ckpt is not None:
-                raise ValueError(f"run dir {self.run_dir} already holds checkpoints; resume it (--resume) "
-                                 "or choose a new --run-dir (nothing is overwritten)")
-            return None
-        if ckpt is None:
-            if resume is True:
-                raise ValueError(f"--resume given but {self.run_dir} has no finished checkpoint; "
-                                 "drop --resume to start a new run")
-            return None
-        # compare with the config the checkpoint was written under (run_dir/config.yaml may
-        # already hold the new one, e.g. written by bbert.launch)
-        saved_cfg = rd.config_path(ckpt)
-        if resume == "auto" and saved_cfg.is_file():
-            ignore = {"run_dir", "data_dir"}
-            old = {k: v for k, v in yaml.safe_load(saved_cfg.read_text()).items() if k not in ignore}
-            new = {k: v for k, v in self.config.to_dict().items() if k not in ignore}
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            if changed:
-                raise ValueError(f"run dir {self.run_dir} holds a run with a different config "
-                                 f"(changed: {', '.join(changed)}). Pass --resume to continue it with the new "
-                                 "config, or choose a new --run-dir")
-        self._check_same_data(ckpt)
-        return ckpt
-
-    def _check_same_data(self, ckpt: Path) -> None:
-        """Refuse to continue a run on other data (tokenizer, vocabulary, shards) than it started on."""
-        old = rd.read_budget(ckpt).get("data")
-        if old is None or old == self.data or self.allow_data_change:
-            return
-        changed = ", ".join(f"{k} {_short(old.get(k))} -> {_short(v)}" for k, v in self.data.items() if old.get(k) != v)
-        raise ValueError(f"run dir {self.run_dir} was trained on other data than {self.config.data_dir} "
-                         f"({changed}); choose a new --run-dir, or pass --allow-data-change to continue "
-                         "this run on the new data")
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -208,7 +146,7 @@ class Trainer:
             rd.restore_rng(self.pending_rng, dist.device)
         reason = None
         self.engine.train()
-        with _Stop() as stop:
+        with StopSignals() as stop:
             start_wall, start_elapsed, start_step = time.monotonic(), self.elapsed, self.step
             last_log_wall, last_log_samples = time.monotonic(), self.samples
             while reason is None:
@@ -435,10 +373,6 @@ class Trainer:
 
 
 # ---- entry points ----------------------------------------------------------------------------------
-
-
-def _short(value) -> str:
-    return value[:12] if isinstance(value, str) else str(value)
 
 
 def pretrain(config: TrainConfig, resume: bool | str = "auto", allow_data_change: bool = False,
