@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[training,deepspeed,book,test]"
+	$(PY) -m pip install --quiet -e ".[training,deepspeed,book,test,search]"
 	touch $(STAMP)
 
 install: $(STAMP)

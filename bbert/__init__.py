@@ -15,7 +15,7 @@ The public API, loaded lazily so that ``import bbert`` stays quick:
 """
 from __future__ import annotations
 
-from bbert.utils import lazy_exports
+from bbert.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -33,7 +33,7 @@ _EXPORTS = {
     "plan_budget": "bbert.budget", "BudgetPlan": "bbert.budget",
     "FinetuneConfig": "bbert.glue", "GridConfig": "bbert.glue", "finetune": "bbert.glue",
     "grid_search": "bbert.glue", "load_task": "bbert.glue",
-    "resolve_scale": "bbert.utils", "set_seed": "bbert.utils",
+    "resolve_scale": "bbert.env", "set_seed": "bbert.env",
     "search_table": "bbert.search", "best_trial": "bbert.search",
     "show_source": "bbert.show", "DirLock": "bbert.locks", "check_data_dir": "bbert.data",
 }

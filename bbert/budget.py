@@ -20,7 +20,7 @@ import torch
 
 from bbert.configs import command
 from bbert.model import BertConfig
-from bbert.speed import KNOWN_GPUS, get_gpu, measure_throughput, training_flops_per_sequence
+from bbert.speed import KNOWN_GPUS, get_gpu, measure_throughput, seq_per_s_at_mfu, training_flops_per_sequence
 
 # The paper's run (izsak2021): one server with 8 low-end 12 GB GPUs (Titan V) for 24 hours,
 # batch 4096 of 128-token sequences, BERT-large shape. The ~23k optimizer steps are the first
@@ -138,12 +138,13 @@ def plan_budget(num_gpus: int = 8, gpu: str | None = "titan-v", hours: float = 2
         mfu = DEFAULT_MFU if mfu is None else mfu
         if not 0 < mfu <= 1:
             raise ValueError(f"mfu must be in (0, 1], got {mfu}")
-        seq_per_s_per_gpu = spec.peak_tflops * 1e12 * mfu / flops_per_seq
+        seq_per_s_per_gpu = seq_per_s_at_mfu(flops_per_seq, mfu, spec.peak_tflops * 1e12)
         gpu = spec.name
         throughput_source = throughput_source or f"table: {spec.peak_tflops:g} TFLOP/s peak x MFU {mfu:.2f}"
     elif not 0 < seq_per_s_per_gpu < math.inf:
         raise ValueError(f"seq_per_s_per_gpu must be > 0 and finite, got {seq_per_s_per_gpu}")
-    sequences = seq_per_s_per_gpu * num_gpus * hours * 3600.0
+    seconds = hours * 3600.0  # the planner speaks hours at its edge; throughput is per second
+    sequences = seq_per_s_per_gpu * num_gpus * seconds
     return BudgetPlan(
         num_gpus=num_gpus, gpu=gpu or "this device", hours=hours, price_per_gpu_hour=price_per_gpu_hour,
         model=model, seq_len=seq_len, batch_size=batch_size, seq_per_s_per_gpu=seq_per_s_per_gpu,

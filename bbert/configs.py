@@ -2,15 +2,17 @@
 
 Each stage's config is a dataclass beside the code it configures (``PrepareConfig``,
 ``TrainConfig``, ``FinetuneConfig``, ...). This module turns YAML files, dicts and
-``--set KEY=VALUE`` assignments into those dataclasses, checking each value against its
-annotation, and gives the commands one error convention: bad input prints one line naming
-the problem and the fix, then exits 2 (``BBERT_DEBUG=1`` shows the traceback instead).
+``--set KEY=VALUE`` assignments into those dataclasses (one function for all of them,
+:func:`build_config`), checking each value against its annotation, and gives the commands one
+error convention: bad input prints one line naming the problem and the fix, then exits 2
+(``BBERT_DEBUG=1`` shows the traceback instead).
 
 Chapter: ``notebooks/04_pretraining.ipynb`` (configs and the command line).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import functools
@@ -171,11 +173,11 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def parse_assignments(assignments: typing.Iterable[str]) -> dict:
-    """``["lr=5e-4", "early_stop.enabled=true"]`` -> ``{"lr": "5e-4", "early_stop": {"enabled": "true"}}``.
+def parse_assignments(assignments: typing.Iterable[str]) -> dict[str, str | None]:
+    """``["lr=5e-4", "early_stop.enabled=true"]`` -> ``{"lr": "5e-4", "early_stop.enabled": "true"}``.
 
     Values stay strings here; :func:`from_dict` parses them against each field's type, so a path
-    such as ``run_dir=007`` stays ``"007"``.
+    such as ``run_dir=007`` stays ``"007"``. An empty value is ``None``.
     """
     out: dict = {}
     for item in assignments:
@@ -183,13 +185,7 @@ def parse_assignments(assignments: typing.Iterable[str]) -> dict:
         key = key.strip()
         if not sep or not key:
             raise UsageError(f"--set {item!r} must look like KEY=VALUE (e.g. --set lr=5e-4)")
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UsageError(f"--set {item!r} conflicts with an earlier --set of {part!r}")
-        node[leaf] = raw.strip() if raw.strip() else None
+        out[key] = raw.strip() if raw.strip() else None
     return out
 
 
@@ -204,14 +200,45 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def build_config(cls: type[T], base: dict | None = None, config_file: str | os.PathLike | None = None,
-                 assignments: typing.Iterable[str] = ()) -> T:
-    """``cls`` from ``base`` (a preset's dict), then a YAML file, then ``--set`` assignments."""
-    data = dict(base or {})
+def build_config(cls: type[T], base: Any = None, config_file: str | os.PathLike | None = None,
+                 assignments: typing.Iterable[str] = (), updates: dict | None = None) -> T:
+    """The one way a config is assembled: ``cls`` from ``base``, a YAML file, ``--set``, then ``updates``.
+
+    ``base`` is a preset's dict or a config object; the YAML file's mapping is merged over it,
+    then each ``--set KEY=VALUE`` assignment, then each ``updates`` item (``{"lr": 1e-3,
+    "early_stop.enabled": True}``). A dotted key replaces the value at that path, so
+    ``model_overrides={}`` empties a mapping. Where a dotted key lands is the class's to say:
+    ``cls.dotted_key(key, value) -> (key, value)``, when the class has one (``TrainConfig`` sends
+    ``model.X`` to ``model_overrides.X``). Every value is then checked by :func:`from_dict`.
+    """
+    data = to_dict(base) if dataclasses.is_dataclass(base) else copy.deepcopy(dict(base or {}))
     if config_file:
         data = merge(data, load_yaml(config_file))
-    data = merge(data, parse_assignments(assignments))
+    rename = getattr(cls, "dotted_key", None)
+    for what, items in (("--set", parse_assignments(assignments)), ("update", updates or {})):
+        for key, value in items.items():
+            key, value = rename(key, value) if rename else (key, value)
+            _set_path(data, key, value, what)
     return from_dict(cls, data)
+
+
+def _set_path(data: dict, key: str, value: Any, what: str) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = {}
+        elif dataclasses.is_dataclass(child):
+            child = to_dict(child)
+        elif isinstance(child, dict):
+            child = dict(child)
+        else:
+            raise UsageError(f"{what} {key!r}: {part!r} is {child!r}, not a group of fields; "
+                             f"set {part!r} itself, or a field of a group")
+        node[part] = child
+        node = child
+    node[leaf] = value
 
 
 # ---- the command-line convention --------------------------------------------------------

@@ -12,16 +12,59 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bbert.model import BertForMaskedLM
+from bbert import run_dir as rd
+from bbert.objective import MaskedLM, build_objective
 from bbert.optim import build_optimizer, set_lr
+from bbert.precision import autocast, fast_bf16, grad_scaler
 from bbert.train_config import TrainConfig
-from bbert.utils import env_flag, free_port
+from bbert.env import env_flag, free_port
+
+
+def check_engine(config: TrainConfig, device: str | torch.device | None = None) -> None:
+    """Raise ``ValueError`` naming what to change if this machine can't run ``config``.
+
+    :meth:`TrainConfig.validate` checks the config itself; this checks what it asks of the
+    machine: the precision on ``device`` (default: CUDA where there is one, else the CPU), and
+    DeepSpeed (installed, and clear of its known bugs). Called by ``pretrain``, ``launch`` and
+    ``search`` before anything is written.
+    """
+    cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if config.engine == "deepspeed" and config.precision == "fp16" and config.zero_stage == 0:
+        # DeepSpeed's engine.backward scales the loss only for its ZeRO optimizers, yet the
+        # stage-0 fp16 optimizer still divides the gradients by the loss scale: every update
+        # comes out ~65536x too small. Seen with DeepSpeed 0.19.8 on an H200 (the loss barely
+        # moved); upstream: deepspeedai/DeepSpeed#8393.
+        raise ValueError("engine='deepspeed' with precision='fp16' needs zero_stage >= 1: at zero_stage=0 "
+                         "DeepSpeed leaves the loss unscaled but still unscales the gradients, so training "
+                         "stalls (deepspeedai/DeepSpeed#8393). Use zero_stage=1 (the 24hbert preset's; it "
+                         "also shards the optimizer state), precision='bf16', or engine='torch'")
+    if config.engine == "deepspeed" and config.optimizer == "lamb" and config.zero_stage >= 1:
+        # ZeRO hands the optimizer flat slices of many tensors; LAMB's trust ratio is per tensor.
+        raise ValueError(f"optimizer='lamb' with zero_stage={config.zero_stage}: ZeRO flattens the parameters, "
+                         "so LAMB's per-layer trust ratios would be computed over slices of many layers. "
+                         "Use engine='torch' (fp16 with a grad scaler, DDP across GPUs), or zero_stage=0 "
+                         "with precision='bf16' or 'fp32'")
+    if config.precision == "fp16" and not cuda:
+        raise ValueError("precision='fp16' needs a CUDA GPU (no fp16 training on this CPU); "
+                         "use precision='bf16' or 'fp32'")
+    if config.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bf16; use precision='fp16' (as the paper) or 'fp32'")
+    if config.precision == "bf16" and not cuda and not fast_bf16("cpu"):
+        warnings.warn("precision='bf16' on a CPU without native bf16 (no AVX-512 BF16 / AMX): torch "
+                      "emulates it, ~100x slower than fp32; use precision='fp32' here", stacklevel=2)
+    if config.engine == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as e:
+            raise ValueError("engine='deepspeed' but DeepSpeed is not installed: pip install 'bbert[deepspeed]', "
+                             "or use engine='torch'") from e
 
 
 def deepspeed_config(config: TrainConfig, world_size: int = 1) -> dict:
@@ -136,16 +179,20 @@ def init_distributed(engine: str) -> DistEnv:
 # ---- engines ---------------------------------------------------------------------------------
 
 
-def build_engine(model: BertForMaskedLM, config: TrainConfig, dist: DistEnv) -> "TorchEngine | DeepSpeedEngine":
-    """The engine ``config.engine`` names, holding ``model`` and its optimizer."""
-    return (DeepSpeedEngine if config.engine == "deepspeed" else TorchEngine)(model, config, dist)
+def build_engine(model: torch.nn.Module, config: TrainConfig, dist: DistEnv,
+                 objective: MaskedLM | None = None) -> "TorchEngine | DeepSpeedEngine":
+    """The engine ``config.engine`` names, holding ``model`` and its optimizer; ``objective``
+    (default: the config's, :func:`bbert.objective.build_objective`) computes the loss."""
+    return (DeepSpeedEngine if config.engine == "deepspeed" else TorchEngine)(model, config, dist, objective)
 
 
 class TorchEngine:
     """Plain PyTorch: autocast for bf16/fp16 (GradScaler for fp16), DDP when world_size > 1."""
 
-    def __init__(self, model: BertForMaskedLM, config: TrainConfig, dist: DistEnv):
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, dist: DistEnv,
+                 objective: MaskedLM | None = None):
         self.config, self.dist = config, dist
+        self.objective = objective or build_objective(config)
         self.raw_model = model.to(dist.device)
         self.optimizer = build_optimizer(self.raw_model, config.optimizer, config.lr, config.betas,
                                          config.eps, config.weight_decay)
@@ -155,22 +202,20 @@ class TorchEngine:
         if dist.world_size > 1:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.accumulation = config.gradient_accumulation_steps(dist.world_size)
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-        self.scaler = torch.amp.GradScaler(dist.device.type) if config.precision == "fp16" else None
+        self.set_batch_size(config.batch_size)
+        self.scaler = grad_scaler(dist.device, config.precision)
         self.skipped_steps = 0  # fp16 steps the scaler skipped (inf/NaN gradients)
 
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
-
+    def set_batch_size(self, batch_size: int) -> None:
+        """The global batch of the next steps (a batch ramp changes it): the loss of each
+        micro-batch is divided by their number, so the gradient is the mean over the batch."""
+        self.accumulation = batch_size // (self.config.micro_batch_size * self.dist.world_size)
     def micro_step(self, batch: dict, last: bool, poison: bool = False) -> torch.Tensor:
         """Forward and backward of one micro-batch; gradients sync only on the last one."""
         sync = contextlib.nullcontext() if last or self.dist.world_size == 1 else self.model.no_sync()
         with sync:
-            with self.autocast():
-                loss = self.model(**batch).loss
+            with autocast(self.dist.device, self.config.precision):
+                loss = self.objective.loss(self.model, batch)
             if poison:
                 loss = loss * float("nan")
             scaled = loss / self.accumulation
@@ -202,8 +247,8 @@ class TorchEngine:
         return self.scaler.get_scale() if self.scaler else None
 
     def eval_loss(self, batch: dict) -> torch.Tensor:
-        with self.autocast():
-            return self.raw_model(**batch).loss.float()
+        with autocast(self.dist.device, self.config.precision):
+            return self.objective.loss(self.raw_model, batch).float()
 
     def train(self, mode: bool = True) -> None:
         self.raw_model.train(mode)
@@ -220,7 +265,7 @@ class TorchEngine:
             torch.save(state, folder / "optimizer.pt")
 
     def load_state(self, folder: Path) -> None:
-        weights = BertForMaskedLM.from_pretrained(folder / "model").state_dict()
+        weights = self.objective.model_class.from_pretrained(rd.model_dir(folder)).state_dict()
         self.raw_model.load_state_dict(weights)
         state = torch.load(folder / "optimizer.pt", map_location=self.dist.device, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -235,10 +280,12 @@ class DeepSpeedEngine:
     The optimizer is bbert's ``torch.optim.AdamW`` (or LAMB); bbert sets the lr before each step.
     """
 
-    def __init__(self, model: BertForMaskedLM, config: TrainConfig, dist: DistEnv):
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, dist: DistEnv,
+                 objective: MaskedLM | None = None):
         import deepspeed  # deferred: optional, and slow to import
 
         self.config, self.dist = config, dist
+        self.objective = objective or build_objective(config)
         model = model.to(dist.device)
         optimizer = build_optimizer(model, config.optimizer, config.lr, config.betas, config.eps,
                                     config.weight_decay)
@@ -248,10 +295,19 @@ class DeepSpeedEngine:
         if config.compile:  # compiles the module in place: its parameter names stay as they were
             self.engine.compile()
 
+    def set_batch_size(self, batch_size: int) -> None:
+        """The global batch of the next steps: DeepSpeed changes its gradient accumulation (and
+        so the loss's divisor) to match, keeping the micro-batch size."""
+        if batch_size != self.engine.train_batch_size():
+            self.engine.set_train_batch_size(batch_size)
+
     def micro_step(self, batch: dict, last: bool, poison: bool = False) -> torch.Tensor:
         """Forward and backward of one micro-batch. The step on the last micro-batch waits for
         :meth:`optimizer_step`, so that a NaN loss can stop the run before it touches the weights."""
-        loss = self.engine(**batch).loss
+        # the boundary is said, not counted: DeepSpeed's micro-step count goes out of phase once
+        # the accumulation changes (a batch ramp)
+        self.engine.set_gradient_accumulation_boundary(last)
+        loss = self.objective.loss(self.engine, batch)
         if poison:
             loss = loss * float("nan")
         self.engine.backward(loss)
@@ -281,7 +337,7 @@ class DeepSpeedEngine:
         return float(self.optimizer.loss_scale) if self.config.precision == "fp16" else None
 
     def eval_loss(self, batch: dict) -> torch.Tensor:
-        return self.engine(**batch).loss.float()
+        return self.objective.loss(self.engine, batch).float()
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)

@@ -4,6 +4,10 @@
 - A pre-LN bbert model (the paper's) exports to ``RobertaPreLayerNormForMaskedLM``, the
   architecture transformers has for pre-LayerNorm BERT-style encoders. RoBERTa numbers positions
   from ``pad_token_id + 1``, so bbert's position table is placed at that offset.
+- ``bias=False`` exports to either as zero biases (the same function). ``ffn_type`` GeGLU/SwiGLU
+  and ``position_embedding_type="rope"`` have no counterpart in transformers' BERT (ModernBERT
+  has both but differs elsewhere), so they are refused: such a model stays a bbert folder, which
+  ``bbert finetune`` loads directly.
 - ``load_pretrained(path)`` reads any of: a bbert model folder, a checkpoint or run dir, a
   transformers BERT / RoBERTa-PreLayerNorm folder (or, online, a hub id such as bert-base-uncased).
 
@@ -37,8 +41,10 @@ from transformers.utils import logging as hf_logging
 from bbert import __version__
 from bbert.configs import UsageError, command
 from bbert.model import CONFIG_NAME, BertConfig, BertForMaskedLM
-from bbert.run_dir import latest_checkpoint
-from bbert.utils import atomic_path, require_hub
+from bbert.atomic import atomic_path
+from bbert.data.layout import tokenizer_dir
+from bbert.hub import require_hub
+from bbert.run_dir import final_dir, latest_checkpoint, model_dir
 
 HF_BERT, HF_PRELN = "bert", "roberta-prelayernorm"
 EXPORT_MARKER = "bbert-export.json"  # written into every export, so a re-export may replace it
@@ -57,12 +63,12 @@ def find_model_folder(path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is a file; pass the folder that holds the model "
                                 "(a model folder, a checkpoint folder or a run dir)")
-    for candidate in (path, path / "model", path / "final", path / "final" / "model"):
+    for candidate in (path, model_dir(path), final_dir(path), model_dir(final_dir(path))):
         if (candidate / CONFIG_NAME).is_file():
             return candidate
     checkpoint = latest_checkpoint(path)
-    if checkpoint is not None and (checkpoint / "model" / CONFIG_NAME).is_file():
-        return checkpoint / "model"
+    if checkpoint is not None and (model_dir(checkpoint) / CONFIG_NAME).is_file():
+        return model_dir(checkpoint)
     raise FileNotFoundError(
         f"no model found in {path}: it is neither a model folder nor a run dir; pass a folder with "
         f"{CONFIG_NAME} in it, in model/, in final/ or in checkpoints/<name>/model/ (a run dir "
@@ -72,7 +78,7 @@ def find_model_folder(path) -> Path:
 def find_tokenizer_folder(folder) -> Path | None:
     """The tokenizer beside a model folder: in it, or in a ``tokenizer/`` one or two levels up."""
     folder = Path(folder)
-    for candidate in (folder, folder.parent / "tokenizer", folder.parent.parent / "tokenizer"):
+    for candidate in (folder, tokenizer_dir(folder.parent), tokenizer_dir(folder.parent.parent)):
         if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.txt").is_file():
             return candidate
     return None
@@ -237,6 +243,12 @@ def to_transformers(model: BertForMaskedLM):
     if not isinstance(model, BertForMaskedLM):
         raise TypeError(f"export takes a bbert BertForMaskedLM, got {type(model).__name__}")
     config = model.config
+    for option, value, default in (("ffn_type", config.ffn_type, "mlp"),
+                                   ("position_embedding_type", config.position_embedding_type, "absolute")):
+        if value != default:
+            raise ValueError(f"{option}={value!r} has no transformers BERT counterpart, so the model can't be "
+                             f"exported; keep it as a bbert model folder (`bbert finetune` loads it directly), "
+                             f"or pretrain with {option}={default!r} to export")
     if not config.embedding_layernorm:
         raise ValueError("transformers' BERT and RoBERTa always apply an embedding LayerNorm; a bbert "
                          "model with embedding_layernorm=False can't be exported exactly")
@@ -270,15 +282,17 @@ def to_transformers(model: BertForMaskedLM):
     pos = sd["bert.embeddings.position_embeddings.weight"]
     # RoBERTa looks up position pad_token_id + 1 + i for token i; rows below are never used by real tokens.
     sd["bert.embeddings.position_embeddings.weight"] = torch.cat([pos.new_zeros(offset, pos.shape[1]), pos])
-    new = {theirs: sd[ours] for ours, theirs in _name_map(config).items()}
+    new = {theirs: sd[ours] for ours, theirs in _name_map(config).items() if ours in sd}  # bias=False: no biases
     for i in range(config.num_hidden_layers):
         prefix = _layer_prefix(config, i) + "attention.self."
-        for kind in ("weight", "bias"):
+        for kind in ("weight", "bias") if config.bias else ("weight",):
             q, k, v = sd[f"bert.layers.{i}.attention.qkv.{kind}"].chunk(3)
             new.update({f"{prefix}query.{kind}": q, f"{prefix}key.{kind}": k, f"{prefix}value.{kind}": v})
     head = "lm_head" if config.pre_layernorm else "cls.predictions"
     new[f"{head}.decoder.weight"] = new[f"{_root(config)}.embeddings.word_embeddings.weight"]
     new[f"{head}.decoder.bias"] = new[f"{head}.bias"]
+    if not config.bias:  # transformers' layers all have biases: zeros make them bias-free
+        new.update({k: torch.zeros_like(v) for k, v in hf.state_dict().items() if k.endswith("bias") and k not in new})
     missing, unexpected = hf.load_state_dict(new, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"export mapping is incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -358,10 +372,10 @@ def export_to_transformers(model: BertForMaskedLM, tokenizer, out_dir, overwrite
     built beside ``out_dir`` and swapped in, so ``out_dir`` is either the old folder or the
     complete new one.
     """
+    hf = to_transformers(model)  # first: a model that can't be exported needs no tokenizer
     if tokenizer is None:
         raise ValueError("export needs the tokenizer, so that AutoTokenizer.from_pretrained(out_dir) works; "
-                         "load it with bbert.data.load_tokenizer(data_dir / 'tokenizer')")
-    hf = to_transformers(model)
+                         "load it with bbert.data.load_tokenizer(data_dir)")
     out_dir = check_out_dir(out_dir, overwrite=overwrite)
     marker = {"exported_by": f"bbert {__version__}", "architecture": type(hf).__name__}
     with atomic_path(out_dir) as tmp, _quiet_transformers():

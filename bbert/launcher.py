@@ -37,8 +37,9 @@ from pathlib import Path
 import psutil
 
 from bbert import run_dir as rd
+from bbert.engines import check_engine
 from bbert.locks import DirLock
-from bbert.utils import free_port
+from bbert.env import free_port
 
 LAUNCHERS = ("auto", "deepspeed", "torchrun", "python")
 
@@ -188,7 +189,7 @@ class _Progress:
             self.postfix["val_loss"] = f"{record.get('val_loss', float('nan')):.3f}"
         elif kind == "end":
             self.postfix["end"] = str(record.get("reason"))
-            if record.get("reason") == "budget":
+            if record.get("reason") == rd.EndReason.BUDGET:
                 self.bar.update(100.0 - self.bar.n)
         self.bar.set_postfix(self.postfix, refresh=True)
 
@@ -215,6 +216,7 @@ def launch(config, num_gpus: int | None = None, launcher: str = "auto", hostfile
     """
     num_gpus = _default_num_gpus() if num_gpus is None else int(num_gpus)
     config.validate(world_size_of(num_gpus, hostfile))  # fail before anything starts
+    check_engine(config)
     run_dir = Path(config.run_dir)
     with DirLock(run_dir, "trained into"):
         pass  # a run in progress holds it: fail now, before its config.yaml is replaced
@@ -263,7 +265,7 @@ def launch(config, num_gpus: int | None = None, launcher: str = "auto", hostfile
             child.wait()
 
     code = child.returncode
-    if code != 0 and not (interrupted and end_record and end_record.get("reason") == "interrupted"):
+    if code != 0 and not (interrupted and end_record and end_record.get("reason") == rd.EndReason.INTERRUPTED):
         last = "\n".join(tail)
         ended = f" (run ended: {end_record.get('reason')})" if end_record else ""
         raise LaunchError(f"the training process exited with code {code}{ended}.\n"

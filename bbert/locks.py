@@ -22,7 +22,7 @@ from pathlib import Path
 
 import filelock
 
-from bbert.utils import atomic_write_json
+from bbert.atomic import atomic_write_json
 
 
 class LockedError(OSError):

@@ -13,6 +13,17 @@ The speed-ups the paper relies on, each switchable for the model chapter to meas
 - ``unpad``: pad tokens are dropped from every per-token op (projections, FFN, LayerNorms), as in
   MosaicBERT; they are put back only around the attention product itself;
 - the vocabulary is padded to a multiple of 8 so the decoder matmul is tensor-core friendly.
+Post-2021 encoder options, each off by default (``BertConfig`` fields, ``--set model.X=...``):
+- ``ffn_type="geglu"|"swiglu"``: a gated-linear-unit feed-forward block (Shazeer 2020, "GLU
+  Variants Improve Transformer"), GeGLU as in Cramming (Geiping & Goldstein 2023) and ModernBERT
+  (Warner et al. 2024); with ``intermediate_size=0`` its width keeps the 4H MLP's parameter count;
+- ``position_embedding_type="rope"``: rotary position embeddings on q and k, no learned position
+  table (Su et al. 2021, RoFormer; ModernBERT), base ``rope_theta``;
+- ``bias=False``: no bias in any Linear or LayerNorm (Cramming; ModernBERT), the vocabulary bias
+  of the decoder kept (as ModernBERT's ``decoder_bias``).
+The 30% masking rate of MosaicBERT (Portes et al. 2023) needs no model change: it is the data's
+``MaskingConfig.mlm_probability``, and the sparse head follows whatever is masked.
+
 Mixed precision (bf16 autocast, where the device runs bf16 natively) and ``torch.compile`` are
 applied from outside, by the trainer. Measuring their speed (FLOPs, timed training steps) is
 ``bbert.speed``'s job.
@@ -31,7 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bbert.utils import atomic_path
+from bbert.atomic import atomic_path
 
 PRESETS = {
     #         layers, hidden, heads
@@ -43,8 +54,19 @@ PRESETS = {
     "large": (24, 1024, 16),  # 24hBERT, BERT-large shaped
 }
 
+FFN_TYPES = ("mlp", "geglu", "swiglu")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+def default_intermediate_size(hidden_size: int, ffn_type: str = "mlp") -> int:
+    """The FFN width when ``intermediate_size`` is 0: 4H for the MLP (two H x 4H matrices). A GLU
+    has three H x I matrices, so 2/3 of 4H keeps the parameters (and FLOPs) equal, rounded to a
+    multiple of 8 so the matmuls stay tensor-core aligned (the reason ``pad_vocab_multiple`` is 8).
+    """
+    if ffn_type == "mlp":
+        return 4 * hidden_size
+    return 8 * round(4 * hidden_size * 2 / 3 / 8)
 
 
 @dataclass
@@ -60,7 +82,7 @@ class BertConfig:
     hidden_size: int = 1024
     num_hidden_layers: int = 24
     num_attention_heads: int = 16
-    intermediate_size: int = 0  # 0 -> 4 * hidden_size
+    intermediate_size: int = 0  # 0 -> 4 * hidden_size (MLP), or the GLU width of equal parameters
     max_position_embeddings: int = 512
     type_vocab_size: int = 1
     pad_token_id: int = 0
@@ -75,10 +97,20 @@ class BertConfig:
     tie_word_embeddings: bool = True
     unpad: bool = True
     pad_vocab_multiple: int = 8
+    # post-2021 options (see the module docstring), each off by default
+    ffn_type: str = "mlp"  # "mlp" | "geglu" | "swiglu"
+    position_embedding_type: str = "absolute"  # "absolute" (learned table) | "rope"
+    rope_theta: float = 10000.0
+    bias: bool = True  # False: no bias in any Linear or LayerNorm (the vocabulary bias stays)
 
     def __post_init__(self):
+        if self.ffn_type not in FFN_TYPES:
+            raise ValueError(f"ffn_type {self.ffn_type!r} is unknown; choose one of {', '.join(FFN_TYPES)}")
+        if self.position_embedding_type not in ("absolute", "rope"):
+            raise ValueError(f"position_embedding_type {self.position_embedding_type!r} is unknown; "
+                             "choose 'absolute' or 'rope'")
         if not self.intermediate_size:
-            self.intermediate_size = 4 * self.hidden_size
+            self.intermediate_size = default_intermediate_size(self.hidden_size, self.ffn_type)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                              f"{self.num_attention_heads}; pick a head count that divides it")
@@ -86,6 +118,9 @@ class BertConfig:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; bbert uses exact 'gelu'")
         if self.type_vocab_size < 1:
             raise ValueError("type_vocab_size must be >= 1 (1 = single segment, token_type_ids ignored)")
+        if self.position_embedding_type == "rope" and (self.head_dim % 2 or self.rope_theta <= 0):
+            raise ValueError(f"rope needs an even head_dim (got {self.head_dim}) and rope_theta > 0 "
+                             f"(got {self.rope_theta}); change hidden_size / num_attention_heads or rope_theta")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -143,20 +178,28 @@ class Padding:
         return out.view(self.batch, self.seqlen, *x.shape[1:])
 
 
+def layer_norm(config: BertConfig) -> nn.LayerNorm:
+    """A LayerNorm over the hidden size; bias-free with ``config.bias=False``."""
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
+
+
 class BertEmbeddings(nn.Module):
     """Word + position (+ segment) embeddings, optional LayerNorm, dropout."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        # with rope, positions enter in the attention instead: no learned table
+        self.position_embeddings = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
+                                    if config.position_embedding_type == "absolute" else None)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.layer_norm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-                           if config.embedding_layernorm else nn.Identity())
+        self.layer_norm = layer_norm(config) if config.embedding_layernorm else nn.Identity()
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, position_ids, token_type_ids=None):
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        x = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(position_ids)
         if token_type_ids is None or self.token_type_embeddings.num_embeddings == 1:
             x = x + self.token_type_embeddings.weight[0]  # single segment: a constant row
         else:
@@ -164,8 +207,34 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.layer_norm(x))
 
 
+class RotaryEmbedding(nn.Module):
+    """Rotary position embeddings (Su et al. 2021, RoFormer): each pair of q/k channels is rotated
+    by an angle proportional to the position, so q·k depends only on the relative position.
+
+    cos/sin for every position up to ``max_position_embeddings`` are computed once (a buffer that
+    is not saved). Channels are paired as (i, i + d/2), the "rotate half" layout of GPT-NeoX and
+    transformers.
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        d = config.head_dim
+        inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        angles = torch.outer(torch.arange(config.max_position_embeddings, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # [max_positions, d]
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x):
+        """x: [B, heads, L, d], token i at position i."""
+        L = x.shape[-2]
+        cos, sin = self.cos[:L].to(x.dtype), self.sin[:L].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention: one fused QKV matmul, then PyTorch SDPA.
+    """Multi-head self-attention: one fused QKV matmul, (rotary positions,) then PyTorch SDPA.
 
     Works on unpadded tokens [n_real, H]: pads are restored only for the attention product.
     """
@@ -173,9 +242,10 @@ class SelfAttention(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.bias)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
         self.dropout_p = config.attention_probs_dropout_prob
+        self.rotary = RotaryEmbedding(config) if config.position_embedding_type == "rope" else None
 
     def forward(self, x, attn_mask=None, padding: Padding | None = None):
         qkv = self.qkv(x)
@@ -183,6 +253,8 @@ class SelfAttention(nn.Module):
             qkv = padding.pad(qkv)  # [n_real, 3H] -> [B, L, 3H]
         B, L, _ = qkv.shape
         q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.rotary is not None:  # in the padded layout, where token i sits at position i
+            q, k = self.rotary(q), self.rotary(k)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, L, -1)
@@ -192,15 +264,25 @@ class SelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Linear -> exact GELU -> Linear."""
+    """Linear -> exact GELU -> Linear (``ffn_type="mlp"``, BERT's), or a gated linear unit
+    (Shazeer 2020): ``fc2(act(x W) * (x V))`` with GELU (GeGLU) or SiLU (SwiGLU) as ``act``.
+    W and V are fused into one H -> 2I projection, split in two after the matmul.
+    """
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.gated = config.ffn_type != "mlp"
+        self.act = F.silu if config.ffn_type == "swiglu" else F.gelu
+        width = config.intermediate_size
+        self.fc1 = nn.Linear(config.hidden_size, 2 * width if self.gated else width, bias=config.bias)
+        self.fc2 = nn.Linear(width, config.hidden_size, bias=config.bias)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        h = self.fc1(x)
+        if self.gated:
+            gate, value = h.chunk(2, dim=-1)
+            return self.fc2(self.act(gate) * value)
+        return self.fc2(self.act(h))
 
 
 class BertLayer(nn.Module):
@@ -214,9 +296,9 @@ class BertLayer(nn.Module):
         super().__init__()
         self.pre_layernorm = config.pre_layernorm
         self.attention = SelfAttention(config)
-        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention_norm = layer_norm(config)
         self.ffn = FeedForward(config)
-        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn_norm = layer_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, attn_mask=None, padding: Padding | None = None):
@@ -306,8 +388,7 @@ class BertModel(nn.Module, _PretrainedMixin):
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
-        self.final_norm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-                           if config.pre_layernorm else nn.Identity())
+        self.final_norm = layer_norm(config) if config.pre_layernorm else nn.Identity()
         self.apply(lambda m: init_weights(m, config.initializer_range))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
@@ -337,12 +418,16 @@ class BertModel(nn.Module, _PretrainedMixin):
 
 
 class MLMHead(nn.Module):
-    """The masked-LM head: dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings)."""
+    """The masked-LM head: dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings).
+
+    The decoder's vocabulary bias stays with ``bias=False`` (as ModernBERT's ``decoder_bias``;
+    Cramming drops it): a per-token prior of V parameters and no matmul.
+    """
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
+        self.layer_norm = layer_norm(config)
         self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size))
         self.decoder = (None if config.tie_word_embeddings
                         else nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False))
@@ -401,13 +486,16 @@ class BertForMaskedLM(nn.Module, _PretrainedMixin):
 class BertForSequenceClassification(nn.Module, _PretrainedMixin):
     """BERT + pooler (tanh dense on [CLS]) + classifier, for GLUE. ``num_labels == 1`` is
     regression (MSE loss, STS-B). Chapter: ``notebooks/05_finetuning.ipynb``.
+
+    With ``bias=False`` the pooler is bias-free like the body; the classifier keeps its bias (the
+    class prior): it is new at finetuning, not part of the pretrained model the option shapes.
     """
 
     def __init__(self, config: BertConfig, num_labels: int = 2):
         super().__init__()
         self.config, self.num_labels = config, num_labels
         self.bert = BertModel(config)
-        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         for module in (self.pooler, self.classifier):
@@ -437,7 +525,8 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

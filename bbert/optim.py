@@ -5,6 +5,13 @@ weights exempt from decay, an optional LAMB, and the :class:`Schedule` that make
 *time*-budgeted run: warm-up for ``warmup_proportion`` of the budget, then linear decay to
 zero at its end, with elapsed wall-clock seconds as the clock.
 
+Two later options share that clock, both off by default: the warmup-stable-decay
+("trapezoidal") shape, which holds the peak and decays only over the last ``decay_proportion``
+of the budget (Zhai et al. 2022; Hu et al. 2024, MiniCPM; Hägele et al. 2024 find a 20% linear
+cool-down as good as cosine; ModernBERT trains with it), and a batch-size ramp, where the global
+batch grows linearly to ``batch_size`` over the first ``batch_ramp_proportion`` of the budget
+(Cramming, Geiping & Goldstein 2023; GPT-3's batch warm-up).
+
 Chapters: ``notebooks/03_model.ipynb`` (optimizers), ``notebooks/04_pretraining.ipynb`` (the schedule).
 """
 from __future__ import annotations
@@ -116,6 +123,12 @@ class Lamb(torch.optim.Optimizer):
 # ---- the schedule ----------------------------------------------------------------------
 
 CLOCKS = ("time", "steps")
+SHAPES = ("linear", "wsd")
+
+
+def _check_warmup(warmup_proportion: float) -> None:
+    if not 0.0 <= warmup_proportion < 1.0:
+        raise ValueError(f"warmup_proportion must be in [0, 1), got {warmup_proportion}")
 
 
 def linear_warmup_decay(progress: float, warmup_proportion: float) -> float:
@@ -124,25 +137,49 @@ def linear_warmup_decay(progress: float, warmup_proportion: float) -> float:
     ``progress`` is a fraction of the *budget* (time or steps), so the shape is the same for a
     3-minute CPU run and a 24-hour run.
     """
-    if not 0.0 <= warmup_proportion < 1.0:
-        raise ValueError(f"warmup_proportion must be in [0, 1), got {warmup_proportion}")
+    _check_warmup(warmup_proportion)
     progress = min(max(progress, 0.0), 1.0)
     if progress < warmup_proportion:
         return progress / warmup_proportion
     return max(0.0, (1.0 - progress) / (1.0 - warmup_proportion))
 
 
+def warmup_stable_decay(progress: float, warmup_proportion: float, decay_proportion: float = 0.2) -> float:
+    """The warmup-stable-decay (trapezoidal) multiplier at ``progress`` in [0, 1] of the run.
+
+    Linear warm-up over ``warmup_proportion``, the peak held, then linear decay to 0 over the
+    last ``decay_proportion`` of the budget. With ``warmup + decay = 1`` it is the linear shape.
+    """
+    _check_warmup(warmup_proportion)
+    if not 0.0 < decay_proportion <= 1.0:
+        raise ValueError(f"decay_proportion must be in (0, 1], got {decay_proportion} "
+                         "(0.2: decay over the last 20% of the budget)")
+    if warmup_proportion + decay_proportion > 1.0:
+        raise ValueError(f"warmup_proportion + decay_proportion must be <= 1, got {warmup_proportion} + "
+                         f"{decay_proportion}: warm-up and decay would overlap; shorten one of them")
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup_proportion:
+        return progress / warmup_proportion
+    return min(1.0, (1.0 - progress) / decay_proportion)
+
+
 @dataclass
 class Schedule:
-    """The run's budget and learning rate, measured on one clock: elapsed seconds or optimizer steps.
+    """The run's budget, learning rate and batch size, measured on one clock: elapsed seconds or steps.
 
     ``clock="time"`` is the paper's: warm-up over ``warmup_proportion`` of ``length`` seconds,
     then linear decay to zero at the end of the budget, where the run stops. Computed directly
     from elapsed seconds, so it is exact for budgets of minutes as well as days.
     ``clock="steps"`` is the classic schedule over ``length`` optimizer steps (finetuning uses it).
     ``max_steps`` optionally caps a run at that many steps whatever the clock.
-    The trainer asks this object, never the config: the lr, the fraction of the budget used,
-    and whether (and why) the run is over.
+    ``shape="wsd"`` holds the peak after warm-up and decays over the last ``decay_proportion``
+    of the budget instead (``"linear"``, the paper's, decays from the end of warm-up).
+    ``batch_size`` is the global batch, made of micro-batches of ``batch_unit`` samples over all
+    ranks (micro_batch_size x world_size); with ``batch_ramp_proportion > 0`` it grows linearly
+    from ``batch_ramp_start`` (None: one micro-batch per rank) to ``batch_size`` over that share
+    of the budget, rounded down to whole micro-batches.
+    The trainer asks this object, never the config: the lr, the batch size, the fraction of the
+    budget used, and whether (and why) the run is over.
     """
 
     clock: str
@@ -150,6 +187,12 @@ class Schedule:
     peak_lr: float
     warmup_proportion: float = 0.06
     max_steps: int | None = None
+    shape: str = "linear"
+    decay_proportion: float = 0.2
+    batch_size: int | None = None
+    batch_unit: int = 1
+    batch_ramp_proportion: float = 0.0
+    batch_ramp_start: int | None = None
 
     def __post_init__(self):
         if self.clock not in CLOCKS:
@@ -157,17 +200,39 @@ class Schedule:
         if not self.length > 0:
             unit = "seconds" if self.clock == "time" else "steps"
             raise ValueError(f"the schedule's length must be > 0 {unit}, got {self.length}")
-        linear_warmup_decay(0.0, self.warmup_proportion)  # validates warmup_proportion
+        if self.shape not in SHAPES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(SHAPES)}, got {self.shape!r} "
+                             "(linear: the paper's decay after warm-up; wsd: warmup-stable-decay)")
+        self.multiplier(0.0)  # validates warmup_proportion (and decay_proportion for wsd)
+        self._check_batch_ramp()
+
+    def _check_batch_ramp(self) -> None:
+        if not 0.0 <= self.batch_ramp_proportion < 1.0:
+            raise ValueError(f"batch_ramp_proportion must be in [0, 1) (0 = no ramp), got {self.batch_ramp_proportion}")
+        if self.batch_ramp_start is None:
+            return
+        if self.batch_size is None:
+            raise ValueError("batch_ramp_start needs the schedule's batch_size")
+        start, unit = self.batch_ramp_start, self.batch_unit
+        if not 0 < start <= self.batch_size or start % unit:
+            raise ValueError(f"batch_ramp_start={start} must be a multiple of micro_batch_size x world_size = "
+                             f"{unit} and at most batch_size={self.batch_size}; e.g. batch_ramp_start={unit} "
+                             "(or null: one micro-batch per rank)")
 
     @classmethod
-    def from_config(cls, config) -> "Schedule":
-        """The schedule of a :class:`bbert.train_config.TrainConfig` (its budget in seconds or steps)."""
+    def from_config(cls, config, world_size: int = 1) -> "Schedule":
+        """The schedule of a :class:`bbert.train_config.TrainConfig` run on ``world_size`` ranks
+        (its budget in seconds or steps, its lr shape and batch ramp)."""
+        options = dict(shape=config.lr_schedule, decay_proportion=config.decay_proportion,
+                       batch_size=config.batch_size, batch_unit=config.micro_batch_size * world_size,
+                       batch_ramp_proportion=config.batch_ramp_proportion,
+                       batch_ramp_start=config.batch_ramp_start)
         if config.schedule == "step":
             if not config.max_steps:
                 raise ValueError("schedule='step' decays over max_steps: set max_steps=N, or use schedule='time'")
-            return cls("steps", config.max_steps, config.lr, config.warmup_proportion, config.max_steps)
+            return cls("steps", config.max_steps, config.lr, config.warmup_proportion, config.max_steps, **options)
         return cls("time", config.time_budget_seconds, config.lr, config.warmup_proportion,
-                   config.max_steps)
+                   config.max_steps, **options)
 
     def _used(self, elapsed_seconds: float, step: int) -> float:
         return (elapsed_seconds if self.clock == "time" else step) / self.length
@@ -176,8 +241,28 @@ class Schedule:
         """The fraction of the budget used, in [0, 1]."""
         return min(max(self._used(elapsed_seconds, step), 0.0), 1.0)
 
+    def multiplier(self, progress: float) -> float:
+        """The lr as a fraction of the peak at ``progress`` in [0, 1] of the budget."""
+        if self.shape == "wsd":
+            return warmup_stable_decay(progress, self.warmup_proportion, self.decay_proportion)
+        return linear_warmup_decay(progress, self.warmup_proportion)
+
     def lr_at(self, elapsed_seconds: float = 0.0, step: int = 0) -> float:
-        return self.peak_lr * linear_warmup_decay(self.progress(elapsed_seconds, step), self.warmup_proportion)
+        return self.peak_lr * self.multiplier(self.progress(elapsed_seconds, step))
+
+    def batch_size_at(self, elapsed_seconds: float = 0.0, step: int = 0) -> int:
+        """The global batch of the step that starts at this point (``batch_size`` once the ramp is over)."""
+        progress = self.progress(elapsed_seconds, step)
+        if progress >= self.batch_ramp_proportion:
+            return self.batch_size
+        start = self.batch_ramp_start or self.batch_unit
+        ramped = start + (self.batch_size - start) * progress / self.batch_ramp_proportion
+        # whole micro-batches, rounded down; 1e-9: a boundary computed in floats lands where it means
+        return self.batch_unit * math.floor(ramped / self.batch_unit + 1e-9)
+
+    def accumulation_at(self, elapsed_seconds: float = 0.0, step: int = 0) -> int:
+        """Micro-batches per rank in the step that starts at this point."""
+        return self.batch_size_at(elapsed_seconds, step) // self.batch_unit
 
     def end_reason(self, elapsed_seconds: float = 0.0, step: int = 0) -> str | None:
         """``"max_steps"`` or ``"budget"`` once the run is over, else None."""

@@ -34,54 +34,68 @@ def _new_figure(ncols: int = 1, width: float = 6.4, height: float = 3.6):
     return fig, list(axes[0])
 
 
-def plot_schedule(warmup_proportion: float = 0.06, time_budget_hours: float = 24.0, lr: float = 1e-3,
+def time_unit(seconds: float) -> tuple[str, float]:
+    """The unit in which a span of ``seconds`` reads best on an axis: ``(name, seconds per unit)``.
+
+    Hours from 2 hours, minutes from 2 minutes, else seconds. Plots take seconds (the package's
+    one unit) and label their axes with this.
+    """
+    for name, size in (("hours", 3600.0), ("minutes", 60.0)):
+        if seconds >= 2 * size:
+            return name, size
+    return "seconds", 1.0
+
+
+def plot_schedule(warmup_proportion: float = 0.06, time_budget_seconds: float = 24 * 3600.0, lr: float = 1e-3,
                   run=None, ax=None):
-    """The time-based schedule: lr against elapsed hours; a run's logged lr on top when given.
+    """The time-based schedule: lr against elapsed time; a run's logged lr on top when given.
 
     Chapter: ``notebooks/04_pretraining.ipynb``.
     """
     fig, (ax,) = _new_figure() if ax is None else (ax.figure, [ax])
-    unit, per_hour = ("hours", 1.0) if time_budget_hours >= 2 else ("minutes", 60.0)
+    unit, size = time_unit(time_budget_seconds)
     fractions = np.linspace(0.0, 1.0, 501)
-    ax.plot(fractions * time_budget_hours * per_hour,
+    ax.plot(fractions * time_budget_seconds / size,
             [lr * linear_warmup_decay(f, warmup_proportion) for f in fractions],
             label=f"warm-up {warmup_proportion:.0%} of the budget, linear decay to 0")
     if run is not None:
         train = read_metrics(run, "train")
         # each lr at the clock where the step set it (older logs: the step's end)
         at = [r.get("lr_elapsed_seconds", r["elapsed_seconds"]) for r in train]
-        ax.plot([t / 3600 * per_hour for t in at], [r["lr"] for r in train], ".",
+        ax.plot([t / size for t in at], [r["lr"] for r in train], ".",
                 ms=4, label="lr logged by the run (at each step's start)")
-    ax.axvline(warmup_proportion * time_budget_hours * per_hour, color="gray", ls=":", lw=1)
+    ax.axvline(warmup_proportion * time_budget_seconds / size, color="gray", ls=":", lw=1)
     ax.set_xlabel(f"elapsed wall-clock time ({unit})")
     ax.set_ylabel("learning rate")
-    ax.set_title(f"Time-based schedule, budget {time_budget_hours * per_hour:g} {unit}")
+    ax.set_title(f"Time-based schedule, budget {time_budget_seconds / size:g} {unit}")
     ax.legend(loc="upper right", fontsize="small")
     return fig
 
 
-def plot_loss_curves(runs, labels=None, x: str = "minutes", ax=None):
+def plot_loss_curves(runs, labels=None, x: str = "time", ax=None):
     """Training loss (thin) and validation loss (markers) of one or more runs.
 
-    ``runs``: a run dir / metrics file or a list of them. ``x``: ``"minutes"`` or ``"step"``.
+    ``runs``: a run dir / metrics file or a list of them. ``x``: ``"time"`` (elapsed, in the
+    unit of :func:`time_unit`) or ``"step"``.
     Chapter: ``notebooks/04_pretraining.ipynb``.
     """
-    if x not in ("minutes", "step"):
-        raise ValueError(f"x must be 'minutes' or 'step', got {x!r}")
+    if x not in ("time", "step"):
+        raise ValueError(f"x must be 'time' or 'step', got {x!r}")
     runs = [runs] if not isinstance(runs, (list, tuple)) else list(runs)
     labels = labels or [str(r).rstrip("/").split("/")[-1] for r in runs]
     fig, (ax,) = _new_figure() if ax is None else (ax.figure, [ax])
+    curves = [(read_metrics(run, "train"), read_metrics(run, "val"), label) for run, label in zip(runs, labels)]
+    unit, size = time_unit(max((r["elapsed_seconds"] for train, val, _ in curves for r in train + val), default=0.0))
 
     def xs(records):
-        return [r["elapsed_seconds"] / 60 if x == "minutes" else r["step"] for r in records]
+        return [r["elapsed_seconds"] / size if x == "time" else r["step"] for r in records]
 
-    for run, label in zip(runs, labels):
-        train, val = read_metrics(run, "train"), read_metrics(run, "val")
+    for train, val, label in curves:
         line, = ax.plot(xs(train), [r["loss"] for r in train], lw=1, alpha=0.8, label=f"{label}: train")
         if val:
             ax.plot(xs(val), [r["val_loss"] for r in val], "o-", color=line.get_color(),
                     ms=4, label=f"{label}: validation")
-    ax.set_xlabel("elapsed minutes" if x == "minutes" else "optimizer step")
+    ax.set_xlabel(f"elapsed time ({unit})" if x == "time" else "optimizer step")
     ax.set_ylabel("MLM loss")
     ax.set_title("Masked-LM loss")
     ax.legend(fontsize="small")

@@ -15,6 +15,7 @@ Chapter: ``notebooks/04_pretraining.ipynb``.
 """
 from __future__ import annotations
 
+import enum
 import json
 import random
 import shutil
@@ -23,12 +24,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
-from bbert.utils import atomic_write_json
+from bbert.atomic import atomic_write_json
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 BUDGET_FILE = "budget.json"
+MODEL_DIR = "model"
+
+
+class EndReason(str, enum.Enum):
+    """Why a run ended: the ``reason`` of its ``end`` record and ``end_reason`` in ``budget.json``.
+
+    A ``str``: it compares equal to, and is written as, the plain string (``"budget"``, ...).
+    """
+
+    BUDGET = "budget"            # the time budget is spent
+    MAX_STEPS = "max_steps"      # the step limit (or a step-based schedule's end) is reached
+    EARLY_STOP = "early_stop"    # the validation loss was too high (config.early_stop)
+    NAN = "nan"                  # a non-finite loss; the last good checkpoint is kept
+    INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: a checkpoint was saved, a re-run resumes
+    PRUNED = "pruned"            # a search's pruner stopped the trial
+
+    def __str__(self) -> str:  # the plain string in messages and f-strings too
+        return self.value
+
+    __format__ = str.__format__
 
 
 def config_path(run_dir) -> Path:
@@ -199,6 +221,11 @@ def final_dir(run_dir) -> Path:
     return Path(run_dir) / "final"
 
 
+def model_dir(folder) -> Path:
+    """The bbert model folder (weights, config, tokenizer) inside a checkpoint or ``final/``."""
+    return Path(folder) / MODEL_DIR
+
+
 def write_budget(folder, record: dict) -> None:
     """Write ``budget.json``: last, since it marks the checkpoint complete."""
     atomic_write_json(Path(folder) / BUDGET_FILE, record)
@@ -234,7 +261,7 @@ def latest_checkpoint(run_dir) -> Path | None:
 
 def remove_leftovers(run_dir) -> list[Path]:
     """Delete what a killed write left behind: ``.tmp-*`` and ``.old-*`` folders of
-    :func:`bbert.utils.atomic_path` in the run dir and its ``checkpoints/``. Returns them.
+    :func:`bbert.atomic.atomic_path` in the run dir and its ``checkpoints/``. Returns them.
 
     Call it only while holding the run dir's lock: a live run's temporary folder looks the same.
     """
@@ -283,3 +310,49 @@ def restore_rng(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _short(value) -> str:
+    return value[:12] if isinstance(value, str) else str(value)
+
+
+def resume_point(run_dir, config: dict, data: dict, resume: bool | str = "auto", allow_data_change: bool = False,
+                 data_dir: str = "the data dir") -> Path | None:
+    """The checkpoint a run continues from (None: a new run), or a ``ValueError`` saying why not.
+
+    ``resume="auto"`` continues only a run of the same ``config`` (a dict; run_dir and data_dir may
+    differ), ``True`` requires a checkpoint and accepts a changed config, ``False`` refuses a run
+    dir that holds checkpoints. Either way the run must continue on the ``data`` it started on (the
+    data fingerprint saved in the checkpoint), unless ``allow_data_change``.
+    """
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if resume is False:
+        if ckpt is not None:
+            raise ValueError(f"run dir {run_dir} already holds checkpoints; resume it (--resume) "
+                             "or choose a new --run-dir (nothing is overwritten)")
+        return None
+    if ckpt is None:
+        if resume is True:
+            raise ValueError(f"--resume given but {run_dir} has no finished checkpoint; "
+                             "drop --resume to start a new run")
+        return None
+    # compare with the config the checkpoint was written under (run_dir/config.yaml may
+    # already hold the new one, e.g. written by bbert.launch)
+    saved_cfg = config_path(ckpt)
+    if resume == "auto" and saved_cfg.is_file():
+        ignore = {"run_dir", "data_dir"}
+        old = {k: v for k, v in yaml.safe_load(saved_cfg.read_text()).items() if k not in ignore}
+        new = {k: v for k, v in config.items() if k not in ignore}
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            raise ValueError(f"run dir {run_dir} holds a run with a different config "
+                             f"(changed: {', '.join(changed)}). Pass --resume to continue it with the new "
+                             "config, or choose a new --run-dir")
+    old = read_budget(ckpt).get("data")
+    if old is not None and old != data and not allow_data_change:
+        changed = ", ".join(f"{k} {_short(old.get(k))} -> {_short(v)}" for k, v in data.items() if old.get(k) != v)
+        raise ValueError(f"run dir {run_dir} was trained on other data than {data_dir} "
+                         f"({changed}); choose a new --run-dir, or pass --allow-data-change to continue "
+                         "this run on the new data")
+    return ckpt

@@ -22,139 +22,76 @@ The command line runs the same search::
     bbert search ... --trial 3      # only the fourth trial of the grid, e.g. one job of an array
 
 This loop runs trials one after the other, which is what a single machine (and the book) wants.
-Across GPUs or machines, keep the trial as the unit and hand the loop to an existing scheduler:
-a job array (Slurm ``--array=0-N`` with ``bbert search ... --trial $SLURM_ARRAY_TASK_ID``,
-all jobs writing to one shared ``--out``), or Ray Tune / Optuna with a shared storage
-(Optuna's RDB storage), whose objective calls ``bbert.pretrain`` on a run dir per trial and
-returns its final validation loss. Nothing here needs to change for that, because a trial is a
-folder that any process can finish or read.
+Across GPUs or machines, keep the trial as the unit. ``--pruner asha`` (or ``hyperband``) runs
+the same grid as an Optuna study (:mod:`bbert.study`): successive halving stops the trials
+that are behind at each rung of the time budget instead of at one fixed threshold, and every
+process that runs the same command (on any machine that sees ``--out`` and the ``--storage``
+database) asks the study for its next trial::
+
+    bbert search ... --grid lr=5e-4,1e-3,2e-3 --out runs/search --pruner asha   # in each process
+
+A job array works too (Slurm ``--array=0-N`` with ``--trial $SLURM_ARRAY_TASK_ID``, all jobs
+writing to one shared ``--out``), because a trial is a folder that any process can finish or read.
 
 Chapter: ``notebooks/06_findings.ipynb``.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 from pathlib import Path
 
 from bbert import configs
-from bbert.run_dir import read_metrics
+from bbert.study import STUDY_PRUNERS, search_study
 from bbert.train import pretrain
-from bbert.train_config import TrainConfig, override_key
+from bbert.train_config import TrainConfig
+from bbert.trials import (FINISHED_REASONS, RAN_TO_THE_END, STOPPED_EARLY, expand_grid, is_finished,  # noqa: F401
+                          prepare_trials, trial_config, trial_name, trial_result)
 
-# Trials that ended for one of these reasons are done; "interrupted" ones are resumed.
-FINISHED_REASONS = ("budget", "max_steps", "early_stop", "nan")
-
-
-def expand_grid(grid: dict[str, list]) -> list[dict]:
-    """Every combination of the grid's values, in a fixed order (the last key varies fastest).
-
-    A value may be a dict of fields that change together: ``{"batch": [{"batch_size": 16,
-    "debug.step_time_seconds": 1.5}, {"batch_size": 32, "debug.step_time_seconds": 3.0}]}``.
-    """
-    if not grid:
-        raise ValueError("the search grid is empty: give at least one field with values, e.g. lr=[5e-4, 1e-3]")
-    for key, values in grid.items():
-        if not isinstance(values, (list, tuple)) or not values:
-            raise ValueError(f"grid field {key!r} needs a non-empty list of values, got {values!r}")
-    keys = list(grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
-
-
-def trial_name(params: dict) -> str:
-    """The trial's folder name: ``lr=0.001,batch_size=32`` (readable, and the same on every run)."""
-    return ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
-                    for key, value in _flat(params).items())
-
-
-def trial_config(base: TrainConfig, params: dict, run_dir) -> TrainConfig:
-    """``base`` with the trial's values (dotted keys reach nested fields, e.g. ``early_stop.max_val_loss``)."""
-    update: dict = {"run_dir": str(run_dir)}
-    for key, value in _flat(params).items():
-        if key.startswith("model."):  # as with --set: model.X overrides field X of the model preset
-            key, value = override_key(key), configs.parse_value(value, key)
-        *parents, leaf = key.split(".")
-        node = update
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return configs.from_dict(TrainConfig, configs.merge(configs.to_dict(base), update))
-
-
-def _flat(params: dict) -> dict:
-    # a grid value that is a dict sets several fields together, e.g. a batch size and its step time
-    flat = {}
-    for key, value in params.items():
-        flat.update(value if isinstance(value, dict) else {key: value})
-    return flat
-
-
-def _field(config, key: str):
-    if key.startswith("model."):
-        return config.model_overrides.get(key[len("model."):])
-    value = config
-    for part in key.split("."):
-        value = value[part] if isinstance(value, dict) else getattr(value, part)
-    return value
-
-
-def trial_result(run_dir, params: dict | None = None) -> dict:
-    """One row of the search table, read from a trial's run dir.
-
-    ``val_loss`` is the last validation loss (the run's final one when it reached its budget),
-    ``end_reason`` the reason in its ``end`` record (None while it has not ended).
-    """
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
-    vals = [r["val_loss"] for r in records if r.get("type") == "val"]
-    end = next((r for r in reversed(records) if r.get("type") == "end"), None)
-    last = records[-1] if records else {}
-    return {"trial": run_dir.name, **(params or {}), "run_dir": str(run_dir),
-            "end_reason": end["reason"] if end else None,
-            "steps": last.get("step", 0), "elapsed_seconds": last.get("elapsed_seconds", 0.0),
-            "val_loss": vals[-1] if vals else math.nan}
-
-
-def is_finished(run_dir) -> bool:
-    """True when the trial's metrics end with an ``end`` record that is not an interruption."""
-    return trial_result(run_dir)["end_reason"] in FINISHED_REASONS
+PRUNERS = ("none", *STUDY_PRUNERS)  # none: every trial runs (early stop aside); else bbert.study
 
 
 def search(base: TrainConfig, grid: dict[str, list], out_dir, trials: list[int] | None = None,
-           verbose: bool = True) -> list[dict]:
+           verbose: bool = True, pruner: str = "none", **study_options) -> list[dict]:
     """Run every trial of ``grid`` over ``base`` as a run dir under ``out_dir``; return the table rows.
 
     Each row holds the trial's values, its ``run_dir``, ``end_reason``, ``steps``,
     ``elapsed_seconds`` (budget spent), final ``val_loss`` and ``skipped`` (True when it had
     already finished and was not run again). ``trials`` picks grid indices to run (the others are
     only read), e.g. one index per job of a job array.
+
+    ``pruner="asha"`` or ``"hyperband"`` runs the grid as an Optuna study instead
+    (:func:`bbert.study.search_study`, which takes the ``study_options``: ``storage``,
+    ``study_name``, ``n_trials``, ``min_resource_s``, ``reduction_factor``); its rows also hold
+    the trial's Optuna ``state`` and ``number``.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise configs.UsageError(f"--out {out_dir} is a file, not a folder; choose a folder for the trials' run dirs")
-    points = expand_grid(grid)
-    chosen = set(range(len(points))) if trials is None else set(trials)
-    bad = sorted(i for i in chosen if not 0 <= i < len(points))
+    if pruner not in PRUNERS:
+        raise configs.UsageError(f"--pruner {pruner!r} is not one of {', '.join(PRUNERS)}; "
+                                 "asha = successive halving, hyperband, none = the plain grid")
+    if pruner != "none":
+        if trials is not None:
+            raise configs.UsageError("--trial picks grid indices of the plain grid (--pruner none); with a "
+                                     "pruner every process asks the study for its next trial: drop --trial")
+        return search_study(base, grid, out_dir, pruner=pruner, verbose=verbose, **study_options)
+    given = sorted(k for k, v in study_options.items() if v is not None)
+    if given:
+        raise configs.UsageError(f"{', '.join('--' + k.replace('_', '-') for k in given)} set(s) up an Optuna "
+                                 "study: add --pruner asha (or hyperband), or drop it")
+    prepared = prepare_trials(base, grid, out_dir)
+    chosen = set(range(len(prepared))) if trials is None else set(trials)
+    bad = sorted(i for i in chosen if not 0 <= i < len(prepared))
     if bad:
-        raise ValueError(f"trial index {bad[0]} is outside the grid's {len(points)} trials (0..{len(points) - 1})")
-    # values from the command line are strings: name each trial by its parsed values
-    points = [{key: ({k: _field(config, k) for k in value} if isinstance(value, dict) else _field(config, key))
-               for key, value in params.items()}
-              for params, config in ((p, trial_config(base, p, out_dir)) for p in points)]
-    configs_ = [trial_config(base, params, out_dir / trial_name(params)) for params in points]
-    for config in configs_:
-        config.validate()  # a bad grid value (or one the data can't take) fails before any trial runs
+        raise ValueError(f"trial index {bad[0]} is outside the grid's {len(prepared)} trials (0..{len(prepared) - 1})")
     rows = []
-    for index, (params, config) in enumerate(zip(points, configs_)):
+    for index, (params, config) in enumerate(prepared):
         run_dir = Path(config.run_dir)
         skipped = is_finished(run_dir)
         if index in chosen and not skipped:
             if verbose:
-                print(f"[search] trial {index + 1}/{len(points)}: {run_dir.name}", flush=True)
+                print(f"[search] trial {index + 1}/{len(prepared)}: {run_dir.name}", flush=True)
             pretrain(config)  # resume="auto": an interrupted trial continues from its checkpoint
         elif verbose and index in chosen:
-            print(f"[search] trial {index + 1}/{len(points)}: {run_dir.name} finished before, skipped", flush=True)
+            print(f"[search] trial {index + 1}/{len(prepared)}: {run_dir.name} finished before, skipped", flush=True)
         rows.append({**trial_result(run_dir, params), "skipped": skipped,
                      "budget_seconds": config.time_budget_seconds})
     return rows
@@ -162,7 +99,7 @@ def search(base: TrainConfig, grid: dict[str, list], out_dir, trials: list[int] 
 
 def best_trial(results: list[dict]) -> dict | None:
     """The trial with the lowest final validation loss among those that ran to their end."""
-    done = [r for r in results if r["end_reason"] in ("budget", "max_steps") and math.isfinite(r["val_loss"])]
+    done = [r for r in results if r["end_reason"] in RAN_TO_THE_END and math.isfinite(r["val_loss"])]
     return min(done, key=lambda r: r["val_loss"]) if done else None
 
 
@@ -170,7 +107,7 @@ def budget_saved(results: list[dict]) -> tuple[float, float]:
     """``(seconds saved, seconds the whole grid would take)``: what the stopped trials did not spend."""
     total = sum(r["budget_seconds"] for r in results)
     saved = sum(max(r["budget_seconds"] - r["elapsed_seconds"], 0.0) for r in results
-                if r["end_reason"] in ("early_stop", "nan"))
+                if r["end_reason"] in STOPPED_EARLY)
     return saved, total
 
 
@@ -187,7 +124,8 @@ def search_table(results: list[dict]) -> str:
     """
     best = best_trial(results)
     keys = [k for k in results[0] if k not in ("trial", "run_dir", "end_reason", "steps", "elapsed_seconds",
-                                               "val_loss", "skipped", "budget_seconds")] if results else []
+                                               "val_loss", "skipped", "budget_seconds", "state",
+                                               "number")] if results else []
     lines = ["| " + " | ".join(keys + ["end", "steps", "budget used", "final val loss", ""]) + " |",
              "|" + " --- |" * (len(keys) + 5)]
     for r in sorted(results, key=lambda r: (not math.isfinite(r["val_loss"]), r["val_loss"])):
@@ -241,15 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="folder of the trials' run dirs")
     parser.add_argument("--trial", type=int, action="append", metavar="INDEX",
                         help="run only this grid index (0-based, repeatable); the others are only read")
+    study = parser.add_argument_group("pruning (an Optuna study that every process of the same command joins)")
+    study.add_argument("--pruner", default="none", metavar="|".join(PRUNERS),
+                       help="asha: successive halving, hyperband, none: the plain grid (default)")
+    study.add_argument("--storage", metavar="URL", help="the study's database (default sqlite:///OUT/study.db)")
+    study.add_argument("--study-name", help="the study's name in the storage (default: the --out folder's name)")
+    study.add_argument("--n-trials", type=int, metavar="N", help="trials of the whole study (default: the grid's size)")
+    study.add_argument("--min-resource-s", type=int, metavar="S",
+                       help="budget seconds of the first rung (default: the first validation)")
+    study.add_argument("--reduction-factor", type=int, metavar="ETA",
+                       help="a rung keeps the best 1/ETA of the trials (default 3)")
     return parser
 
 
 @configs.command("bbert search")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    base = configs.build_config(TrainConfig, configs.to_dict(TrainConfig.from_preset(args.preset)),
-                                args.config, args.assignments)
-    results = search(base, parse_grid(args.grid), args.out, trials=args.trial)
+    base = configs.build_config(TrainConfig, TrainConfig.from_preset(args.preset), args.config, args.assignments)
+    options = {k: getattr(args, k) for k in ("storage", "study_name", "n_trials", "min_resource_s", "reduction_factor")}
+    results = search(base, parse_grid(args.grid), args.out, trials=args.trial, pruner=args.pruner, **options)
     print(search_table(results))
     best = best_trial(results)
     print(f"best: {best['run_dir']} (final validation loss {best['val_loss']:.4f})" if best

@@ -1,8 +1,8 @@
 """Measuring speed: FLOPs, matmul peaks, MFU, timed training steps and the known-GPU table.
 
-    training_flops_per_sequence   matmul FLOPs of one training step, per sequence
+    training_flops_per_sequence   matmul FLOPs of one training step, per sequence (ffn_flops_per_token: the FFN's)
     matmul_peak_flops             measured FLOP/s of a large torch.mm (wall clock, or one thread's CPU time)
-    model_flops_utilization       achieved FLOP/s as a share of a peak (MFU)
+    mfu, seq_per_s_at_mfu         achieved FLOP/s as a share of a peak (MFU), and the speed a given MFU means
     GPU, KNOWN_GPUS, get_gpu      datasheet peaks of common GPUs; gpu_from_device_name for this one
     device_peak_flops             the peak a run's MFU is read against: the GPU table, else a measurement
     random_mlm_batch, train_step  the synthetic batch and the training step that every timing uses
@@ -26,11 +26,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bbert.model import BertConfig, BertForMaskedLM
-from bbert.utils import autocast_dtype, fast_bf16
+from bbert.precision import PRECISIONS, amp_dtype, fast_bf16, native_amp_dtype
 
 CLOCKS = ("wall", "thread")
 
 # ---- FLOPs, peaks, MFU ---------------------------------------------------------------------
+
+
+def ffn_flops_per_token(config) -> float:
+    """Forward matmul FLOPs of one token through one feed-forward block: 2 per multiply-add, over
+    two H x I matrices for the MLP, three for a gated GLU (gate, value, out). Biases add no matmul.
+    """
+    matrices = 2 if getattr(config, "ffn_type", "mlp") == "mlp" else 3
+    return 2 * matrices * config.hidden_size * config.intermediate_size
 
 
 def training_flops_per_sequence(config, seq_len: int = 128, masked_fraction: float = 0.15,
@@ -40,9 +48,9 @@ def training_flops_per_sequence(config, seq_len: int = 128, masked_fraction: flo
     Counts only what is computed: with ``sparse_mlm_head`` the head transform and the decoder
     run on ``masked_fraction`` of the positions.
     """
-    h, L, i = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    h, L = config.hidden_size, config.num_hidden_layers
     v = getattr(config, "padded_vocab_size", config.vocab_size)
-    per_token_layer = 2 * (4 * h * h + 2 * h * i)      # QKV + out proj, FFN in + out
+    per_token_layer = 2 * 4 * h * h + ffn_flops_per_token(config)  # QKV + out proj, FFN
     attention = 2 * 2 * seq_len * h                       # QK^T and AV, per token per layer
     encoder = L * seq_len * (per_token_layer + attention)
     head_tokens = seq_len * (masked_fraction if sparse_mlm_head else 1.0)
@@ -54,7 +62,7 @@ def matmul_peak_flops(dtype: torch.dtype | None = None, n: int = 4096, device: s
                       min_seconds: float = 1.0, clock: str = "wall") -> float:
     """Measured FLOP/s of a large square ``torch.mm``: the peak that MFU is measured against.
 
-    ``dtype=None`` is bf16 where the device runs it natively (``bbert.utils.fast_bf16``), else fp32.
+    ``dtype=None`` is bf16 where the device runs it natively (``bbert.precision.fast_bf16``), else fp32.
     ``clock="wall"`` times torch's usual threads by the wall clock: the peak for
     ``measure_throughput`` and ``compare_throughput(clock="wall")``. ``clock="thread"`` (CPU only)
     runs torch on one thread and times that thread's CPU time: the peak for
@@ -65,7 +73,7 @@ def matmul_peak_flops(dtype: torch.dtype | None = None, n: int = 4096, device: s
         raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
     if clock == "thread" and kind != "cpu":
         raise ValueError(f"clock='thread' times CPU work; use clock='wall' on {device}")
-    dtype = dtype or autocast_dtype(device) or torch.float32
+    dtype = dtype or native_amp_dtype(device) or torch.float32
     threads = torch.get_num_threads()
     if clock == "thread":
         torch.set_num_threads(1)  # all the work then runs on this thread, which thread_time sees
@@ -87,11 +95,16 @@ def matmul_peak_flops(dtype: torch.dtype | None = None, n: int = 4096, device: s
         torch.set_num_threads(threads)
 
 
-def model_flops_utilization(flops_per_sequence: float, seq_per_s: float, peak_flops: float,
-                            num_devices: int = 1) -> float:
+def mfu(flops_per_sequence: float, seq_per_s: float, peak_flops: float, n_devices: int = 1) -> float:
     """MFU: the FLOP/s a training run achieves (``flops_per_sequence x seq_per_s``) over the peak
-    of its ``num_devices`` devices. ``peak_flops`` is one device's, measured or from the table."""
-    return flops_per_sequence * seq_per_s / (peak_flops * num_devices)
+    of its ``n_devices`` devices. ``peak_flops`` is one device's, measured or from the table."""
+    return flops_per_sequence * seq_per_s / (peak_flops * n_devices)
+
+
+def seq_per_s_at_mfu(flops_per_sequence: float, mfu: float, peak_flops: float, n_devices: int = 1) -> float:
+    """The inverse of :func:`mfu`: the sequences per second that ``n_devices`` devices of peak
+    ``peak_flops`` train at a utilization of ``mfu``."""
+    return mfu * peak_flops * n_devices / flops_per_sequence
 
 
 # ---- the known-GPU table -------------------------------------------------------------------
@@ -150,7 +163,7 @@ def device_peak_flops(device: torch.device, precision: str) -> float | None:
         gpu = gpu_from_device_name(torch.cuda.get_device_name(device))
         if gpu is not None:
             return gpu.peak_tflops * 1e12
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = amp_dtype(precision) or torch.float32
     n = 8192 if device.type == "cuda" else 1024  # a GPU needs big matrices to reach its peak
     return matmul_peak_flops(dtype, n=n, device=device.type, min_seconds=0.3)
 
@@ -180,7 +193,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
                amp_dtype: torch.dtype | str | None = "auto", scaler=None) -> float:
     """One optimization step: forward under autocast, backward, optimizer step. Returns the loss.
 
-    ``amp_dtype="auto"`` is bf16 where the device runs it natively (``bbert.utils.fast_bf16``),
+    ``amp_dtype="auto"`` is bf16 where the device runs it natively (``bbert.precision.fast_bf16``),
     else fp32; None is fp32. bf16 needs no loss scaling; for fp16 on a GPU pass
     ``scaler=torch.amp.GradScaler("cuda")``.
     Works for bbert and for transformers models (both take input_ids/attention_mask/labels).
@@ -189,7 +202,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
     if isinstance(amp_dtype, str):
         if amp_dtype != "auto":
             raise ValueError(f"amp_dtype must be a torch dtype, None or 'auto', got {amp_dtype!r}")
-        amp_dtype = autocast_dtype(device)
+        amp_dtype = native_amp_dtype(device)
     with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         loss = model(**batch).loss
     if scaler is not None:
@@ -204,9 +217,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
 
 
 # ---- timing training steps -----------------------------------------------------------------
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass
 class Throughput:
@@ -232,7 +242,7 @@ def measure_throughput(model: str = "tiny", seq_len: int = 128, micro_batch_size
 
     The model and the batch come from ``seed`` (:func:`random_mlm_batch`), each step is
     :func:`train_step`, and one untimed warm-up step comes first. ``precision="auto"`` is bf16
-    where the device runs it natively (``bbert.utils.fast_bf16``), else fp32.
+    where the device runs it natively (``bbert.precision.fast_bf16``), else fp32.
     """
     if precision not in ("auto", *PRECISIONS):
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
@@ -248,10 +258,10 @@ def measure_throughput(model: str = "tiny", seq_len: int = 128, micro_batch_size
     batch = {k: v.to(device) for k, v in
              random_mlm_batch(micro_batch_size, seq_len, vocab_size, masked_fraction, seed=seed).items()}
     # fp16 without a GradScaler: a step it skips after an overflow would be timed as a fast step.
-    train_step(net, optimizer, batch, PRECISIONS[precision])  # warm-up: allocations, kernel selection
+    train_step(net, optimizer, batch, amp_dtype(precision))  # warm-up: allocations, kernel selection
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(net, optimizer, batch, PRECISIONS[precision])
+        train_step(net, optimizer, batch, amp_dtype(precision))
     seq_per_s = steps * micro_batch_size / (time.perf_counter() - start)
     flops = training_flops_per_sequence(config, seq_len, masked_fraction, sparse_mlm_head=True)
     return Throughput(model, str(device), precision, micro_batch_size, seq_len, seq_per_s, seq_per_s * flops)

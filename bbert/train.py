@@ -1,17 +1,19 @@
 """The time-budgeted masked-LM pretraining loop of 24hBERT: accumulate, step, validate, checkpoint, stop.
 
 A run is defined by a wall-clock *budget* (``time_budget_hours``), not a step count. The loop
-asks the run's :class:`bbert.optim.Schedule` for the learning rate, the fraction of the budget
-used and whether the run is over:
+asks the run's :class:`bbert.optim.Schedule` for the learning rate, the batch, the fraction of
+the budget used and whether the run is over:
 
 * the learning rate warms up over ``warmup_proportion`` of the budget and decays linearly to
-  zero at its end, with elapsed seconds as the clock;
+  zero at its end, with elapsed seconds as the clock (``lr_schedule="wsd"`` holds the peak
+  and decays over the last ``decay_proportion`` only);
 * the budget is checked after every optimizer step; the run stops at the budget and saves
   a final checkpoint and ``final/model``. The clock starts at the first step (building the
   model and starting DeepSpeed are not counted) and includes validation and checkpoints; the
   budget used so far is saved in every checkpoint, so a resumed run continues the same clock;
 * the global batch (4096 in the paper) comes from gradient accumulation:
-  ``batch_size = micro_batch_size x world_size x gradient_accumulation_steps``.
+  ``batch_size = micro_batch_size x world_size x gradient_accumulation_steps``; with a batch
+  ramp the schedule gives each step its batch (the samples consumed add up the real ones).
 
 The config is :mod:`bbert.train_config`, the engines :mod:`bbert.engines`, the run folder
 :mod:`bbert.run_dir`. Run it in one process or under a launcher::
@@ -33,7 +35,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -44,44 +45,18 @@ import yaml
 from bbert import run_dir as rd
 from bbert.configs import add_config_arguments, command
 from bbert.data import (DataDirError, build_pretraining_loader, data_fingerprint, load_manifest,
-                        load_tokenizer)
-from bbert.engines import DistEnv, build_engine, deepspeed_config, init_distributed
+                        load_tokenizer, tokenizer_dir)
+from bbert.engines import DistEnv, build_engine, check_engine, deepspeed_config, init_distributed
 from bbert.locks import DirLock
-from bbert.model import BertForMaskedLM
+from bbert.objective import build_objective
 from bbert.optim import Schedule
-from bbert.run_dir import MetricsLog, latest_checkpoint, read_metrics
-from bbert.speed import device_peak_flops, training_flops_per_sequence
+from bbert.run_dir import EndReason, MetricsLog, latest_checkpoint, read_metrics
+from bbert.speed import device_peak_flops, mfu
 from bbert.train_config import PRESETS, TrainConfig, load_config
-from bbert.utils import atomic_path, set_seed
+from bbert.atomic import atomic_path
+from bbert.env import StopSignals, set_seed
 
 __all__ = ["Trainer", "pretrain", "main", "TrainConfig", "read_metrics", "latest_checkpoint"]
-
-
-class _Stop:
-    """Set by SIGINT/SIGTERM; the loop finishes its step, saves and ends with reason 'interrupted'."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _seconds(minutes: float | None) -> float:
-    return math.inf if minutes is None else minutes * 60.0
 
 
 class Trainer:
@@ -91,71 +66,35 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, dist: DistEnv, resume: bool | str = "auto",
-                 allow_data_change: bool = False):
+                 allow_data_change: bool = False, on_validation=None):
         self.config, self.dist = config, dist
+        self.on_validation = on_validation
         self.run_dir = Path(config.run_dir)
         self.manifest = load_manifest(config.data_dir)
         self.data = data_fingerprint(self.manifest)
-        self.allow_data_change = allow_data_change
-        self.tokenizer = load_tokenizer(Path(config.data_dir) / "tokenizer")
+        self.tokenizer = load_tokenizer(tokenizer_dir(config.data_dir))
+        self.objective = build_objective(config)
         self.model_config = config.model_config(self.manifest["vocab_size"])
-        self.accumulation = config.gradient_accumulation_steps(dist.world_size)
-        self.schedule = Schedule.from_config(config)
-        self.resume_from = self._resume_point(resume)
+        self.schedule = Schedule.from_config(config, dist.world_size)
+        self.resume_from = rd.resume_point(self.run_dir, config.to_dict(), self.data, resume,
+                                           allow_data_change, config.data_dir)
 
         set_seed(config.seed + dist.rank)
-        self.engine = build_engine(BertForMaskedLM(self.model_config), config, dist)
+        self.engine = build_engine(self.objective.build_model(self.model_config), config, dist, self.objective)
 
         # run state: everything a checkpoint must hold to continue exactly
         self.step = 0
         self.samples = 0  # global samples consumed
         self.elapsed = 0.0  # seconds of the budget consumed
-        self.next_validation = _seconds(config.validation_every_minutes)
-        self.next_checkpoint = _seconds(config.checkpoint_every_minutes)
+        self.next_validation = config.validation_interval_seconds
+        self.next_checkpoint = config.checkpoint_interval_seconds
         self.markers_done: list[float] = []
         self.last_saved_step = -1
-        self.end_reason: str | None = None
+        self.end_reason: EndReason | None = None
         self.pending_rng: dict | None = None
         self.last_val_step = -1
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
-
-    def _resume_point(self, resume: bool | str) -> Path | None:
-        ckpt = latest_checkpoint(self.run_dir)
-        if resume is False:
-            if ckpt is not None:
-                raise ValueError(f"run dir {self.run_dir} already holds checkpoints; resume it (--resume) "
-                                 "or choose a new --run-dir (nothing is overwritten)")
-            return None
-        if ckpt is None:
-            if resume is True:
-                raise ValueError(f"--resume given but {self.run_dir} has no finished checkpoint; "
-                                 "drop --resume to start a new run")
-            return None
-        # compare with the config the checkpoint was written under (run_dir/config.yaml may
-        # already hold the new one, e.g. written by bbert.launch)
-        saved_cfg = rd.config_path(ckpt)
-        if resume == "auto" and saved_cfg.is_file():
-            ignore = {"run_dir", "data_dir"}
-            old = {k: v for k, v in yaml.safe_load(saved_cfg.read_text()).items() if k not in ignore}
-            new = {k: v for k, v in self.config.to_dict().items() if k not in ignore}
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            if changed:
-                raise ValueError(f"run dir {self.run_dir} holds a run with a different config "
-                                 f"(changed: {', '.join(changed)}). Pass --resume to continue it with the new "
-                                 "config, or choose a new --run-dir")
-        self._check_same_data(ckpt)
-        return ckpt
-
-    def _check_same_data(self, ckpt: Path) -> None:
-        """Refuse to continue a run on other data (tokenizer, vocabulary, shards) than it started on."""
-        old = rd.read_budget(ckpt).get("data")
-        if old is None or old == self.data or self.allow_data_change:
-            return
-        changed = ", ".join(f"{k} {_short(old.get(k))} -> {_short(v)}" for k, v in self.data.items() if old.get(k) != v)
-        raise ValueError(f"run dir {self.run_dir} was trained on other data than {self.config.data_dir} "
-                         f"({changed}); choose a new --run-dir, or pass --allow-data-change to continue "
-                         "this run on the new data")
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -188,7 +127,7 @@ class Trainer:
         if self.resume_from is not None:
             log.message(f"resuming from {self.resume_from} (step {self.step}, {self.elapsed:.1f} s, "
                         f"{100 * self._progress():.1f}% of the budget used)")
-            if self.end_reason == "early_stop" or self.schedule.done(self.elapsed, self.step):
+            if self.end_reason in (EndReason.EARLY_STOP, EndReason.PRUNED) or self.schedule.done(self.elapsed, self.step):
                 log.message("the run had already finished; nothing to do")
                 return self.run_dir
         log.write({"type": "start", "step": self.step, "elapsed_seconds": self.elapsed,
@@ -196,7 +135,7 @@ class Trainer:
                    "engine": cfg.engine, "precision": cfg.precision, "device": str(dist.device)})
 
         seq_len = self.manifest["max_seq_length"]
-        flops_per_seq = self._flops_per_sequence(seq_len)
+        flops_per_seq = self.objective.flops_per_sequence(self.model_config, seq_len)
         peak = cfg.peak_flops if cfg.peak_flops is not None else device_peak_flops(dist.device, cfg.precision)
 
         loader = build_pretraining_loader(cfg.data_dir, "train", cfg.micro_batch_size, rank=dist.rank,
@@ -207,17 +146,20 @@ class Trainer:
             rd.restore_rng(self.pending_rng, dist.device)
         reason = None
         self.engine.train()
-        with _Stop() as stop:
+        with StopSignals() as stop:
             start_wall, start_elapsed, start_step = time.monotonic(), self.elapsed, self.step
             last_log_wall, last_log_samples = time.monotonic(), self.samples
             while reason is None:
-                # the lr is set at the step's start
+                # the lr and the batch are set at the step's start
                 lr, lr_elapsed = self.schedule.lr_at(self.elapsed, self.step), self.elapsed
+                batch_size = self.schedule.batch_size_at(self.elapsed, self.step)
+                accumulation = self.schedule.accumulation_at(self.elapsed, self.step)
+                self.engine.set_batch_size(batch_size)
                 losses = []
                 poison = cfg.debug.nan_at_step == self.step + 1
-                for micro in range(self.accumulation):
+                for micro in range(accumulation):
                     batch = {k: v.to(dist.device, non_blocking=True) for k, v in next(batches).items()}
-                    losses.append(self.engine.micro_step(batch, last=micro == self.accumulation - 1, poison=poison))
+                    losses.append(self.engine.micro_step(batch, last=micro == accumulation - 1, poison=poison))
                 if cfg.debug.sleep_seconds_per_step:
                     time.sleep(cfg.debug.sleep_seconds_per_step)
                 local_loss = float(torch.stack(losses).mean())
@@ -227,12 +169,12 @@ class Trainer:
                     [local_loss if math.isfinite(local_loss) else 0.0, local_clock,
                      float(not math.isfinite(local_loss)), float(stop.requested)])
                 if bad:
-                    reason = "nan"  # the weights never see this step: the last checkpoint stays good
+                    reason = EndReason.NAN  # the weights never see this step: the last checkpoint stays good
                     log.message(f"non-finite loss at step {self.step + 1}: stopping; the last good checkpoint is kept")
                     break
                 grad_norm = self.engine.optimizer_step(lr, want_norm=(self.step + 1) % cfg.log_every_steps == 0)
                 self.step += 1
-                self.samples += cfg.batch_size
+                self.samples += batch_size
                 self.elapsed = clock_sum / dist.world_size
                 loss = loss_sum / dist.world_size
 
@@ -240,12 +182,12 @@ class Trainer:
                     now = time.monotonic()
                     seq_per_s = (self.samples - last_log_samples) / max(now - last_log_wall, 1e-9)
                     last_log_wall, last_log_samples = now, self.samples
-                    mfu = flops_per_seq * seq_per_s / (peak * dist.world_size) if peak else None
+                    utilization = mfu(flops_per_seq, seq_per_s, peak, dist.world_size) if peak else None
                     record = {"type": "train", "step": self.step, "elapsed_seconds": self.elapsed,
                               "budget_fraction": self._progress(), "loss": loss, "lr": lr,
-                              "lr_elapsed_seconds": lr_elapsed,
+                              "lr_elapsed_seconds": lr_elapsed, "batch_size": batch_size,
                               "grad_norm": grad_norm, "seq_per_s": seq_per_s,
-                              "tokens_per_s": seq_per_s * seq_len, "mfu": mfu}
+                              "tokens_per_s": seq_per_s * seq_len, "mfu": utilization}
                     scale = self.engine.loss_scale()
                     if scale is not None:  # fp16: overflowing steps are skipped; show how many
                         record.update(loss_scale=scale, skipped_steps=self.engine.skipped_steps)
@@ -257,37 +199,42 @@ class Trainer:
         self._finish(log, reason)
         return self.run_dir
 
-    def _after_step(self, log: MetricsLog, stop_requested: bool) -> str | None:
+    def _after_step(self, log: MetricsLog, stop_requested: bool) -> EndReason | None:
         """Validation, early stop, the end test and checkpoints, in a fixed order after each step."""
         cfg = self.config
         reason = None
         if self.elapsed >= self.next_validation:
-            interval = _seconds(cfg.validation_every_minutes)
+            interval = cfg.validation_interval_seconds
             self.next_validation = (math.floor(self.elapsed / interval) + 1) * interval
-            val_loss = self._validate(log)
+            record = self._validate(log)
+            val_loss = record["val_loss"]
             es = cfg.early_stop
-            if es.enabled and self.elapsed >= _seconds(es.after_minutes) and not val_loss <= es.max_val_loss:
+            if es.enabled and self.elapsed >= cfg.early_stop_after_seconds and not val_loss <= es.max_val_loss:
                 log.message(f"early stop: validation loss {val_loss:.4f} > {es.max_val_loss} "
                             f"after {es.after_minutes:g} minutes")
-                reason = "early_stop"
+                reason = EndReason.EARLY_STOP
+            if reason is None and self.on_validation is not None and self.on_validation(dict(record)):
+                log.message(f"pruned by the search at step {self.step} (validation loss {val_loss:.4f})")
+                reason = EndReason.PRUNED
         if reason is None:
-            reason = self.schedule.end_reason(self.elapsed, self.step) or ("interrupted" if stop_requested else None)
+            reason = self.schedule.end_reason(self.elapsed, self.step)
+            reason = EndReason(reason) if reason else (EndReason.INTERRUPTED if stop_requested else None)
 
         for marker in sorted(cfg.checkpoint_fractions):
             if marker not in self.markers_done and self._progress() >= marker:
                 self.markers_done.append(marker)
                 self.save_checkpoint(rd.marker_checkpoint(self.run_dir, marker), log)
         if reason is None and self.elapsed >= self.next_checkpoint:
-            interval = _seconds(cfg.checkpoint_every_minutes)
+            interval = cfg.checkpoint_interval_seconds
             self.next_checkpoint = (math.floor(self.elapsed / interval) + 1) * interval
             self.save_checkpoint(rd.step_checkpoint(self.run_dir, self.step), log)
         return reason
 
-    def _finish(self, log: MetricsLog, reason: str) -> None:
-        if reason in ("budget", "max_steps") and self.config.validation_every_minutes is not None \
+    def _finish(self, log: MetricsLog, reason: EndReason) -> None:
+        if reason in (EndReason.BUDGET, EndReason.MAX_STEPS) and self.config.validation_every_minutes is not None \
                 and self.last_val_step != self.step:
             self._validate(log)  # the run's final validation loss
-        if reason != "nan":
+        if reason != EndReason.NAN:
             self.end_reason = reason
             last = rd.step_checkpoint(self.run_dir, self.step)
             if self.last_saved_step != self.step or not last.exists():
@@ -297,26 +244,26 @@ class Trainer:
         log.message(f"run ended ({reason}) at step {self.step} after {self.elapsed:.1f} s of budget: {self.run_dir}")
         self.end_reason = reason
 
-    def _flops_per_sequence(self, seq_len: int) -> float:
-        return training_flops_per_sequence(self.model_config, seq_len, self.config.masking.mlm_probability,
-                                           self.model_config.sparse_mlm_head)
-
     # -- validation ---------------------------------------------------------------------------
 
-    def _validate(self, log: MetricsLog) -> float:
+    def _validate(self, log: MetricsLog) -> dict:
         val_loss = self.evaluate()
         self.last_val_step = self.step
-        log.write({"type": "val", "step": self.step, "elapsed_seconds": self.elapsed, "val_loss": val_loss})
+        record = {"type": "val", "step": self.step, "elapsed_seconds": self.elapsed, "val_loss": val_loss}
+        log.write(record)
         log.message(f"step {self.step}: validation loss {val_loss:.4f}")
-        return val_loss
+        return record
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Masked-LM loss over the held-out split (token-weighted, all ranks together)."""
+        """The objective's loss over the held-out split, weighted by predicted tokens, all ranks together.
+
+        Validation masks at the objective's rate (always the paper's 15%), whatever the training rate.
+        """
         cfg, dist = self.config, self.dist
         loader = build_pretraining_loader(cfg.data_dir, "val", cfg.micro_batch_size, rank=dist.rank,
-                                          world_size=dist.world_size, seed=cfg.seed, masking=cfg.masking,
-                                          infinite=False)
+                                          world_size=dist.world_size, seed=cfg.seed,
+                                          masking=self.objective.validation_masking, infinite=False)
         if data_fingerprint(loader.dataset.manifest) != self.data:  # a new loader would read new data
             raise DataDirError(f"{cfg.data_dir} changed during this run (replaced, e.g. by bbert prepare "
                                "--overwrite), so validation would score other data: restore it, or resume "
@@ -327,7 +274,7 @@ class Trainer:
             if cfg.max_val_batches is not None and i >= cfg.max_val_batches:
                 break
             batch = {k: v.to(dist.device) for k, v in batch.items()}
-            n = float((batch["labels"] != -100).sum())
+            n = float(self.objective.predicted_tokens(batch))
             if n:
                 total += float(self.engine.eval_loss(batch)) * n
                 count += n
@@ -347,7 +294,7 @@ class Trainer:
     def save_checkpoint(self, final: Path, log: MetricsLog) -> Path:
         """Write checkpoint folder ``final`` atomically from every rank, then drop old periodic ones.
 
-        Rank 0 opens a temporary folder (``bbert.utils.atomic_path``) and tells the others its
+        Rank 0 opens a temporary folder (``bbert.atomic.atomic_path``) and tells the others its
         name; everyone writes into it; rank 0 renames it into place. A kill at any moment leaves
         the previous checkpoints intact and at most a ``.tmp-*`` folder, which resume ignores.
         """
@@ -386,7 +333,7 @@ class Trainer:
         self.engine.save_state(folder)  # collective for DeepSpeed
         rd.save_rng(folder, dist.rank, dist.device)
         dist.barrier()
-        self._save_model(folder / "model")
+        self._save_model(rd.model_dir(folder))
         if dist.is_main:
             self.config.to_yaml(rd.config_path(folder))
             rd.write_budget(folder, self._budget_record())  # last: marks it complete
@@ -396,7 +343,7 @@ class Trainer:
         state = self.engine.full_state_dict()
         if self.dist.is_main:
             with torch.device("meta"):  # no memory, no init: the weights come from ``state``
-                model = BertForMaskedLM(self.model_config)
+                model = self.objective.build_model(self.model_config)
             model.load_state_dict(state, assign=True)
             model.save_pretrained(model_dir)
             self.tokenizer.save_pretrained(str(model_dir))
@@ -420,7 +367,7 @@ class Trainer:
     def _save_final(self) -> None:
         if self.dist.is_main:
             with self._writing(rd.final_dir(self.run_dir)), atomic_path(rd.final_dir(self.run_dir)) as tmp:
-                self._save_model(tmp / "model")
+                self._save_model(rd.model_dir(tmp))
                 rd.write_budget(tmp, self._budget_record())
         self.dist.barrier()
 
@@ -428,11 +375,8 @@ class Trainer:
 # ---- entry points ----------------------------------------------------------------------------------
 
 
-def _short(value) -> str:
-    return value[:12] if isinstance(value, str) else str(value)
-
-
-def pretrain(config: TrainConfig, resume: bool | str = "auto", allow_data_change: bool = False) -> Path:
+def pretrain(config: TrainConfig, resume: bool | str = "auto", allow_data_change: bool = False,
+             on_validation=None) -> Path:
     """Run (or resume) the pretraining described by ``config``; return the run dir.
 
     ``resume="auto"`` continues from the latest checkpoint when the run dir holds one with the
@@ -442,15 +386,18 @@ def pretrain(config: TrainConfig, resume: bool | str = "auto", allow_data_change
     at a time per run dir: rank 0 holds the run dir's lock (:class:`bbert.locks.DirLock`) for the
     life of the run, and a second run fails at once naming the first. Works in one process and under
     ``torchrun`` / ``deepspeed`` (one call per rank). SIGINT/SIGTERM end the run cleanly with a
-    checkpoint (end reason ``"interrupted"``).
+    checkpoint (end reason ``"interrupted"``). ``on_validation(record)`` is called (on every
+    rank) with each validation's record (``step``, ``elapsed_seconds``, ``val_loss``); when it
+    returns True the run ends with reason ``"pruned"``, its checkpoints kept as at an early stop.
     """
     config.validate(int(os.environ.get("WORLD_SIZE", 1)))
+    check_engine(config)
     rd.check_run_dir(config.run_dir, config.data_dir)
     dist = init_distributed(config.engine)
     lock = DirLock(config.run_dir, "trained into") if dist.is_main else contextlib.nullcontext()
     try:
         with lock:
-            return Trainer(config, dist, resume, allow_data_change).run()
+            return Trainer(config, dist, resume, allow_data_change, on_validation).run()
     finally:
         dist.close()
 
@@ -506,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run_dir = pretrain(config, resume=args.resume, allow_data_change=args.allow_data_change)
     ends = read_metrics(run_dir, "end")
-    return 1 if ends and ends[-1]["reason"] == "nan" else 0
+    return 1 if ends and ends[-1]["reason"] == EndReason.NAN else 0
 
 
 if __name__ == "__main__":

@@ -11,18 +11,24 @@ from __future__ import annotations
 
 import math
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 
-from bbert.configs import build_config, coerce, from_dict, load_yaml, merge, parse_assignments, parse_value, to_dict
-from bbert.data import MaskingConfig, load_manifest
+from bbert.configs import build_config, coerce, parse_value, to_dict
+from bbert.data import MaskingConfig, load_manifest, manifest_path
+from bbert.data.layout import SHARD_SUFFIX
 from bbert.model import BertConfig
 from bbert.optim import Schedule
-from bbert.utils import atomic_write_text, fast_bf16
+from bbert.atomic import atomic_write_text
+from bbert.precision import fast_bf16
+
+# Hours and minutes are for people (the config's fields); inside bbert time is seconds. These
+# are the only conversions: TrainConfig's *_seconds properties, and hours()/minutes() to fill
+# the fields from seconds (e.g. a notebook's budget).
+SECONDS_PER_HOUR = 3600.0
+SECONDS_PER_MINUTE = 60.0
 
 ENGINES = ("deepspeed", "torch")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -67,7 +73,11 @@ class TrainConfig:
     accumulates ``batch_size / (micro_batch_size x world_size)`` micro-batches per step.
     ``schedule`` picks the clock of :class:`bbert.optim.Schedule`: ``"time"`` (the paper's,
     over ``time_budget_hours``) or ``"step"`` (over ``max_steps``); ``max_steps`` also caps a
-    time-budgeted run. ``max_grad_norm = 0`` means no clipping (the paper's setting).
+    time-budgeted run. ``lr_schedule`` is the lr's shape: ``"linear"`` (the paper's decay after
+    warm-up) or ``"wsd"`` (warmup-stable-decay: the peak held until the last ``decay_proportion``
+    of the budget). ``batch_ramp_proportion > 0`` grows the global batch linearly from
+    ``batch_ramp_start`` to ``batch_size`` over that share of the budget (Cramming's batch ramp).
+    ``max_grad_norm = 0`` means no clipping (the paper's setting).
     ``checkpoint_fractions`` are the time markers (fractions of the budget) where a checkpoint
     is kept for finetuning.
     """
@@ -83,6 +93,10 @@ class TrainConfig:
     max_steps: int | None = None
     schedule: str = "time"
     warmup_proportion: float = 0.06
+    lr_schedule: str = "linear"  # "wsd": warmup-stable-decay over the last decay_proportion
+    decay_proportion: float = 0.2
+    batch_ramp_proportion: float = 0.0  # the batch grows to batch_size over this share; 0 = off
+    batch_ramp_start: int | None = None  # None = one micro-batch per rank
     # optimizer
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -118,12 +132,25 @@ class TrainConfig:
 
         Keyword overrides replace fields (nested ones as dataclasses or dicts).
         """
-        return from_dict(cls, {**preset(name), **overrides})
+        return build_config(cls, preset(name), updates=overrides)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         """Build a config from a (possibly partial) dict; unknown keys are an error."""
-        return from_dict(cls, dict(data))
+        return build_config(cls, data)
+
+    @staticmethod
+    def dotted_key(key: str, value):
+        """Where a dotted override (``--set``, a search grid, ``updates``) lands; consulted by
+        :func:`bbert.configs.build_config`.
+
+        ``model.<field>`` is ``model_overrides.<field>``, its value read as YAML (``96``, ``true``),
+        since ``model_overrides`` is a free mapping that ``from_dict`` can't check field by field
+        (:meth:`model_config` does). Every other key is a field path of ``TrainConfig``.
+        """
+        if key.startswith("model."):
+            return "model_overrides." + key[len("model."):], parse_value(value, key)
+        return key, value
 
     def to_dict(self) -> dict:
         """A plain dict (lists, not tuples) that YAML and JSON can hold."""
@@ -145,14 +172,29 @@ class TrainConfig:
 
         ``model.<field>=...`` sets a model override; ``model=<preset>`` picks the model preset.
         """
-        return from_dict(type(self), merge(self.to_dict(), override_dict(assignments)))
+        return build_config(type(self), self, assignments=assignments)
 
     # -- derived values ---------------------------------------------------------------------
 
     @property
     def time_budget_seconds(self) -> float:
         """The budget on the wall clock: the one place where ``time_budget_hours`` becomes seconds."""
-        return self.time_budget_hours * 3600.0
+        return self.time_budget_hours * SECONDS_PER_HOUR
+
+    @property
+    def validation_interval_seconds(self) -> float:
+        """``validation_every_minutes`` in seconds; ``inf`` when validation is off."""
+        return _in_seconds(self.validation_every_minutes)
+
+    @property
+    def checkpoint_interval_seconds(self) -> float:
+        """``checkpoint_every_minutes`` in seconds; ``inf`` when periodic checkpoints are off."""
+        return _in_seconds(self.checkpoint_every_minutes)
+
+    @property
+    def early_stop_after_seconds(self) -> float:
+        """``early_stop.after_minutes`` in seconds: when the early stop starts to judge."""
+        return _in_seconds(self.early_stop.after_minutes)
 
     def gradient_accumulation_steps(self, world_size: int = 1) -> int:
         """Micro-batches per optimizer step on each rank: batch / (micro-batch x world size)."""
@@ -183,8 +225,9 @@ class TrainConfig:
     def validate(self, world_size: int = 1, check_data: bool = True) -> "TrainConfig":
         """Raise ``ValueError`` naming what to change if this run can't start; return self.
 
-        Checks the choices, the batch arithmetic, the schedule, the precision against the device,
-        the engine's availability and (``check_data``) the data dir.
+        Checks the config's own consistency: the choices, the batch arithmetic, the schedule, the
+        model and (``check_data``) the data dir. What the machine must offer (the precision on
+        this device, DeepSpeed and its known bugs) is :func:`bbert.engines.check_engine`'s.
         """
         def choice(name, value, options):
             if value not in options:
@@ -212,7 +255,8 @@ class TrainConfig:
                              "(the paper warms up for 0.06 of the budget)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
-        Schedule.from_config(self)  # the budget and warm-up as the trainer will read them
+        # the budget, warm-up, lr shape and batch ramp as the trainer will read them
+        Schedule.from_config(self, world_size)
         if not self.lr > 0 or not self.eps > 0:
             raise ValueError(f"lr and eps must be > 0, got lr={self.lr}, eps={self.eps}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -238,35 +282,6 @@ class TrainConfig:
         if self.zero_stage and self.engine != "deepspeed":
             raise ValueError(f"zero_stage={self.zero_stage} needs engine='deepspeed'; "
                              "with engine='torch' set zero_stage=0")
-        if self.engine == "deepspeed" and self.precision == "fp16" and self.zero_stage == 0:
-            # DeepSpeed's engine.backward scales the loss only for its ZeRO optimizers, yet the
-            # stage-0 fp16 optimizer still divides the gradients by the loss scale: every update
-            # comes out ~65536x too small. Seen with DeepSpeed 0.19.8 on an H200 (the loss barely
-            # moved); upstream: deepspeedai/DeepSpeed#8393.
-            raise ValueError("engine='deepspeed' with precision='fp16' needs zero_stage >= 1: at zero_stage=0 "
-                             "DeepSpeed leaves the loss unscaled but still unscales the gradients, so training "
-                             "stalls (deepspeedai/DeepSpeed#8393). Use zero_stage=1 (the 24hbert preset's; it "
-                             "also shards the optimizer state), precision='bf16', or engine='torch'")
-        if self.engine == "deepspeed" and self.optimizer == "lamb" and self.zero_stage >= 1:
-            # ZeRO hands the optimizer flat slices of many tensors; LAMB's trust ratio is per tensor.
-            raise ValueError(f"optimizer='lamb' with zero_stage={self.zero_stage}: ZeRO flattens the parameters, "
-                             "so LAMB's per-layer trust ratios would be computed over slices of many layers. "
-                             "Use engine='torch' (fp16 with a grad scaler, DDP across GPUs), or zero_stage=0 "
-                             "with precision='bf16' or 'fp32'")
-        if self.precision == "fp16" and not torch.cuda.is_available():
-            raise ValueError("precision='fp16' needs a CUDA GPU (no fp16 training on this CPU); "
-                             "use precision='bf16' or 'fp32'")
-        if self.precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-            raise ValueError("this GPU has no bf16; use precision='fp16' (as the paper) or 'fp32'")
-        if self.precision == "bf16" and not torch.cuda.is_available() and not fast_bf16("cpu"):
-            warnings.warn("precision='bf16' on a CPU without native bf16 (no AVX-512 BF16 / AMX): torch "
-                          "emulates it, ~100x slower than fp32; use precision='fp32' here", stacklevel=2)
-        if self.engine == "deepspeed":
-            try:
-                import deepspeed  # noqa: F401
-            except ImportError as e:
-                raise ValueError("engine='deepspeed' but DeepSpeed is not installed: pip install 'bbert[deepspeed]', "
-                                 "or use engine='torch'") from e
         try:
             self.model_config(vocab_size=self.model_overrides.get("vocab_size", 30522))
         except (TypeError, ValueError) as e:
@@ -280,12 +295,12 @@ class TrainConfig:
         if data_dir.is_file():
             raise ValueError(f"data_dir {str(data_dir)!r} is a file; a data dir is the folder that `bbert prepare "
                              f"--out` wrote (it holds manifest.json): pass its folder, {data_dir.parent}")
-        if (data_dir.is_dir() and not (data_dir / "manifest.json").exists() and any(data_dir.iterdir())
-                and not any(data_dir.glob("*.bin"))):  # shards without a manifest: an older or unfinished prepare
+        if (data_dir.is_dir() and not manifest_path(data_dir).exists() and any(data_dir.iterdir())
+                and not any(data_dir.glob(f"*{SHARD_SUFFIX}"))):  # shards without a manifest: an older or unfinished prepare
             raise ValueError(f"data_dir {str(data_dir)!r} holds no manifest.json, so it is not a data dir (raw text?): "
                              f"prepare it first, `bbert prepare {data_dir} --out DATA_DIR`, then pass "
                              "--data-dir DATA_DIR")
-        if not (data_dir / "manifest.json").is_file():
+        if not manifest_path(data_dir).is_file():
             raise ValueError(f"data_dir {str(data_dir)!r} has no manifest.json: prepare it first with "
                              f"`bbert prepare --out {data_dir}` (or bbert.data.prepare), or set data_dir")
         manifest = load_manifest(data_dir)
@@ -322,8 +337,8 @@ def _preset_24hbert() -> dict:
       factor 10, at most 20 predictions per sequence: ``--masking static --duplication-factor 10
       --set masking.max_predictions_per_seq=20``.
     * ZeRO: stage 1; the paper's DeepSpeed config has none. DeepSpeed 0.19's fp16 does not train at
-      stage 0 (deepspeedai/DeepSpeed#8393, see ``validate``); stage 1 shards the optimizer state only,
-      the same arithmetic.
+      stage 0 (deepspeedai/DeepSpeed#8393, see ``bbert.engines.check_engine``); stage 1 shards the
+      optimizer state only, the same arithmetic.
     * fused kernels: the paper used apex (fused LayerNorm, fused linear + GELU); bbert uses PyTorch
       SDPA attention, unpadding and torch's fused AdamW.
     * tokenizer: the paper used ``bert-large-uncased``'s vocabulary; ``bbert prepare`` trains its own
@@ -356,23 +371,18 @@ def _preset_tiny_cpu() -> dict:
 PRESETS = {"24hbert": _preset_24hbert, "tiny-cpu": _preset_tiny_cpu}
 
 
-def override_key(key: str) -> str:
-    """Where a dotted override lands: ``model.<field>`` (``--set``, a search grid) is
-    ``model_overrides.<field>``; every other key is a field path of :class:`TrainConfig`."""
-    return "model_overrides." + key[len("model."):] if key.startswith("model.") else key
+def _in_seconds(minutes: float | None) -> float:
+    return math.inf if minutes is None else minutes * SECONDS_PER_MINUTE
 
 
-def override_dict(assignments) -> dict:
-    """``--set`` assignments as a nested dict; ``model.<field>`` lands in ``model_overrides``.
+def hours(seconds: float) -> float:
+    """``seconds`` in hours, for ``time_budget_hours`` (``time_budget_hours=hours(90)``)."""
+    return seconds / SECONDS_PER_HOUR
 
-    A model override's value is parsed as YAML here (``96``, ``true``), since ``model_overrides``
-    is a free mapping that :func:`bbert.configs.from_dict` can't check field by field.
-    """
-    renamed = [override_key(a.strip()) for a in assignments]
-    data = parse_assignments(renamed)
-    if isinstance(data.get("model_overrides"), dict):
-        data["model_overrides"] = {k: parse_value(v, f"model.{k}") for k, v in data["model_overrides"].items()}
-    return data
+
+def minutes(seconds: float) -> float:
+    """``seconds`` in minutes, for the ``*_minutes`` fields (``validation_every_minutes=minutes(15)``)."""
+    return seconds / SECONDS_PER_MINUTE
 
 
 def preset(name: str) -> dict:
@@ -388,5 +398,4 @@ def load_config(preset_name: str | None = None, config_file=None, assignments=()
         base = {} if config_file else preset("24hbert")
     else:
         base = preset(preset_name)
-    data = merge(base, load_yaml(config_file)) if config_file else base
-    return from_dict(TrainConfig, merge(data, override_dict(assignments)))
+    return build_config(TrainConfig, base, config_file, assignments)

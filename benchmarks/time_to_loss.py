@@ -234,7 +234,8 @@ def main(argv=None) -> int:
 
     from bbert.data import load_manifest
     from bbert.train_config import TrainConfig
-    from bbert.utils import atomic_write_json, set_seed
+    from bbert.atomic import atomic_write_json
+    from bbert.env import set_seed
 
     args.out.mkdir(parents=True, exist_ok=True)
     data_dir = prepare_data(args.out / "data", args.vocab_size)

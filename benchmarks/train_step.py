@@ -10,7 +10,7 @@ A step is forward + backward + optimizer step on the same batch of packed 128-to
 15% of positions masked. Each model runs at the best settings it offers on this device:
 - transformers: attn_implementation="sdpa", bf16 autocast, fused AdamW;
 - bbert: its defaults (sparse MLM head, fused QKV + SDPA, unpadding), bf16 autocast, fused AdamW.
-On a CPU without native bf16 (no AVX-512 BF16 / AMX; bbert.utils.fast_bf16) torch emulates bf16
+On a CPU without native bf16 (no AVX-512 BF16 / AMX; bbert.precision.fast_bf16) torch emulates bf16
 matmuls ~100x slower than fp32, so there both run in fp32 and MFU is against the fp32 peak.
 The two alternate (ABBA...) within one run after a warm-up, so that the machine's load, which
 others share, hits both alike. MFU counts only the FLOPs each model really computes (bbert's
@@ -27,9 +27,9 @@ import torch
 from bbert.hf import transformers_baseline
 from bbert.model import BertConfig, BertForMaskedLM
 from bbert.optim import build_optimizer
-from bbert.speed import (compare_throughput, matmul_peak_flops, model_flops_utilization, random_mlm_batch,
+from bbert.speed import (compare_throughput, matmul_peak_flops, mfu, random_mlm_batch,
                          training_flops_per_sequence)
-from bbert.utils import autocast_dtype
+from bbert.precision import native_amp_dtype
 
 VOCAB = 30522  # bert-base-uncased's vocabulary
 
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name(device) if on_gpu else f"{torch.get_num_threads()} CPU threads"
     print(f"torch {torch.__version__}, {where}, batch {args.batch_size} x {args.seq_len}")
     peak_seconds = 0.3 if args.quick else 1.0
-    amp_dtype = autocast_dtype(device)
+    amp_dtype = native_amp_dtype(device)
     amp = "bf16" if amp_dtype is torch.bfloat16 else "fp32"
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32} if amp == "bf16" else {"fp32": torch.float32}
     if on_gpu:  # bf16 tensor-core work against the fp32 (no TF32) peak would read as MFU > 100%
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             flops = training_flops_per_sequence(runners[name][0].config, args.seq_len, masked, sparse[name])
             seq_s = r["seq_s"][name]
             print(f"  {name:<13} {seq_s:7.2f} seq/s  {flops * seq_s / 1e9:6.1f} GFLOP/s  "
-                  + ", ".join(f"MFU {model_flops_utilization(flops, seq_s, p):5.1%} of {k} peak"
+                  + ", ".join(f"MFU {mfu(flops, seq_s, p):5.1%} of {k} peak"
                               for k, p in peaks.items()))
         print(f"  ratio bbert / transformers: {ratio_summary(r, 'bbert', 'transformers')}")
         if args.compile:

@@ -9,7 +9,7 @@ from bbert import budget, speed
 from bbert.budget import DEFAULT_MFU, PAPER_RUN, paper_plan, plan_budget
 from bbert.model import BertConfig, BertForMaskedLM
 from bbert.speed import (KNOWN_GPUS, compare_throughput, get_gpu, gpu_from_device_name, matmul_peak_flops,
-                         measure_throughput, model_flops_utilization, random_mlm_batch,
+                         measure_throughput, mfu, random_mlm_batch, seq_per_s_at_mfu,
                          training_flops_per_sequence)
 
 
@@ -187,7 +187,7 @@ def test_matmul_peak_defaults_to_the_native_precision(monkeypatch):
     for flag, dtype in (("0", torch.float32), ("1", torch.bfloat16)):
         monkeypatch.setenv("BBERT_CPU_BF16", flag)
         seen.clear()
-        assert matmul_peak_flops(n=64, min_seconds=0.0) > 0
+        matmul_peak_flops(n=64, min_seconds=0.0)
         assert seen and set(seen) == {dtype}
 
 
@@ -224,8 +224,12 @@ def test_flops_and_mfu():
     assert training_flops_per_sequence(config, 128, 0.15) == pytest.approx(3 * (encoder + 0.15 * 128 * head))
     assert training_flops_per_sequence(config, 128, 0.15, sparse_mlm_head=False) == \
         pytest.approx(3 * (encoder + 128 * head))
-    assert model_flops_utilization(1e9, 50.0, 1e11) == pytest.approx(0.5)
-    assert model_flops_utilization(1e9, 50.0, 1e11, num_devices=4) == pytest.approx(0.125)
+    assert mfu(1e9, 50.0, 1e11) == pytest.approx(0.5)
+    assert mfu(1e9, 50.0, 1e11, n_devices=4) == pytest.approx(0.125)
+    # the inverse: the speed an MFU means, as the planner and the GLUE cost model use it
+    assert seq_per_s_at_mfu(1e9, 0.5, 1e11) == pytest.approx(50.0)
+    assert seq_per_s_at_mfu(1e9, 0.125, 1e11, n_devices=4) == pytest.approx(50.0)
+    assert seq_per_s_at_mfu(2.4e11, mfu(2.4e11, 37.5, 125e12, 8), 125e12, 8) == pytest.approx(37.5)
 
 
 @pytest.mark.parametrize("device_name, key", [

@@ -18,8 +18,9 @@ from bbert.data import (CorpusError, DataDirError, IGNORE_INDEX, group_rows, Mas
                         build_pretraining_loader, check_tokenizer, choose_dtype, clean_text,
                         is_validation, load_manifest, load_tokenizer, prepare, read_documents,
                         read_sample_corpus, sample_corpus_path, train_tokenizer, verify_shards)
+from bbert.data.layout import manifest_path, shard_name, tokenizer_dir, verified_path
 from bbert.data.readers import iter_clean_documents
-from bbert.utils import HubUnavailableError
+from bbert.hub import HubUnavailableError
 
 SMALL = dict(max_documents=300, vocab_size=2048, val_fraction=0.05, progress=False)
 
@@ -33,7 +34,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(data_dir):
-    return load_tokenizer(data_dir / "tokenizer")
+    return load_tokenizer(tokenizer_dir(data_dir))
 
 
 def tree_state(folder: Path) -> dict:
@@ -250,7 +251,7 @@ def test_prepare_refuses_latin1_and_keeps_its_accents_when_declared(tmp_path, ca
     assert main(args + ["--encoding", "latin-1"]) == 0
     assert "documents: 60 read, 60 kept; dropped 0 empty" in capsys.readouterr().out
     tok = load_tokenizer(out)
-    ids = np.fromfile(out / "train-00000.bin", dtype=np.uint16)
+    ids = np.fromfile(out / shard_name("train", 0), dtype=np.uint16)
     text = tok.decode(ids.tolist(), skip_special_tokens=True)
     assert "caf\xe9" in text and "fra\xeeche" in text
 
@@ -337,8 +338,12 @@ def test_manifest_shards_dtype_and_packing_efficiency(data_dir, tokenizer):
     assert m["packing_efficiency"] >= 0.98
     assert m["bytes_per_token"] <= 2.1
     assert m["stats"]["documents_kept"] == 300 and m["args"]["max_documents"] == 300
-    for split in ("train", "val"):
-        assert m["splits"][split]["num_samples"] > 0
+    train, val = (m["splits"][split]["num_samples"] for split in ("train", "val"))
+    assert 0.02 < val / (train + val) < 0.1  # val_fraction=0.05 of the documents
+    for split in ("train", "val"):  # the count is the rows in the split's shard files
+        rows = sum((data_dir / s["file"]).stat().st_size // (2 * 128) for s in m["splits"][split]["shards"])
+        assert m["splits"][split]["num_samples"] == rows
+    assert [s["file"] for s in m["splits"]["train"]["shards"]][:1] == [shard_name("train", 0)]
     shard = m["splits"]["train"]["shards"][0]
     arr = np.fromfile(data_dir / shard["file"], dtype=np.uint16).reshape(-1, 128)
     assert len(arr) == shard["num_samples"] == m["splits"]["train"]["num_samples"]
@@ -372,14 +377,14 @@ def test_vocabulary_too_big_for_dtype(tmp_path):
     assert not out.exists()
     m = prepare(PrepareConfig([str(corpus)], str(out), tokenizer=str(tmp_path / "bigtok"),
                               progress=False, val_fraction=0))
-    arr = np.fromfile(out / "train-00000.bin", dtype=np.uint32)
+    arr = np.fromfile(out / shard_name("train", 0), dtype=np.uint32)
     assert m["dtype"] == "uint32" and arr.max() >= 65_536
 
 
 # ---------------------------------------------------------------- prepare: re-runs and bad input
 def test_rerun_skips_a_good_dir_and_redoes_a_damaged_one(tmp_path, data_dir, capsys):
     out = tmp_path / "d"
-    cfg = PrepareConfig(out=str(out), samples_per_shard=400, tokenizer=str(data_dir / "tokenizer"),
+    cfg = PrepareConfig(out=str(out), samples_per_shard=400, tokenizer=str(tokenizer_dir(data_dir)),
                         **{**SMALL, "max_documents": 120})
     m1 = prepare(cfg)
     assert len(m1["splits"]["train"]["shards"]) >= 2
@@ -415,7 +420,7 @@ def test_failed_overwrite_leaves_the_old_data_dir_byte_identical(tmp_path, monke
     from bbert.cli import main
 
     out = tmp_path / "d"
-    base = ["prepare", "--out", str(out), "--tokenizer", str(data_dir / "tokenizer"), "--quiet",
+    base = ["prepare", "--out", str(out), "--tokenizer", str(tokenizer_dir(data_dir)), "--quiet",
             "--max-documents", "120", "--set", "samples_per_shard=400"]
     assert main(base) == 0
     before = tree_state(out)
@@ -438,19 +443,19 @@ def test_failed_overwrite_leaves_the_old_data_dir_byte_identical(tmp_path, monke
 
 
 def test_an_interrupted_prepare_is_noticed_and_redone(tmp_path, data_dir, capsys):
-    cfg = PrepareConfig(out=str(tmp_path / "d"), tokenizer=str(data_dir / "tokenizer"),
+    cfg = PrepareConfig(out=str(tmp_path / "d"), tokenizer=str(tokenizer_dir(data_dir)),
                         **{**SMALL, "max_documents": 60})
     # What a prepare killed by SIGKILL (no cleanup) leaves: a half-built sibling folder ...
     build = tmp_path / ".d.building"
     build.mkdir()
-    (build / "train-00000.bin").write_bytes(b"\0" * 256)
+    (build / shard_name("train", 0)).write_bytes(b"\0" * 256)
     m = prepare(cfg)
     assert "unfinished build" in capsys.readouterr().err and not build.exists()
     assert verify_shards(tmp_path / "d", m) == []
     # ... or, from an older bbert, shards in the folder itself without a finished manifest.
     partial = tmp_path / "p"
     partial.mkdir()
-    (partial / "train-00000.bin").write_bytes(b"\0" * 256)
+    (partial / shard_name("train", 0)).write_bytes(b"\0" * 256)
     with pytest.raises(DataDirError, match="no manifest.json; create it"):
         load_manifest(partial)
     m = prepare(PrepareConfig(**{**cfg.__dict__, "out": str(partial)}))
@@ -471,13 +476,13 @@ def test_other_tokenizer_or_arguments_in_existing_dir_is_refused_untouched(tmp_p
     prepare(cfg)
     before = tree_state(out)
     with pytest.raises(DataDirError, match="another tokenizer .differing: tokenizer"):
-        prepare(PrepareConfig(**{**cfg.__dict__, "tokenizer": str(data_dir / "tokenizer")}))
+        prepare(PrepareConfig(**{**cfg.__dict__, "tokenizer": str(tokenizer_dir(data_dir))}))
     # Same arguments, but the tokenizer folder's content changed since.
     tok_dir = tmp_path / "tok"
     cfg_tok = PrepareConfig(**{**cfg.__dict__, "out": str(tmp_path / "d2"), "tokenizer": str(tok_dir)})
-    load_tokenizer(data_dir / "tokenizer").save_pretrained(tok_dir)
+    load_tokenizer(tokenizer_dir(data_dir)).save_pretrained(tok_dir)
     prepare(cfg_tok)
-    load_tokenizer(out / "tokenizer").save_pretrained(tok_dir)
+    load_tokenizer(tokenizer_dir(out)).save_pretrained(tok_dir)
     with pytest.raises(DataDirError, match="another tokenizer .fingerprint"):
         prepare(cfg_tok)
     with pytest.raises(DataDirError, match="differing: max_seq_length"):
@@ -490,7 +495,7 @@ def test_other_tokenizer_or_arguments_in_existing_dir_is_refused_untouched(tmp_p
 def test_empty_input_is_a_clear_error_and_writes_nothing(tmp_path, data_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n")
-    for i, tok in enumerate((None, str(data_dir / "tokenizer"))):
+    for i, tok in enumerate((None, str(tokenizer_dir(data_dir)))):
         out = tmp_path / f"out-{i}"
         with pytest.raises(CorpusError, match="no usable documents in .*empty.txt: 0 read"):
             prepare(PrepareConfig([str(empty)], str(out), tokenizer=tok, progress=False))
@@ -554,7 +559,7 @@ def test_a_damaged_manifest_is_named_for_readers_and_redone_by_prepare(tmp_path,
 
     damaged = tmp_path / "damaged"
     shutil.copytree(data_dir, damaged)
-    (damaged / "manifest.json").write_text("{broken")
+    manifest_path(damaged).write_text("{broken")
     # was the bare "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"
     with pytest.raises(DataDirError, match=r"damaged/manifest.json is not valid JSON \(damaged\?\); rebuild it with"):
         load_manifest(damaged)
@@ -586,7 +591,7 @@ def _mask_many(tokenizer, samples, config, n=600):
 
 
 def test_dynamic_masking_statistics(data_dir, tokenizer):
-    samples = np.fromfile(data_dir / "train-00000.bin", dtype=np.uint16).reshape(-1, 128).astype(np.int64)
+    samples = np.fromfile(data_dir / shard_name("train", 0), dtype=np.uint16).reshape(-1, 128).astype(np.int64)
     inputs, labels, special = _mask_many(tokenizer, samples, MaskingConfig())
     original = samples[:len(inputs)]
     predicted = labels != IGNORE_INDEX
@@ -603,7 +608,7 @@ def test_dynamic_masking_statistics(data_dir, tokenizer):
 
 
 def test_whole_word_masking_masks_whole_words(data_dir, tokenizer):
-    samples = np.fromfile(data_dir / "train-00000.bin", dtype=np.uint16).reshape(-1, 128).astype(np.int64)
+    samples = np.fromfile(data_dir / shard_name("train", 0), dtype=np.uint16).reshape(-1, 128).astype(np.int64)
     inputs, labels, special = _mask_many(tokenizer, samples, MaskingConfig(whole_word_masking=True), n=300)
     predicted = labels != IGNORE_INDEX
     continuation = np.vectorize(lambda t: t.startswith("##"))(
@@ -630,7 +635,7 @@ def test_static_masking_cycles_duplication_factor_masks_and_dynamic_does_not(dat
 
 
 def test_max_predictions_per_seq_caps_and_bad_values_are_refused(data_dir, tokenizer):
-    samples = np.fromfile(data_dir / "train-00000.bin", dtype=np.uint16).reshape(-1, 128).astype(np.int64)
+    samples = np.fromfile(data_dir / shard_name("train", 0), dtype=np.uint16).reshape(-1, 128).astype(np.int64)
     for wwm in (False, True):
         _, labels, _ = _mask_many(tokenizer, samples, MaskingConfig(max_predictions_per_seq=12,
                                                                      whole_word_masking=wwm), n=200)
@@ -735,11 +740,10 @@ def _copy_dir(src: Path, dst: Path) -> Path:
 
 def test_a_flipped_byte_of_the_same_size_is_caught_at_the_start(tmp_path, data_dir):
     from bbert.data import check_data_dir
-    from bbert.data.shards import VERIFIED_FILE
 
     d = _copy_dir(data_dir, tmp_path / "d")
     m = check_data_dir(d)  # untouched: passes
-    assert m == load_manifest(d) and (d / VERIFIED_FILE).is_file()
+    assert m == load_manifest(d) and verified_path(d).is_file()
     shard = d / m["splits"]["train"]["shards"][0]["file"]
     raw = bytearray(shard.read_bytes())
     raw[1000] ^= 0xFF
@@ -751,9 +755,9 @@ def test_a_flipped_byte_of_the_same_size_is_caught_at_the_start(tmp_path, data_d
         build_pretraining_loader(d, "train", 8)
     # A manifest edited to another checksum is refused the same way.
     d2 = _copy_dir(data_dir, tmp_path / "d2")
-    m2 = json.loads((d2 / "manifest.json").read_text())
+    m2 = json.loads(manifest_path(d2).read_text())
     m2["splits"]["val"]["shards"][0]["sha256"] = "0" * 64
-    (d2 / "manifest.json").write_text(json.dumps(m2))
+    manifest_path(d2).write_text(json.dumps(m2))
     with pytest.raises(DataDirError, match="val-00000.bin does not match"):
         PretrainingDataset(d2, "train")
 
@@ -770,7 +774,7 @@ def test_checksums_are_hashed_once_then_checked_by_size_and_time(tmp_path, data_
     first = len(hashed)
     check_data_dir(d)
     assert first == len(hashed)  # prepare's sidecar made even the first check free
-    (d / shards_module.VERIFIED_FILE).unlink()
+    verified_path(d).unlink()
     check_data_dir(d)
     check_data_dir(d)
     assert sorted(hashed) == sorted(s["file"] for sp in load_manifest(d)["splits"].values() for s in sp["shards"])
@@ -780,7 +784,7 @@ def test_a_data_dir_replaced_under_a_reader_is_refused(tmp_path, data_dir):
     d = _copy_dir(data_dir, tmp_path / "d")
     ds = PretrainingDataset(d, "val", shuffle=False)
     ds.sample(0)
-    (d / "manifest.json").write_text((d / "manifest.json").read_text() + "\n")  # e.g. prepare --overwrite
+    manifest_path(d).write_text(manifest_path(d).read_text() + "\n")  # e.g. prepare --overwrite
     ds.sample(1)  # an open shard keeps serving the data it started with
     ds._arrays.clear()  # as when the next shard is opened
     with pytest.raises(DataDirError, match="changed while this run was reading it"):
@@ -892,7 +896,7 @@ def test_sentence_per_row_dataset_is_grouped_into_documents(tmp_path, monkeypatc
     out = tmp_path / "out"
     m = prepare(PrepareConfig([f"hf:{with_id}"], str(out), vocab_size=800, val_fraction=0, progress=False))
     tok = load_tokenizer(out)
-    ids = np.fromfile(out / "train-00000.bin", dtype=np.uint16).reshape(-1, 128)[:, 1:-1].ravel()
+    ids = np.fromfile(out / shard_name("train", 0), dtype=np.uint16).reshape(-1, 128)[:, 1:-1].ravel()
     ids = ids[ids != tok.pad_token_id]
     assert (ids == tok.sep_token_id).sum() == len(books) and m["stats"]["rows_grouped"] == len(rows)
     first_doc = tok.decode(ids[:np.flatnonzero(ids == tok.sep_token_id)[0]].tolist())
@@ -921,14 +925,14 @@ def test_cli_takes_config_file_set_and_flags_in_that_order(tmp_path, capsys):
 
 def test_a_data_dir_from_an_older_bbert_is_reused_when_its_settings_match(tmp_path, data_dir, capsys):
     d = _copy_dir(data_dir, tmp_path / "d")
-    m = json.loads((d / "manifest.json").read_text())
+    m = json.loads(manifest_path(d).read_text())
     for key in ("encoding", "document_field", "rows_per_document"):
         del m["args"][key]  # fields it did not have yet
     m["args"].update(masking="dynamic", duplication_factor=10, mlm_probability=0.15, whole_word_masking=False)
-    (d / "manifest.json").write_text(json.dumps(m))
+    manifest_path(d).write_text(json.dumps(m))
     assert prepare(PrepareConfig(out=str(d), **SMALL)) == m
     m["args"]["masking"] = "static"
-    (d / "manifest.json").write_text(json.dumps(m))
+    manifest_path(d).write_text(json.dumps(m))
     with pytest.raises(DataDirError, match="other arguments .differing: masking"):
         prepare(PrepareConfig(out=str(d), **SMALL))
 

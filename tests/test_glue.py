@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from bbert import glue
+from bbert.atomic import atomic_write_json, atomic_write_text
 from bbert.glue import grid as glue_grid
-from bbert.utils import HubUnavailableError, atomic_write_json, atomic_write_text
+from bbert.hub import HubUnavailableError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 GLUE_DIR = FIXTURES / "glue_data"

@@ -14,9 +14,9 @@ import torch
 from sklearn.metrics import accuracy_score
 
 from bbert import glue
+from bbert.atomic import atomic_write_json
 from bbert.glue import command as glue_command
 from bbert.glue import grid as glue_grid
-from bbert.utils import atomic_write_json
 
 GLUE_DIR = Path(__file__).parent / "fixtures" / "glue" / "glue_data"
 DEV = "sentence\tlabel\ngood film\tpos\nbad film\tneg\n"

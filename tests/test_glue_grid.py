@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bbert import glue, utils
+from bbert import glue, progress
 from bbert.budget import DEFAULT_MFU, model_config
 from bbert.speed import get_gpu, training_flops_per_sequence
 from bbert.glue import grid as glue_grid
-from bbert.utils import atomic_write_json
+from bbert.atomic import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(__file__).parent / "fixtures" / "glue" / "glue_data"
@@ -232,8 +232,8 @@ def test_progress_to_a_file_is_plain_periodic_lines():
 
 def test_progress_without_a_total_counts_at_intervals(monkeypatch):
     out, clock = io.StringIO(), [0.0]
-    monkeypatch.setattr(utils.time, "monotonic", lambda: clock[0])
-    bar = utils.Progress(None, "prepare", unit="tokens", seconds=30.0, stream=out)
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    bar = progress.Progress(None, "prepare", unit="tokens", seconds=30.0, stream=out)
     for _ in range(6):
         clock[0] += 10.0
         bar.update(1_000, docs=3)
@@ -255,6 +255,7 @@ def _tiny_model(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_command_output_to_a_pipe_has_no_carriage_returns(tmp_path):
     model = _tiny_model(tmp_path / "model")
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

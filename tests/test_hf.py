@@ -12,11 +12,12 @@ import transformers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from bbert import hf
+from bbert import run_dir as rd
 from bbert.cli import main as cli_main
 from bbert.data.tokenizer import wrap_tokenizer
 from bbert.model import BertConfig, BertForMaskedLM
 from bbert.run_dir import write_budget
-from bbert.utils import HubUnavailableError
+from bbert.hub import HubUnavailableError
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = "the a cat dog sat on mat budget bert train hour gpu".split()
@@ -116,15 +117,15 @@ def test_load_pretrained_finds_the_model_in_run_dirs(tmp_path):
         newer.bert.final_norm.bias.fill_(0.5)
     run = tmp_path / "run"
     for name, model in (("step-100", older), ("step-200", newer)):
-        model.save_pretrained(run / "checkpoints" / name / "model")
-        tokenizer.save_pretrained(run / "checkpoints" / name / "model")
+        model.save_pretrained(rd.model_dir(run / "checkpoints" / name))
+        tokenizer.save_pretrained(rd.model_dir(run / "checkpoints" / name))
         write_budget(run / "checkpoints" / name, {"step": int(name.split("-")[1])})
     os.utime(run / "checkpoints" / "step-200", (1, 1))  # the highest step wins, not the newest folder
     model, tok = hf.load_pretrained(run)
-    assert torch.all(model.bert.final_norm.bias == 0.5) and tok is not None
+    assert torch.all(model.bert.final_norm.bias == 0.5) and tok.get_vocab() == tokenizer.get_vocab()
     model, _ = hf.load_pretrained(run / "checkpoints" / "step-100")  # a checkpoint folder
     assert torch.all(model.bert.final_norm.bias == 0)
-    older.save_pretrained(run / "final")  # final/ wins over checkpoints/
+    older.save_pretrained(rd.final_dir(run))  # final/ wins over checkpoints/
     model, _ = hf.load_pretrained(run)
     assert torch.all(model.bert.final_norm.bias == 0)
     with pytest.raises(FileNotFoundError, match="no model found"):
@@ -153,8 +154,8 @@ def test_export_refuses_what_transformers_cannot_represent(tmp_path):
 
 def test_cli_export(tmp_path, capsys):
     model = tiny_model(True)
-    model.save_pretrained(tmp_path / "ckpt" / "model")
-    make_tokenizer().save_pretrained(tmp_path / "ckpt" / "model")
+    model.save_pretrained(rd.model_dir(tmp_path / "ckpt"))
+    make_tokenizer().save_pretrained(rd.model_dir(tmp_path / "ckpt"))
     assert cli_main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
     assert "RobertaPreLayerNormForMaskedLM" in capsys.readouterr().out
     assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").model_type == "roberta-prelayernorm"
@@ -184,7 +185,7 @@ def tree_hashes(root: Path) -> dict[str, str]:
 
 def make_run_dir(path: Path, model=None) -> Path:
     """A run dir as `bbert pretrain` leaves it: config, metrics and a checkpoint with its tokenizer."""
-    model_dir = path / "checkpoints" / "step-10" / "model"
+    model_dir = rd.model_dir(path / "checkpoints" / "step-10")
     (model or tiny_model(True)).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
     (path / "checkpoints" / "step-10" / "optimizer.pt").write_bytes(os.urandom(256))
@@ -197,7 +198,7 @@ def make_run_dir(path: Path, model=None) -> Path:
 def test_export_refuses_to_write_over_its_source(tmp_path, capsys):
     run = make_run_dir(tmp_path / "runs" / "x")
     before = tree_hashes(tmp_path)
-    model_dir = run / "checkpoints" / "step-10" / "model"
+    model_dir = rd.model_dir(run / "checkpoints" / "step-10")
     cases = [(run, "is the folder the export reads from"),
              (run / "export", f"lies inside {run}, the run or model being exported"),
              (tmp_path / "runs", f"holds {run}, which the export reads from"),
@@ -278,6 +279,7 @@ def test_export_refuses_a_file_at_out(tmp_path, capsys):
     assert (tmp_path / "model.safetensors").read_bytes() == b"not a folder"
 
 
+@pytest.mark.slow
 def test_cli_export_prints_only_its_own_lines(tmp_path):
     run = make_run_dir(tmp_path / "run")
     repo = Path(__file__).resolve().parents[1]

@@ -131,3 +131,101 @@ def test_set_lr_sets_every_group():
     assert all(math.isclose(g["lr"], 1e-3) for g in opt.param_groups)
     with pytest.raises(ValueError, match="NaN"):
         set_lr(opt, float("nan"))
+
+
+# ---- warmup-stable-decay and the batch ramp ---------------------------------------------------
+
+
+@pytest.mark.parametrize("clock, length, at", [("time", 3600.0, lambda x: (x, 0)),
+                                                ("steps", 1000, lambda x: (0.0, round(x)))])
+def test_wsd_warms_up_holds_the_peak_then_decays_over_the_last_share(clock, length, at):
+    s = Schedule(clock, length, peak_lr=2e-3, warmup_proportion=0.1, shape="wsd", decay_proportion=0.2)
+    lr = lambda fraction: s.lr_at(*at(fraction * length))
+    assert lr(0.0) == 0.0
+    assert lr(0.05) == pytest.approx(1e-3)  # half-way through the warm-up
+    assert lr(0.1) == pytest.approx(2e-3)
+    assert lr(0.5) == pytest.approx(2e-3) and lr(0.8) == pytest.approx(2e-3)  # the stable phase
+    assert lr(0.9) == pytest.approx(1e-3)  # half-way through the last 20%
+    assert lr(0.95) == pytest.approx(0.5e-3)
+    assert lr(1.0) == 0.0 and lr(1.5) == 0.0
+    linear = Schedule(clock, length, peak_lr=2e-3, warmup_proportion=0.1)  # the default shape
+    assert linear.shape == "linear"
+    assert linear.lr_at(*at(0.5 * length)) == pytest.approx(2e-3 * 0.5 / 0.9)  # already decaying
+
+
+def test_wsd_is_continuous_at_its_corners_and_linear_is_unchanged():
+    s = Schedule("time", 1000.0, peak_lr=1.0, warmup_proportion=0.06, shape="wsd", decay_proportion=0.25)
+    for corner in (0.06, 0.75, 1.0):
+        t = corner * 1000.0
+        assert s.lr_at(t - 1e-9) == pytest.approx(s.lr_at(t), abs=1e-9)
+        assert s.lr_at(t + 1e-9) == pytest.approx(s.lr_at(t), abs=1e-9)
+    lrs = [s.lr_at(t) for t in range(60, 1001)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # never rises after the warm-up
+    # the linear shape is the paper's function, point for point, and a WSD whose decay starts
+    # where the warm-up ends is the linear shape
+    linear = Schedule("time", 1000.0, peak_lr=1.0, warmup_proportion=0.06)
+    whole = Schedule("time", 1000.0, peak_lr=1.0, warmup_proportion=0.06, shape="wsd", decay_proportion=0.94)
+    for t in range(0, 1001, 7):
+        assert linear.lr_at(t) == linear_warmup_decay(t / 1000.0, 0.06)
+        assert whole.lr_at(t) == pytest.approx(linear.lr_at(t), abs=1e-12)
+
+
+def test_wsd_settings_are_checked_with_a_clear_message():
+    with pytest.raises(ValueError, match=r"decay_proportion must be in \(0, 1\], got 0"):
+        Schedule("time", 60.0, 1e-3, shape="wsd", decay_proportion=0.0)
+    with pytest.raises(ValueError, match=r"decay_proportion must be in \(0, 1\], got 1.5"):
+        Schedule("time", 60.0, 1e-3, shape="wsd", decay_proportion=1.5)
+    with pytest.raises(ValueError, match=r"warmup_proportion \+ decay_proportion must be <= 1, got 0.3 \+ 0.8"):
+        Schedule("time", 60.0, 1e-3, warmup_proportion=0.3, shape="wsd", decay_proportion=0.8)
+    with pytest.raises(ValueError, match="lr_schedule must be one of linear, wsd, got 'cosine'"):
+        Schedule("time", 60.0, 1e-3, shape="cosine")
+    Schedule("time", 60.0, 1e-3, warmup_proportion=0.3, decay_proportion=0.8)  # linear ignores decay
+    # the config reaches the same checks through validate()
+    with pytest.raises(ValueError, match=r"warmup_proportion \+ decay_proportion"):
+        TrainConfig(lr_schedule="wsd", warmup_proportion=0.5, decay_proportion=0.6).validate(check_data=False)
+
+
+def test_from_config_reads_the_shape_and_the_ramp():
+    config = TrainConfig(time_budget_hours=1.0, lr_schedule="wsd", decay_proportion=0.3, batch_size=4096,
+                         micro_batch_size=32, batch_ramp_proportion=0.25, batch_ramp_start=512)
+    s = Schedule.from_config(config, world_size=8)
+    assert (s.shape, s.decay_proportion, s.batch_size, s.batch_unit) == ("wsd", 0.3, 4096, 256)
+    assert (s.batch_ramp_proportion, s.batch_ramp_start) == (0.25, 512)
+    assert s.lr_at(0.7 * 3600) == pytest.approx(1e-3) and s.lr_at(0.85 * 3600) == pytest.approx(0.5e-3)
+    finetune = Schedule("steps", 100, 2e-5, 0.1)  # as bbert.glue builds it: linear, no batch
+    assert finetune.lr_at(step=55) == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("clock, length, at", [("time", 1000.0, lambda x: (x, 0)),
+                                                ("steps", 1000, lambda x: (0.0, round(x)))])
+def test_batch_ramp_grows_in_whole_micro_batches_to_the_batch_size(clock, length, at):
+    # batch 64 of micro-batches of 8 samples (4 per rank x 2 ranks), ramped over the first half
+    s = Schedule(clock, length, 1e-3, batch_size=64, batch_unit=8, batch_ramp_proportion=0.5)
+    batch = lambda fraction: s.batch_size_at(*at(fraction * length))
+    assert batch(0.0) == 8  # one micro-batch per rank
+    # 8 + 56 x (0.1 / 0.5) = 19.2 -> 16; 8 + 56 x 0.5 = 36 -> 32; 8 + 56 x 0.8 = 52.8 -> 48
+    assert [batch(0.1), batch(0.25), batch(0.4)] == [16, 32, 48]
+    assert batch(0.5) == batch(0.9) == batch(1.0) == 64
+    assert s.accumulation_at(*at(0.25 * length)) == 4 and s.accumulation_at(*at(0.6 * length)) == 8
+    sizes = [batch(k / 100) for k in range(101)]
+    assert all(a <= b for a, b in zip(sizes, sizes[1:])) and all(b % 8 == 0 for b in sizes)
+    started = Schedule(clock, length, 1e-3, batch_size=64, batch_unit=8, batch_ramp_proportion=0.5,
+                       batch_ramp_start=32)
+    # 32 + 32 x (0.2 / 0.5) = 44.8 -> 40
+    assert started.batch_size_at(*at(0.0)) == 32 and started.batch_size_at(*at(0.2 * length)) == 40
+    off = Schedule(clock, length, 1e-3, batch_size=64, batch_unit=8)
+    assert off.batch_size_at(*at(0.0)) == 64 and off.accumulation_at(*at(0.0)) == 8
+
+
+def test_batch_ramp_settings_are_checked_with_a_clear_message():
+    ok = dict(batch_size=64, micro_batch_size=4, time_budget_hours=1.0, engine="torch", precision="fp32")
+    TrainConfig(**ok, batch_ramp_proportion=0.3, batch_ramp_start=16).validate(world_size=2, check_data=False)
+    with pytest.raises(ValueError, match=r"batch_ramp_proportion must be in \[0, 1\) \(0 = no ramp\), got 1.0"):
+        TrainConfig(**ok, batch_ramp_proportion=1.0).validate(check_data=False)
+    with pytest.raises(ValueError, match=r"batch_ramp_start=12 must be a multiple of micro_batch_size x "
+                                         r"world_size = 8 and at most batch_size=64"):
+        TrainConfig(**ok, batch_ramp_proportion=0.3, batch_ramp_start=12).validate(world_size=2, check_data=False)
+    with pytest.raises(ValueError, match="batch_ramp_start=128 must be"):
+        TrainConfig(**ok, batch_ramp_proportion=0.3, batch_ramp_start=128).validate(check_data=False)
+    with pytest.raises(ValueError, match="batch_ramp_start=0 must be"):
+        TrainConfig(**ok, batch_ramp_proportion=0.3, batch_ramp_start=0).validate(check_data=False)

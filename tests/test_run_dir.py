@@ -116,3 +116,20 @@ def test_check_run_dir_refuses_a_file_the_data_dir_and_a_folder_of_other_files(t
     run.mkdir()
     (run / rd.CONFIG_FILE).write_text("lr: 0.001\n")  # bbert.launch writes config.yaml first
     rd.check_run_dir(run, data)
+
+
+def test_end_reasons_are_the_strings_on_disk(tmp_path):
+    reasons = {r.name: r.value for r in rd.EndReason}
+    assert reasons == {"BUDGET": "budget", "MAX_STEPS": "max_steps", "EARLY_STOP": "early_stop", "NAN": "nan",
+                       "INTERRUPTED": "interrupted", "PRUNED": "pruned"}
+    reason = rd.EndReason.PRUNED
+    assert reason == "pruned" and rd.EndReason("pruned") is reason
+    assert f"run ended ({reason})" == "run ended (pruned)" and str(reason) == "pruned"
+    write_lines(rd.metrics_path(tmp_path), [{"type": "end", "reason": reason}])
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"type": "end", "reason": "pruned"}\n'
+    assert rd.read_metrics(tmp_path, "end")[0]["reason"] == rd.EndReason.PRUNED
+
+
+def test_the_model_folder_of_a_checkpoint_and_of_final(tmp_path):
+    assert rd.model_dir(rd.final_dir(tmp_path)) == tmp_path / "final" / "model"
+    assert rd.model_dir(rd.step_checkpoint(tmp_path, 12)) == tmp_path / "checkpoints" / "step-0000012" / "model"

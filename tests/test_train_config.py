@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from bbert.data import MaskingConfig
-from bbert.engines import deepspeed_config
+from bbert.data import MaskingConfig, manifest_path
+from bbert.engines import check_engine, deepspeed_config
 from bbert.optim import Schedule
 from bbert.train import build_parser, config_from_args, main
 from bbert.train_config import TrainConfig
-from bbert.utils import fast_bf16
+from bbert.precision import fast_bf16
 
 
 def test_24hbert_preset_is_the_papers_run():
@@ -72,7 +72,7 @@ def test_tiny_cpu_preset_trains_in_fp32_without_native_bf16(monkeypatch):
     assert c.precision == "fp32"
     c.precision = "bf16"  # asked for anyway: it runs, with a warning naming the fix
     with pytest.warns(UserWarning, match="without native bf16.*precision='fp32'"):
-        c.validate(world_size=1, check_data=False)
+        check_engine(c, "cpu")
     monkeypatch.setenv("BBERT_CPU_BF16", "1")
     assert TrainConfig.from_preset("tiny-cpu").precision == "bf16"
 
@@ -136,8 +136,6 @@ def test_unknown_fields_are_named_with_a_suggestion(tmp_path):
     ({"engine": "jax"}, r"engine='jax' is not one of"),
     ({"zero_stage": 2}, r"zero_stage=2 needs engine='deepspeed'"),
     ({"engine": "deepspeed", "zero_stage": 3}, r"zero_stage=3 is not supported.*use 0"),
-    ({"engine": "deepspeed", "precision": "fp16", "zero_stage": 0}, r"fp16.*needs zero_stage >= 1.*8393"),
-    ({"engine": "deepspeed", "optimizer": "lamb", "zero_stage": 1}, r"lamb.*zero_stage=1.*engine='torch'"),
     ({"keep_last_checkpoints": 0}, r"keep_last_checkpoints must be >= 1"),
     ({"checkpoint_fractions": [0.5, 1.0]}, r"checkpoint_fractions must lie in \(0, 1\)"),
     ({"model": "gigantic"}, r"unknown preset 'gigantic'"),
@@ -156,10 +154,23 @@ def test_batch_must_divide_by_world_size():
         c.validate(world_size=3, check_data=False)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is fine on a GPU")
+@pytest.mark.parametrize("overrides, message", [
+    ({"engine": "deepspeed", "precision": "fp16", "zero_stage": 0}, r"fp16.*needs zero_stage >= 1.*8393"),
+    ({"engine": "deepspeed", "optimizer": "lamb", "zero_stage": 1}, r"lamb.*zero_stage=1.*engine='torch'"),
+])
+def test_deepspeed_known_bugs_are_the_engines_check_not_the_configs(overrides, message):
+    c = TrainConfig.from_preset("tiny-cpu", **overrides)
+    c.validate(world_size=1, check_data=False)  # a consistent config ...
+    with pytest.raises(ValueError, match=message):
+        check_engine(c, "cuda")  # ... that DeepSpeed can't train, even on a GPU
+
+
 def test_fp16_on_cpu_is_refused():
+    c = TrainConfig.from_preset("24hbert", engine="torch", zero_stage=0).validate(8, check_data=False)
     with pytest.raises(ValueError, match="fp16.*needs a CUDA GPU.*bf16"):
-        TrainConfig.from_preset("24hbert", engine="torch", zero_stage=0).validate(8, check_data=False)
+        check_engine(c, "cpu")
+    if torch.cuda.is_available():
+        check_engine(c, "cuda")  # fp16 is fine on a GPU
 
 
 def test_missing_data_dir_names_the_fix(tmp_path):
@@ -177,7 +188,7 @@ def test_a_data_dir_that_is_raw_text_or_a_file_names_the_right_fix(tmp_path):
     with pytest.raises(ValueError, match=r"holds no manifest.json, so it is not a data dir.*raw text.*"
                                          rf"bbert prepare {corpus} --out DATA_DIR.*--data-dir DATA_DIR"):
         c.validate(world_size=1)
-    manifest = tmp_path / "data" / "manifest.json"
+    manifest = manifest_path(tmp_path / "data")
     manifest.parent.mkdir()
     manifest.write_text("{}")
     c = TrainConfig.from_preset("tiny-cpu", data_dir=str(manifest))
@@ -243,14 +254,14 @@ def test_a_split_smaller_than_one_micro_batch_per_rank_is_refused_before_the_run
     from helpers_train import make_data_dir
 
     data = make_data_dir(tmp_path / "data")
-    n_val = json.loads((data / "manifest.json").read_text())["splits"]["val"]["num_samples"]
+    n_val = json.loads(manifest_path(data).read_text())["splits"]["val"]["num_samples"]
     too_big = n_val + 1
     c = TrainConfig.from_preset("tiny-cpu", data_dir=str(data), max_seq_length=64,
                                 micro_batch_size=too_big, batch_size=2 * too_big)
     with pytest.raises(ValueError, match=r"split 'val'.*fewer than one micro-batch.*raise --val-fraction.*"
                                          r"lower micro_batch_size"):
         c.validate(world_size=1)
-    n_train = json.loads((data / "manifest.json").read_text())["splits"]["train"]["num_samples"]
+    n_train = json.loads(manifest_path(data).read_text())["splits"]["train"]["num_samples"]
     c = TrainConfig.from_preset("tiny-cpu", data_dir=str(data), max_seq_length=64, validation_every_minutes=None,
                                 micro_batch_size=n_train + 1, batch_size=n_train + 1)
     with pytest.raises(ValueError, match=r"split 'train'.*fewer than one micro-batch.*lower --val-fraction"):
@@ -286,3 +297,30 @@ def test_indivisible_batch_advice_names_only_fixes_that_work():
     assert "split evenly over the 3 ranks" in str(on_3.value) and "divides" not in str(on_3.value)
     with pytest.raises(ValueError, match=r"micro_batch_size that divides 1024"):  # 4,096 = 4 x 1,024
         TrainConfig.from_preset("24hbert", micro_batch_size=48).gradient_accumulation_steps(4)
+
+
+def test_every_entry_point_assembles_the_config_one_way(tmp_path):
+    from bbert.search import trial_config
+    from bbert.train_config import load_config
+
+    (tmp_path / "c.yaml").write_text("lr: 2e-3\nmodel_overrides: {num_hidden_layers: 3}\n")
+    via_cli = load_config("tiny-cpu", tmp_path / "c.yaml", ["model.hidden_size=64", "early_stop.after_minutes=2"])
+    assert via_cli.model_overrides == {"num_hidden_layers": 3, "hidden_size": 64} and via_cli.lr == 2e-3
+    base = TrainConfig.from_preset("tiny-cpu", lr=2e-3, model_overrides={"num_hidden_layers": 3})
+    assert base.with_overrides(["model.hidden_size=64", "early_stop.after_minutes=2"]) == via_cli
+    trial = trial_config(base, {"model.hidden_size": 64, "early_stop.after_minutes": 2}, via_cli.run_dir)
+    assert trial == via_cli
+    # a keyword replaces the preset's value (the 24hbert preset's model overrides are gone)
+    assert TrainConfig.from_preset("24hbert", model_overrides={}).model_overrides == {}
+
+
+def test_times_are_seconds_inside():
+    from bbert.train_config import hours, minutes
+
+    c = TrainConfig.from_preset("24hbert")
+    assert (c.time_budget_seconds, c.validation_interval_seconds, c.checkpoint_interval_seconds,
+            c.early_stop_after_seconds) == (86400.0, 1800.0, 3600.0, 10800.0)
+    off = TrainConfig.from_preset("24hbert", validation_every_minutes=None, checkpoint_every_minutes=None)
+    assert off.validation_interval_seconds == off.checkpoint_interval_seconds == float("inf")
+    filled = TrainConfig.from_preset("tiny-cpu", time_budget_hours=hours(90), validation_every_minutes=minutes(15))
+    assert (filled.time_budget_seconds, filled.validation_interval_seconds) == pytest.approx((90.0, 15.0))

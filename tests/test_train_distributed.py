@@ -12,11 +12,14 @@ import time
 import pytest
 
 from bbert.speed import training_flops_per_sequence
+from bbert import run_dir as rd
 from bbert.run_dir import latest_checkpoint
 from bbert.train import pretrain
-from bbert.utils import free_port
+from bbert.env import free_port
 
 from helpers_train import BIN, PYTHON, REPO, make_data_dir, records, run_cli, subprocess_env, tiny_config
+
+pytestmark = pytest.mark.slow  # every test here starts processes or trains several runs
 
 STEPS = 6
 
@@ -76,7 +79,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(data_dir, tmp_path, r
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not records(run_dir, "end")  # killed: no end record, no final model
-    assert not (run_dir / "final").exists()
+    assert not rd.final_dir(run_dir).exists()
 
     result = run_cli(cmd)  # same config: resumes by itself
     assert result.returncode == 0, result.stderr[-3000:]
@@ -108,7 +111,7 @@ def test_deepspeed_single_process_matches_torch_and_resumes(data_dir, tmp_path, 
     assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-5)
     assert [r["lr"] for r in records(run_dir, "train")] == [r["lr"] for r in records(reference, "train")]
     assert records(run_dir, "end")[-1]["reason"] == "max_steps"
-    assert (run_dir / "final" / "model" / "model.safetensors").is_file()
+    assert (rd.model_dir(rd.final_dir(run_dir)) / "model.safetensors").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +179,26 @@ def test_compile_is_used_and_matches_eager(data_dir, tmp_path, eager_no_dropout,
     assert losses(run_dir) == pytest.approx(losses(eager_no_dropout), rel=1e-4)
     val = [r["val_loss"] for r in records(run_dir, "val")]
     assert val and val == pytest.approx([r["val_loss"] for r in records(eager_no_dropout, "val")], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_deepspeed_follows_a_batch_ramp_like_torch_and_resumes_mid_ramp(data_dir, tmp_path):
+    # batch 16 of micro-batches of 4, ramped over the first 90 s (3 steps): 4, 8, 12, then 16.
+    # DeepSpeed must change its accumulation each step (set_train_batch_size) and step at the
+    # right micro-batch although its own micro-step count is out of phase with the new batch.
+    ramp = dict(batch_size=16, micro_batch_size=4, batch_ramp_proportion=0.25, validation_every_minutes=None)
+    torch_run = pretrain(config_for(data_dir, tmp_path / "torch", **ramp))
+    assert [r["batch_size"] for r in records(torch_run, "train")] == [4, 8, 12, 16, 16, 16]
+    run_dir = tmp_path / "ds"
+    config_for(data_dir, run_dir, engine="deepspeed", max_steps=2, **ramp).to_yaml(tmp_path / "run.yaml")
+    first = run_cli([PYTHON, "-m", "bbert.train", "--config", str(tmp_path / "run.yaml")], timeout=400)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli([PYTHON, "-m", "bbert.train", "--config", str(tmp_path / "run.yaml"), "--resume",
+                      "--set", f"max_steps={STEPS}"], timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    train = records(run_dir, "train")
+    assert [r["batch_size"] for r in train] == [4, 8, 12, 16, 16, 16]
+    assert losses(run_dir) == pytest.approx(losses(torch_run), rel=1e-5)
+    assert [r["grad_norm"] for r in train] == pytest.approx([r["grad_norm"] for r in records(torch_run, "train")],
+                                                            rel=1e-4)
+    assert records(run_dir, "end")[-1]["reason"] == "max_steps"

@@ -18,8 +18,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from bbert.data.layout import manifest_path, tokenizer_dir
 from bbert.data.masking import MaskingConfig, Masker
-from bbert.data.shards import DataDirError, check_data_dir, load_manifest, manifest_path, shard_array
+from bbert.data.shards import DataDirError, check_data_dir, load_manifest, shard_array
 from bbert.data.tokenizer import load_tokenizer
 
 _SHUFFLE_STREAM = 1  # domain tag of the epoch permutation's random numbers
@@ -67,7 +68,7 @@ class PretrainingDataset(torch.utils.data.IterableDataset):
         self._shards = shards
         self._offsets = np.cumsum([0] + [s["num_samples"] for s in shards])
         self._arrays: dict[int, np.memmap] = {}
-        self.masker = Masker.from_tokenizer(load_tokenizer(self.data_dir / "tokenizer"),
+        self.masker = Masker.from_tokenizer(load_tokenizer(tokenizer_dir(self.data_dir)),
                                             masking or MaskingConfig())
         self.pad_id = self.manifest["special_ids"]["pad"]
 

@@ -23,14 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bbert.configs import add_config_arguments, command, from_dict, load_yaml, merge, parse_assignments
+from bbert.atomic import atomic_write_json
+from bbert.configs import add_config_arguments, build_config, command
+from bbert.data.layout import MANIFEST_FILE, SHARD_SUFFIX, shard_name, tokenizer_dir
 from bbert.data.readers import (CorpusError, ReadStats, iter_clean_documents, missing_input_message, read_documents,
                                 sample_corpus_path)
 from bbert.data.shards import (FORMAT_VERSION, DataDirError, Packer, check_data_dir, choose_dtype,
                                manifest_path, record_verified, write_shard)
 from bbert.data.tokenizer import encoder, load_tokenizer, special_ids, tokenizer_fingerprint, train_tokenizer
 from bbert.locks import DirLock
-from bbert.utils import Progress, atomic_write_json
+from bbert.progress import Progress
 
 SPLITS = ("train", "val")
 EMBEDDED = "embedded:sample"  # how the manifest names the shipped corpus (its path varies by install)
@@ -136,8 +138,8 @@ def _raw_documents(config: PrepareConfig, stats: ReadStats):
 def _get_tokenizer(config: PrepareConfig, reuse_from: Path | None):
     if config.tokenizer:
         return load_tokenizer(config.tokenizer)
-    if reuse_from is not None and (reuse_from / "tokenizer" / "tokenizer.json").exists():
-        return load_tokenizer(reuse_from / "tokenizer")  # same arguments: the tokenizer trained last time
+    if reuse_from is not None and (tokenizer_dir(reuse_from) / "tokenizer.json").exists():
+        return load_tokenizer(tokenizer_dir(reuse_from))  # same arguments: the tokenizer trained last time
     if config.vocab_size > UINT16_VOCAB:
         _note(f"--vocab-size {config.vocab_size:,}: if the trained vocabulary has more than 65,536 "
               "tokens, the shards are stored as uint32, 4 bytes per token instead of 2")
@@ -195,7 +197,7 @@ class _SplitWriter:
         while self.pending_rows >= self.samples_per_shard or (final and self.pending_rows):
             block = np.concatenate(self.pending)
             n = min(len(block), self.samples_per_shard)
-            name = f"{self.split}-{len(self.shards):05d}.bin"
+            name = shard_name(self.split, len(self.shards))
             sha256 = write_shard(self.out / name, block[:n])
             self.shards.append({"file": name, "sha256": sha256, "num_samples": n})
             self.pending = [block[n:]]
@@ -231,9 +233,9 @@ def _existing_state(out: Path, config: PrepareConfig) -> dict | None:
         manifest = None  # damaged: redone below, as an unfinished one is
     if manifest is not None and manifest.get("complete"):
         return manifest
-    looks_ours = path.is_file() or (out / "tokenizer").is_dir() or any(out.glob("*.bin"))
+    looks_ours = path.is_file() or tokenizer_dir(out).is_dir() or any(out.glob(f"*{SHARD_SUFFIX}"))
     if not looks_ours and not config.overwrite:
-        raise DataDirError(f"--out {out} exists and is not a data dir (no manifest.json); choose "
+        raise DataDirError(f"--out {out} exists and is not a data dir (no {MANIFEST_FILE}); choose "
                            "another --out, or pass --overwrite to replace it")
     if looks_ours:
         _note(f"{out} is an unfinished data dir (shards without a finished manifest: an interrupted "
@@ -334,7 +336,7 @@ def _build_and_swap(config: PrepareConfig, out: Path, tok, fingerprint: str) -> 
 def _write_data_dir(config: PrepareConfig, build: Path, tok, fingerprint: str, dtype, docs,
                     stats: ReadStats) -> dict:
     ids = special_ids(tok)
-    tok.save_pretrained(str(build / "tokenizer"))
+    tok.save_pretrained(str(tokenizer_dir(build)))
     backend = encoder(tok)
     packers = {s: Packer(config.max_seq_length, ids["cls"], ids["sep"], ids["pad"], dtype) for s in SPLITS}
     writers = {s: _SplitWriter(s, build, config.samples_per_shard) for s in SPLITS}
@@ -449,14 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``bbert prepare``."""
     args = build_parser().parse_args(argv)
-    data = load_yaml(args.config) if args.config else {}
-    data = merge(data, parse_assignments(args.assignments))
     flags = {k: v for k, v in vars(args).items()
              if k not in ("config", "assignments", "inputs", "more_inputs") and v is not None}
     inputs = list(args.inputs) + list(args.more_inputs)
     if inputs:
         flags["inputs"] = inputs
-    config = from_dict(PrepareConfig, merge(data, flags))
+    config = build_config(PrepareConfig, None, args.config, args.assignments, updates=flags)
     manifest = prepare(config)
     t, s = manifest["splits"], manifest["stats"]
     print(f"{config.out}: {t['train']['num_samples']:,} train + {t['val']['num_samples']:,} val samples "

@@ -18,7 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from bbert.utils import require_hub
+from bbert.data.layout import MANIFEST_FILE, tokenizer_dir
+from bbert.hub import require_hub
 
 FORMATS = ("auto", "text", "jsonl", "books", "wikiextractor", "hf")
 TEXT_UNITS = ("paragraph", "line", "file")
@@ -263,7 +264,7 @@ def _files_in(folder: Path, fmt: str, stats: ReadStats) -> list[Path]:
     # Hidden files and folders (.git, .ipynb_checkpoints with its copies of the text) are not input.
     visible = sorted(p for p in folder.rglob("*") if p.is_file()
                      and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    data_dir = next((p.parent for p in visible if p.name == "manifest.json" and (p.parent / "tokenizer").is_dir()), None)
+    data_dir = next((p.parent for p in visible if p.name == MANIFEST_FILE and tokenizer_dir(p.parent).is_dir()), None)
     if data_dir is not None:
         raise CorpusError(f"{folder} holds a bbert data dir ({data_dir}): its manifest and tokenizer files are "
                           "not text to train on; move it out of the input folder, or pass the text files by name")

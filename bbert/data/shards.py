@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bbert.utils import atomic_path, atomic_write_json
+from bbert.atomic import atomic_path, atomic_write_json
+from bbert.data.layout import MANIFEST_FILE, manifest_path, verified_path
 
 FORMAT_VERSION = 1
-VERIFIED_FILE = ".verified.json"  # the sidecar of shards already hashed
 
 
 class DataDirError(ValueError):
@@ -109,16 +109,11 @@ def write_shard(path: Path, array: np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def manifest_path(data_dir: str | Path) -> Path:
-    """Where a data dir keeps its manifest."""
-    return Path(data_dir) / "manifest.json"
-
-
 def load_manifest(data_dir: str | Path) -> dict:
-    """Read and check ``data_dir/manifest.json``."""
+    """Read and check the data dir's manifest (``bbert.data.layout.manifest_path``)."""
     path = manifest_path(data_dir)
     if not path.exists():
-        raise DataDirError(f"{data_dir} has no manifest.json; create it with "
+        raise DataDirError(f"{data_dir} has no {MANIFEST_FILE}; create it with "
                            f"`bbert prepare --out {data_dir}` (or bbert.data.prepare)")
     try:
         manifest = json.loads(path.read_text())
@@ -172,7 +167,7 @@ def _stamp(path: Path, sha256: str) -> dict:
 def record_verified(data_dir: str | Path, manifest: dict) -> None:
     """Write the sidecar for shards whose hashes were just computed (by ``prepare``)."""
     data_dir = Path(data_dir)
-    atomic_write_json(data_dir / VERIFIED_FILE,
+    atomic_write_json(verified_path(data_dir),
                       {name: _stamp(data_dir / name, sha) for name, sha in _shard_files(manifest)})
 
 
@@ -186,7 +181,7 @@ def check_data_dir(data_dir: str | Path, manifest: dict | None = None) -> dict:
     """
     data_dir = Path(data_dir)
     manifest = manifest if manifest is not None else load_manifest(data_dir)
-    sidecar = data_dir / VERIFIED_FILE
+    sidecar = verified_path(data_dir)
     try:
         known = json.loads(sidecar.read_text())
     except (OSError, ValueError):

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from bbert.data.layout import tokenizer_dir
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # What save_pretrained writes; either file makes a folder a tokenizer folder.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
@@ -67,11 +69,11 @@ def load_tokenizer(path: str | Path):
     """
     from transformers import AutoTokenizer
 
-    from bbert.utils import require_hub
+    from bbert.hub import require_hub
 
     local = Path(path)
-    if local.is_dir() and (local / "tokenizer" / "tokenizer.json").exists():
-        local = local / "tokenizer"  # a data dir or model folder holding a tokenizer/
+    if local.is_dir() and (tokenizer_dir(local) / "tokenizer.json").exists():
+        local = tokenizer_dir(local)  # a data dir or model folder holding a tokenizer/
     if not local.exists():
         if _looks_local(str(path)):
             raise TokenizerError(f"tokenizer folder {path} does not exist; check the path (a data dir's "

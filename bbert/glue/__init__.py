@@ -4,8 +4,10 @@ The paper judges its pretrained model by finetuning it on GLUE with a small grid
 hyperparameters, 5 seeds per configuration, and reporting the median score of the best
 configuration. This package does exactly that, for a bbert checkpoint or a transformers BERT:
 
-    tasks.py      the nine GLUE tasks, their loaders (GLUE download, hub, your own files,
-                  an offline task from the shipped corpus) and metrics
+    tasks.py      TaskSpec, the nine GLUE tasks, TaskData (a loaded task)
+    loaders.py    GLUE's examples: the original GLUE download on disk, or the hub
+    custom.py     your own task (TSV, CSV, JSONL) and the offline task from the shipped corpus
+    metrics.py    the GLUE metrics, the score that ranks runs, predictions for the leaderboard
     config.py     FinetuneConfig (one run) and GridConfig (the grid), with the grid presets
                   (paper, bert, official, tiny) and their sources
     finetuning.py one run: classification head, AdamW + warm-up/decay, length grouping, best epoch
@@ -19,14 +21,15 @@ should not wait for. Chapter: ``notebooks/05_finetuning.ipynb``.
 """
 from __future__ import annotations
 
-from bbert.utils import lazy_exports
+from bbert.lazy import lazy_exports
 
 _EXPORTS = {
     "bbert.glue.tasks": [
         "TsvLayout", "TaskSpec", "TaskData", "GLUE_TASKS", "GLUE_TRAIN_SIZES", "get_task",
-        "PAPER_24HBERT_TEST", "BERT_BASE_TEST", "load_glue_dir", "load_glue_hub", "custom_task",
-        "load_custom_task", "load_task", "make_corpus_source_task", "compute_metrics",
-        "prediction_strings", "predictions_tsv", "main_score"],
+        "PAPER_24HBERT_TEST", "BERT_BASE_TEST"],
+    "bbert.glue.loaders": ["load_glue_dir", "load_glue_hub", "load_task"],
+    "bbert.glue.custom": ["custom_task", "load_custom_task", "make_corpus_source_task"],
+    "bbert.glue.metrics": ["compute_metrics", "prediction_strings", "predictions_tsv", "main_score"],
     "bbert.glue.config": [
         "FinetuneConfig", "GridConfig", "GRID_PRESETS", "GRID_SOURCES", "PAPER_GRID_TABLE", "PRECISIONS",
         "grid_preset"],

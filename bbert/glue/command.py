@@ -19,9 +19,9 @@ from bbert.configs import add_config_arguments, build_config, command
 from bbert.glue.config import GRID_PRESETS, PRECISIONS, GridConfig, grid_preset
 
 
-def _list(text: str) -> str:
-    # "2e-5,3e-5" -> "[2e-5,3e-5]": bbert.configs parses and checks it against the field's type
-    return "[" + ",".join(x.strip() for x in text.split(",") if x.strip()) + "]"
+def _list(text: str) -> list[str]:
+    # "2e-5,3e-5" -> ["2e-5", "3e-5"]: bbert.configs parses and checks each against the field's type
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,34 +72,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_grid(args: argparse.Namespace) -> GridConfig:
     """The grid from the preset, ``--config``, ``--set`` and the shortcut flags, in that order."""
-    assignments = list(args.assignments)
+    flags = {}
     for flag, key in (("lrs", "lr"), ("batch_sizes", "batch_size"), ("epochs", "num_epochs"),
                       ("seeds", "seed")):
         if getattr(args, flag) is not None:  # "--seeds ''" is an empty axis, an error below
-            assignments.append(f"{key}={_list(getattr(args, flag))}")
+            flags[key] = _list(getattr(args, flag))
     for flag in ("max_train_examples", "max_seq_length", "warmup_proportion", "weight_decay",
                  "precision"):
         if getattr(args, flag) is not None:
-            assignments.append(f"base.{flag}={getattr(args, flag)}")
+            flags[f"base.{flag}"] = getattr(args, flag)
     if args.no_save_models:
-        assignments.append("base.save_best_model=false")
-    grid = build_config(GridConfig, grid_preset(args.grid), args.config, assignments)
+        flags["base.save_best_model"] = False
+    grid = build_config(GridConfig, grid_preset(args.grid), args.config, args.assignments, updates=flags)
     grid.runs()  # an empty axis is an error now, not after the data has loaded
     return grid
 
 
 def _load_tasks(args: argparse.Namespace) -> list:
-    from bbert.glue import tasks  # deferred: scikit-learn and scipy take seconds (see main)
+    from bbert.glue import custom, loaders, tasks  # deferred: only a run reads tasks (see main)
 
     if args.train_file or args.dev_file:
         if not (args.train_file and args.dev_file):
             raise ValueError("a custom task needs both --train-file and --dev-file")
-        return [tasks.load_custom_task(args.train_file, args.dev_file,
-                                       [c.strip() for c in args.text_columns.split(",")],
-                                       args.label_column, args.test_file, args.task_name,
-                                       [x.strip() for x in args.labels.split(",")]
-                                       if args.labels else None,
-                                       args.regression)]
+        return [custom.load_custom_task(args.train_file, args.dev_file,
+                                        [c.strip() for c in args.text_columns.split(",")],
+                                        args.label_column, args.test_file, args.task_name,
+                                        [x.strip() for x in args.labels.split(",")]
+                                        if args.labels else None,
+                                        args.regression)]
     if not (args.glue_dir or args.hub):
         raise ValueError("say where GLUE is: --glue-dir glue_data (the original download layout) "
                          "or --hub; or give a custom task with --train-file/--dev-file")
@@ -109,7 +109,7 @@ def _load_tasks(args: argparse.Namespace) -> list:
         raise ValueError(f"--tasks {args.tasks!r} names no task: give GLUE tasks such as --tasks rte,mrpc, "
                          "or leave --tasks out for all nine")
     unique = dict.fromkeys(tasks.get_task(t).name for t in names)  # "rte,RTE" is one task
-    return [tasks.load_task(t, args.glue_dir, args.hub) for t in unique]
+    return [loaders.load_task(t, args.glue_dir, args.hub) for t in unique]
 
 
 @command("bbert finetune")

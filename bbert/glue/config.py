@@ -19,7 +19,7 @@ import copy
 import itertools
 from dataclasses import dataclass, field, replace
 
-from bbert.configs import from_dict, merge
+from bbert.configs import build_config
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -89,8 +89,9 @@ class GridConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GridConfig":
-        """A preset of :data:`GRID_PRESETS` (``paper``, ``bert``, ``official``, ``tiny``) with overrides."""
-        return from_dict(cls, merge(grid_preset(name), overrides))
+        """A preset of :data:`GRID_PRESETS` (``paper``, ``bert``, ``official``, ``tiny``); keyword
+        overrides replace fields (``base=FinetuneConfig(...)``)."""
+        return build_config(cls, grid_preset(name), updates=overrides)
 
     def runs(self) -> list[FinetuneConfig]:
         """Every run of the grid, as a :class:`FinetuneConfig`."""

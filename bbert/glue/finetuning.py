@@ -23,12 +23,16 @@ from transformers import DataCollatorWithPadding
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.utils import logging as hf_logging
 
+from bbert.atomic import atomic_path, atomic_write_json, atomic_write_text
+from bbert.env import set_seed
 from bbert.glue.config import FinetuneConfig
-from bbert.glue.tasks import TaskData, compute_metrics, main_score, predictions_tsv
+from bbert.glue.metrics import compute_metrics, main_score, predictions_tsv
+from bbert.glue.tasks import TaskData
 from bbert.hf import load_pretrained
 from bbert.model import BertForSequenceClassification
 from bbert.optim import Schedule, build_optimizer, set_lr
-from bbert.utils import Progress, atomic_path, atomic_write_json, atomic_write_text, set_seed
+from bbert.precision import autocast, grad_scaler
+from bbert.progress import Progress
 
 # Bump when result.json changes shape: a record of another version counts as not finished, so a
 # re-run redoes it instead of crashing on it (version 1 used learning_rate/bf16, not lr/precision;
@@ -114,11 +118,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def _autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
 def _forward(model, batch: dict):
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 token_type_ids=batch.get("token_type_ids"), labels=batch.get("labels"))
@@ -141,7 +140,7 @@ def predict(model, tokenizer, examples: list[dict], config: FinetuneConfig | Non
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     out: list = [None] * len(features)
     model.eval()
-    with torch.no_grad(), _autocast(device, precision):
+    with torch.no_grad(), autocast(device, precision):
         for start in range(0, len(order), config.eval_batch_size):
             ids = order[start:start + config.eval_batch_size]
             batch = {k: v.to(device) for k, v in collate([features[i] for i in ids]).items()}
@@ -206,7 +205,7 @@ def finetune(model_path: str | os.PathLike, data: TaskData, config: FinetuneConf
     schedule = Schedule("steps", total_steps, config.lr, warmup)
     optimizer = build_optimizer(model, "adamw", config.lr, betas=config.betas,
                                 eps=config.eps, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    scaler = grad_scaler(device, precision)
 
     history, best, step = [], None, 0
     start = time.time()
@@ -221,7 +220,7 @@ def finetune(model_path: str | os.PathLike, data: TaskData, config: FinetuneConf
             if spec.is_regression:
                 batch["labels"] = batch["labels"].float()
             set_lr(optimizer, schedule.lr_at(step=step))
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 loss, _ = _forward(model, batch)
             if scaler is not None:
                 scaler.scale(loss).backward()

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 from bbert.budget import DEFAULT_MFU, model_config
-from bbert.speed import get_gpu, training_flops_per_sequence
+from bbert.speed import get_gpu, seq_per_s_at_mfu, training_flops_per_sequence
 from bbert.glue.config import FinetuneConfig, GridConfig
 from bbert.glue.finetuning import RESULT_VERSION, finetune
 from bbert.glue.tasks import (BERT_BASE_TEST, GLUE_TRAIN_SIZES, PAPER_24HBERT_TEST, TaskData,
                               TaskSpec, get_task)
-from bbert.utils import atomic_path, atomic_write_json, atomic_write_text
+from bbert.atomic import atomic_path, atomic_write_json, atomic_write_text
 
 # ---- grid search ----------------------------------------------------------------------------
 
@@ -280,7 +280,7 @@ def gpu_seconds_per_example(gpu: str = "titan-v", model: str = "large", seq_len:
     """
     card = get_gpu(gpu)
     flops = training_flops_per_sequence(model_config(model), seq_len, masked_fraction=0.0)
-    return flops / (card.peak_tflops * 1e12 * DEFAULT_MFU)
+    return 1.0 / seq_per_s_at_mfu(flops, DEFAULT_MFU, card.peak_tflops * 1e12)
 
 
 def grid_cost(grid: GridConfig, seconds_per_example: float, speed_factor: float = 1.0,
