@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bbert.run_dir import read_metrics
-from bbert.search import best_trial, budget_saved, is_finished, search, trial_config
+from bbert.search import best_trial, budget_saved, search
 from bbert.train import pretrain
 from bbert.train_config import TrainConfig
+from bbert.trials import RAN_TO_THE_END, is_finished, trial_config
 
 BASELINE = "baseline"
-FINISHED = ("budget", "max_steps")  # runs that spent their budget (not pruned, stopped or NaN)
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ def best_combination(rows: list[dict], found: dict | None = None) -> list[str] |
     """The options of the lowest final loss among the runs that spent their whole budget: the
     ablation's ``rows`` and the search's trials (``found``); None when the plain recipe is best."""
     done = [(r["final_val_loss"], r["options"]) for r in rows
-            if r["end_reason"] in FINISHED and math.isfinite(r["final_val_loss"])]
+            if r["end_reason"] in RAN_TO_THE_END and math.isfinite(r["final_val_loss"])]
     if found and found["best"] is not None:
         done.append((found["best"]["val_loss"], found["best_options"]))
     return list(min(done, key=lambda pair: pair[0], default=(math.nan, []))[1]) or None
@@ -238,7 +238,7 @@ def write_sample_sources(path, sources) -> Path:
     that ``bbert prepare`` reads: how a tuning text and a held-out text are cut from it. The
     sources' documents alternate, so a ``max_bytes`` cut keeps a mix of them."""
     from bbert.data import read_sample_corpus
-    from bbert.utils import atomic_write_text
+    from bbert.atomic import atomic_write_text
 
     per_source = [read_sample_corpus(source=source) for source in sources]
     docs = [d for group in itertools.zip_longest(*per_source) for d in group if d is not None]

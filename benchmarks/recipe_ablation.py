@@ -98,7 +98,7 @@ def main(argv=None) -> int:
 
     from bbert.ablation import (OPTIONS, best_combination, combinations_table, run_ablation, search_combinations,
                                 write_sample_sources)
-    from bbert.utils import atomic_write_json
+    from bbert.atomic import atomic_write_json
 
     args.out.mkdir(parents=True, exist_ok=True)
     for runs in ("ablation", "search", "final"):
