@@ -151,8 +151,24 @@ def compare(rows: list[dict], baseline: str = BASELINE) -> list[dict]:
 # ---- running ------------------------------------------------------------------------------
 
 
-def _quiet(verbose: bool):
-    return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+@contextlib.contextmanager
+def _quiet(verbose: bool, optuna_logs: bool = False):
+    """Runs without their progress lines (and Optuna's per-trial log lines) unless ``verbose``."""
+    if verbose:
+        yield
+        return
+    level = None
+    if optuna_logs:
+        import optuna  # deferred: only the search needs it
+
+        level = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        if level is not None:
+            optuna.logging.set_verbosity(level)
 
 
 def run_ablation(base: TrainConfig, out_dir, budget_s: float, options=None, combinations=(),
@@ -210,7 +226,7 @@ def search_combinations(base: TrainConfig, out_dir, budget_s: float, n_trials: i
     best row (or None), "best_options": the option names it switched on}``.
     """
     base = trial_config(base, {"time_budget_hours": budget_s / 3600}, base.run_dir)
-    with _quiet(verbose):
+    with _quiet(verbose, optuna_logs=True):
         rows = search(base, search_grid(options), out_dir, pruner=pruner, storage=storage, n_trials=n_trials,
                       min_resource_s=max(1, round(budget_s / 9)), reduction_factor=3, verbose=verbose)
     rows = [r for r in rows if r["end_reason"] is not None]  # the grid's other points never started

@@ -178,11 +178,13 @@ def test_run_ablation_trains_each_option_at_the_same_budget_and_skips_finished_r
 
 
 @pytest.mark.slow
-def test_search_combinations_runs_an_asha_study_over_the_on_off_grid(data_dir, tmp_path):
+def test_search_combinations_runs_an_asha_study_over_the_on_off_grid(data_dir, tmp_path, capfd):
     base = tiny_config(data_dir, tmp_path / "unused", checkpoint_fractions=[], checkpoint_every_minutes=None,
                        debug={"step_time_seconds": 6.0}, validation_every_minutes=0.5)
     found = search_combinations(base, tmp_path / "search", 90.0, n_trials=3, options=["mask30", "wsd"],
                                 verbose=False)
+    out, err = capfd.readouterr()
+    assert "[bbert]" not in out and "Trial" not in err  # quiet: no progress lines, no Optuna log lines
     rows = found["rows"]
     assert len(rows) == 3 and len({r["run_dir"] for r in rows}) == 3  # 3 of the 4 combinations, each once
     assert (tmp_path / "search" / "study.db").is_file()
