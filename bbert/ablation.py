@@ -253,8 +253,8 @@ def write_sample_sources(path, sources) -> Path:
     """The embedded corpus restricted to ``sources`` (e.g. ``["kjv", "wordnet"]``) as a JSONL file
     that ``bbert prepare`` reads: how a tuning text and a held-out text are cut from it. The
     sources' documents alternate, so a ``max_bytes`` cut keeps a mix of them."""
-    from bbert.data import read_sample_corpus
     from bbert.atomic import atomic_write_text
+    from bbert.data import read_sample_corpus
 
     per_source = [read_sample_corpus(source=source) for source in sources]
     docs = [d for group in itertools.zip_longest(*per_source) for d in group if d is not None]
