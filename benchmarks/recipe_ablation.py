@@ -20,7 +20,7 @@ budget the run needed to reach the baseline's final loss. Goal (issue #19): the 
 ends >= 5% below the plain recipe on the unseen text, and reaches the plain recipe's final loss
 within half the budget.
 
-    .venv/bin/python benchmarks/recipe_ablation.py --budget-s 60           # about 14 minutes
+    .venv/bin/python benchmarks/recipe_ablation.py --budget-s 60           # about 15 minutes
     .venv/bin/python benchmarks/recipe_ablation.py --quick                 # 20 s runs, 3 trials
     .venv/bin/python benchmarks/recipe_ablation.py --eval-corpus my_text.txt
 
