@@ -136,7 +136,8 @@ def search_table(results: list[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     saved, total = budget_saved(results)
     if total:
-        lines.append(f"\nEarly stopping saved {saved:.0f} s of the grid's {total:.0f} s ({saved / total:.0%}).")
+        lines.append(f"\nEarly stopping saved {saved:.0f} s of the grid's {total:.0f} s ({saved / total:.0%}; "
+                     "threshold, pruner and NaN stops together).")
     return "\n".join(lines)
 
 

@@ -37,6 +37,7 @@ import warnings
 from pathlib import Path
 
 from bbert import configs
+from bbert.env import env_flag
 from bbert.optim import Schedule
 from bbert.trials import is_finished, prepare_trials, trial_name, trial_result
 from bbert.train import pretrain
@@ -62,6 +63,8 @@ def _optuna():
     except ImportError:
         raise configs.UsageError("--pruner asha|hyperband needs optuna: pip install 'bbert[search]'") from None
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if not env_flag("BBERT_VERBOSE"):  # bbert prints each trial; Optuna's INFO lines would repeat it
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
 
@@ -155,7 +158,7 @@ def search_study(base: TrainConfig, grid: dict[str, list], out_dir, pruner: str 
                                  "(each point runs once)")
     if base.validation_every_minutes is None:
         raise configs.UsageError("a pruner ranks trials by their validation loss: set validation_every_minutes")
-    min_resource = min_resource_s if min_resource_s is not None else max(int(base.validation_every_minutes * 60), 1)
+    min_resource = min_resource_s if min_resource_s is not None else max(int(base.validation_interval_seconds), 1)
     reduction_factor = 3 if reduction_factor is None else reduction_factor
     if min_resource < 1 or reduction_factor < 2:
         raise configs.UsageError(f"--min-resource-s must be >= 1 (got {min_resource}) and --reduction-factor "

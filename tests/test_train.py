@@ -351,7 +351,7 @@ def test_a_ramped_wsd_run_logs_the_batch_and_lr_of_the_definition(ramped_run):
 def test_a_killed_and_resumed_ramped_run_matches_the_uninterrupted_one(data_dir, tmp_path, monkeypatch, ramped_run):
     reference = ramped_run
     config = ramped_config(data_dir, tmp_path / "run")  # a checkpoint each minute: steps 4 and 7
-    real = run_dir_module.atomic_write_json
+    real = rd.atomic_write_json
     calls = {"n": 0}
 
     def dies_at_the_second_checkpoint(path, obj):
@@ -361,13 +361,13 @@ def test_a_killed_and_resumed_ramped_run_matches_the_uninterrupted_one(data_dir,
                 raise OSError("killed (simulated)")
         return real(path, obj)
 
-    monkeypatch.setattr(run_dir_module, "atomic_write_json", dies_at_the_second_checkpoint)
+    monkeypatch.setattr(rd, "atomic_write_json", dies_at_the_second_checkpoint)
     with pytest.raises(OSError, match="killed"):
         pretrain(config)
     # it died in the middle of the ramp, after step 7; the run resumes from step 4
     assert latest_checkpoint(tmp_path / "run").name == "step-0000004"
     assert json.loads((latest_checkpoint(tmp_path / "run") / "budget.json").read_text())["samples_consumed"] == 24
-    monkeypatch.setattr(run_dir_module, "atomic_write_json", real)
+    monkeypatch.setattr(rd, "atomic_write_json", real)
     pretrain(config)
     resumed, ref = records(tmp_path / "run", "train"), records(reference, "train")
     assert [r["step"] for r in resumed] == list(range(1, 11))
