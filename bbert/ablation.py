@@ -32,7 +32,7 @@ from pathlib import Path
 from bbert.run_dir import read_metrics
 from bbert.search import best_trial, budget_saved, search
 from bbert.train import pretrain
-from bbert.train_config import TrainConfig
+from bbert.train_config import TrainConfig, hours
 from bbert.trials import RAN_TO_THE_END, is_finished, trial_config
 
 BASELINE = "baseline"
@@ -95,7 +95,7 @@ def budget_config(base: TrainConfig, run_dir, budget_s: float, names=()) -> Trai
     """``base`` with the options ``names`` on and a wall-clock budget of ``budget_s`` seconds."""
     if not budget_s > 0:
         raise ValueError(f"budget_s must be > 0 seconds, got {budget_s}")
-    return trial_config(base, {**overrides(names), "time_budget_hours": budget_s / 3600}, run_dir)
+    return trial_config(base, {**overrides(names), "time_budget_hours": hours(budget_s)}, run_dir)
 
 
 # ---- reading runs -------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def search_combinations(base: TrainConfig, out_dir, budget_s: float, n_trials: i
     a third of the budget. Returns ``{"rows": the search rows of the trials that ran, "best": the
     best row (or None), "best_options": the option names it switched on}``.
     """
-    base = trial_config(base, {"time_budget_hours": budget_s / 3600}, base.run_dir)
+    base = trial_config(base, {"time_budget_hours": hours(budget_s)}, base.run_dir)
     with _quiet(verbose, optuna_logs=True):
         rows = search(base, search_grid(options), out_dir, pruner=pruner, storage=storage, n_trials=n_trials,
                       min_resource_s=max(1, round(budget_s / 9)), reduction_factor=3, verbose=verbose)

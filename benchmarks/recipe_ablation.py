@@ -59,11 +59,11 @@ def prepare_data(text: Path, out_dir: Path, vocab_size: int) -> Path:
 
 def baseline_config(data_dir: Path, model: str, budget_s: float, seed: int):
     """The tiny-cpu preset (24hBERT's recipe on a CPU) at ``model``'s shape; ten validations per run."""
-    from bbert.train_config import TrainConfig
+    from bbert.train_config import TrainConfig, hours, minutes
 
     return TrainConfig.from_preset(
         "tiny-cpu", data_dir=str(data_dir), run_dir=str(OUT / "unused"), model=model, seed=seed,
-        time_budget_hours=budget_s / 3600, validation_every_minutes=budget_s / 60 / 10, max_val_batches=8,
+        time_budget_hours=hours(budget_s), validation_every_minutes=minutes(budget_s / 10), max_val_batches=8,
         checkpoint_every_minutes=None, checkpoint_fractions=[], log_every_steps=25)
 
 
