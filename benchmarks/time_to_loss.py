@@ -25,8 +25,6 @@ Chapter: ``notebooks/04_pretraining.ipynb``.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import time
@@ -203,19 +201,6 @@ def run_hf(config, data_dir: Path, batches, vocab_size: int, work: Path) -> dict
                 final_loss=mlm_loss(model, batches))
 
 
-def budget_fraction_to_reach(curve, target: float) -> float | None:
-    """First budget fraction where the (linearly interpolated) curve reaches ``target``; None if never."""
-    prev = (0.0, math.inf)
-    for fraction, loss in curve:
-        if loss <= target:
-            if math.isinf(prev[1]):
-                return fraction
-            # linear between the previous point and this one
-            return prev[0] + (fraction - prev[0]) * (prev[1] - target) / (prev[1] - loss)
-        prev = (fraction, loss)
-    return None
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -232,6 +217,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from bbert.ablation import time_to_reach
     from bbert.data import load_manifest
     from bbert.train_config import TrainConfig
     from bbert.atomic import atomic_write_json
@@ -266,8 +252,8 @@ def main(argv=None) -> int:
     base = run_hf(config, data_dir, batches, vocab_size, args.out)
     load = max(load, os.getloadavg()[0])
 
-    reach = budget_fraction_to_reach([(f, loss) for f, _, loss in ours["curve"]], base["final_loss"])
-    reach_own_val = budget_fraction_to_reach(ours["own_val_curve"], base["final_loss"])
+    reach = time_to_reach([(f, loss) for f, _, loss in ours["curve"]], base["final_loss"], 1.0)
+    reach_own_val = time_to_reach(ours["own_val_curve"], base["final_loss"], 1.0)
     result = dict(minutes=minutes, model=args.model, load_average_max=load, bbert=ours, baseline=base,
                   loss_ratio_bbert_over_baseline=ours["final_loss"] / base["final_loss"],
                   budget_fraction_bbert_reaches_baseline_final=reach,
