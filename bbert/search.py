@@ -45,8 +45,7 @@ from bbert import configs
 from bbert.study import STUDY_PRUNERS, search_study
 from bbert.train import pretrain
 from bbert.train_config import TrainConfig
-from bbert.trials import (FINISHED_REASONS, RAN_TO_THE_END, STOPPED_EARLY, expand_grid, is_finished,  # noqa: F401
-                          prepare_trials, trial_config, trial_name, trial_result)
+from bbert.trials import RAN_TO_THE_END, STOPPED_EARLY, is_finished, prepare_trials, trial_name, trial_result
 
 PRUNERS = ("none", *STUDY_PRUNERS)  # none: every trial runs (early stop aside); else bbert.study
 

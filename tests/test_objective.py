@@ -87,3 +87,11 @@ def test_the_objective_builds_and_scores_the_model(data_dir, tmp_path):
         logits = model(batch["input_ids"], batch["attention_mask"]).logits
         expected = torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100])
         assert float(objective.loss(model, batch)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_run_at_30_percent_masking_learns(data_dir, tmp_path):
+    # MosaicBERT's rate is a data option, no model change: the loop still trains on its masks
+    config = tiny_config(data_dir, tmp_path / "run", masking={"mlm_probability": 0.3}, max_steps=20,
+                         validation_every_minutes=None, checkpoint_every_minutes=None, checkpoint_fractions=[])
+    losses = [r["loss"] for r in records(pretrain(config), "train")]
+    assert len(losses) == 20 and sum(losses[-5:]) / 5 < losses[0] - 0.5, losses

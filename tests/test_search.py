@@ -7,8 +7,8 @@ import math
 import pytest
 import yaml
 
-from bbert.search import (best_trial, budget_saved, expand_grid, main, parse_grid, search, search_table,
-                          is_finished, trial_name)
+from bbert.search import best_trial, budget_saved, main, parse_grid, search, search_table
+from bbert.trials import expand_grid, is_finished, trial_name
 from bbert.run_dir import EndReason, final_dir, latest_checkpoint, model_dir, read_metrics
 from bbert.train_config import TrainConfig
 from helpers_train import make_data_dir, tiny_config
@@ -130,7 +130,7 @@ def test_command_runs_one_trial_and_reports_errors(data_dir, tmp_path, capsys):
 
 
 def test_a_dict_value_sets_fields_together(data_dir, tmp_path):
-    from bbert.search import trial_config
+    from bbert.trials import trial_config
 
     base = base_config(data_dir, tmp_path)
     params = {"batch": {"batch_size": 16, "debug.step_time_seconds": 36.0}, "lr": 2e-3}
@@ -141,7 +141,7 @@ def test_a_dict_value_sets_fields_together(data_dir, tmp_path):
 
 
 def test_grid_values_may_be_lists_and_model_fields(data_dir, tmp_path):
-    from bbert.search import trial_config
+    from bbert.trials import trial_config
 
     # commas inside brackets belong to one value (this was a yaml traceback)
     assert parse_grid(["betas=[0.9,0.98],[0.9, 0.999]", "lr=1e-3"]) == {
@@ -226,7 +226,7 @@ def test_study_rerun_skips_finished_trials(asha_search):
         [(r["state"], r["number"], r["val_loss"]) for r in results]
     assert {r["trial"]: (out / r["trial"] / "metrics.jsonl").read_text() for r in again} == before
     assert len(load_study(out).trials) == 2  # no new trial was asked for
-    from bbert.search import trial_config
+    from bbert.trials import trial_config
     from bbert.train import pretrain
 
     pretrain(trial_config(base, {"lr": 1e-8}, out / "lr=1e-08"))  # a pruned run is over, like an early stop

@@ -409,7 +409,7 @@ def test_the_step_loss_is_the_mean_over_its_micro_batches_whatever_the_batch(dat
 def test_schedule_options_reach_set_print_config_and_the_search_grid(capsys, tmp_path):
     import yaml
 
-    from bbert.search import trial_config
+    from bbert.trials import trial_config
 
     assert main(["--preset", "tiny-cpu", "--set", "lr_schedule=wsd", "--set", "batch_ramp_proportion=0.3",
                  "--print-config"]) == 0

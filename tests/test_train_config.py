@@ -300,7 +300,7 @@ def test_indivisible_batch_advice_names_only_fixes_that_work():
 
 
 def test_every_entry_point_assembles_the_config_one_way(tmp_path):
-    from bbert.search import trial_config
+    from bbert.trials import trial_config
     from bbert.train_config import load_config
 
     (tmp_path / "c.yaml").write_text("lr: 2e-3\nmodel_overrides: {num_hidden_layers: 3}\n")
