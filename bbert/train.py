@@ -80,7 +80,12 @@ class Trainer:
                                            allow_data_change, config.data_dir)
 
         set_seed(config.seed + dist.rank)
-        self.engine = build_engine(self.objective.build_model(self.model_config), config, dist, self.objective)
+        model = self.objective.build_model(self.model_config)
+        if config.init_from and self.resume_from is None:  # a resumed run goes on from its checkpoint
+            from bbert.hf import load_pretrained
+
+            model.load_state_dict(load_pretrained(config.init_from)[0].state_dict())
+        self.engine = build_engine(model, config, dist, self.objective)
 
         # run state: everything a checkpoint must hold to continue exactly
         self.step = 0
@@ -410,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, "TrainConfig")
     p.add_argument("--data-dir", help="data dir made by `bbert prepare`")
     p.add_argument("--run-dir", help="where config, metrics and checkpoints go")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="continue pretraining from MODEL (a bbert model folder or run dir, a transformers "
+                        "folder); its shape replaces --preset's model. Sets init_from")
     p.add_argument("--masking", choices=("dynamic", "static"), help="sets masking.mode")
     p.add_argument("--duplication-factor", type=int, metavar="N", help="sets masking.duplication_factor")
     resume = p.add_mutually_exclusive_group()
@@ -433,7 +441,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         shorthands.append(f"masking.mode={args.masking}")
     if args.duplication_factor is not None:
         shorthands.append(f"masking.duplication_factor={args.duplication_factor}")
-    paths = [f"{key}={value}" for key, value in (("data_dir", args.data_dir), ("run_dir", args.run_dir)) if value]
+    paths = [f"{key}={value}" for key, value in (("data_dir", args.data_dir), ("run_dir", args.run_dir),
+                                                 ("init_from", args.init_from)) if value]
     return load_config(args.preset, args.config, [*shorthands, *args.assignments, *paths])
 
 

@@ -9,6 +9,8 @@ Chapter: ``notebooks/04_pretraining.ipynb``.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from bbert.configs import build_config, coerce, parse_value, to_dict
-from bbert.data import MaskingConfig, load_manifest, manifest_path
+from bbert.data import MaskingConfig, load_manifest, load_tokenizer, manifest_path, tokenizer_dir
 from bbert.data.layout import SHARD_SUFFIX
 from bbert.model import BertConfig
 from bbert.optim import Schedule
@@ -34,6 +36,10 @@ ENGINES = ("deepspeed", "torch")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("time", "step")
 OPTIMIZERS = ("adamw", "lamb")
+# The model fields a run may change on a model it continues from (init_from): how it trains,
+# not the shape or the function of its weights.
+TRAINING_MODEL_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range",
+                         "sparse_mlm_head", "unpad")
 
 
 @dataclass
@@ -69,8 +75,10 @@ class TrainConfig:
     """Everything about a pretraining run. Defaults are the paper's 8-GPU 24hBERT run.
 
     ``model`` names a ``bbert.model.BertConfig`` preset; ``model_overrides`` changes its fields
-    (``vocab_size`` always comes from the data dir). ``batch_size`` is global; the engine
-    accumulates ``batch_size / (micro_batch_size x world_size)`` micro-batches per step.
+    (``vocab_size`` always comes from the data dir). ``init_from`` continues pretraining from a
+    model (any folder ``bbert.hf.load_pretrained`` reads): its shape replaces ``model``, and
+    ``model_overrides`` may change only :data:`TRAINING_MODEL_FIELDS`. ``batch_size`` is
+    global; the engine accumulates ``batch_size / (micro_batch_size x world_size)`` micro-batches per step.
     ``schedule`` picks the clock of :class:`bbert.optim.Schedule`: ``"time"`` (the paper's,
     over ``time_budget_hours``) or ``"step"`` (over ``max_steps``); ``max_steps`` also caps a
     time-budgeted run. ``lr_schedule`` is the lr's shape: ``"linear"`` (the paper's decay after
@@ -86,6 +94,7 @@ class TrainConfig:
     run_dir: str = "runs/24hbert"
     model: str = "large"
     model_overrides: dict = field(default_factory=dict)
+    init_from: str | None = None  # a model to continue from; None = a new model
     max_seq_length: int = 128
     seed: int = 42
     # budget and schedule
@@ -216,9 +225,29 @@ class TrainConfig:
         hints = typing.get_type_hints(BertConfig)
         overrides = {k: coerce(v, hints[k], f"model.{k}") if k in hints else v
                      for k, v in self.model_overrides.items()}
+        if self.init_from:
+            return self._init_model_config(vocab_size, overrides)
         overrides["vocab_size"] = vocab_size
         overrides.setdefault("max_position_embeddings", max(512, self.max_seq_length))
         return BertConfig.from_preset(self.model, **overrides)
+
+    def _init_model_config(self, vocab_size: int, overrides: dict) -> BertConfig:
+        """The config of ``init_from``, with the overrides that only change how it trains."""
+        config = init_model(self.init_from)[0]
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise ValueError(f"model.{key} is not a BertConfig field; known: "
+                                 f"{', '.join(f.name for f in dataclasses.fields(config))}")
+            if key not in TRAINING_MODEL_FIELDS and getattr(config, key) != value:
+                raise ValueError(f"model.{key}={value!r} contradicts init_from {self.init_from} "
+                                 f"({key}={getattr(config, key)!r}): the model's shape comes from "
+                                 f"init_from, so drop that setting, or leave out init_from to train "
+                                 "a new model")
+        if vocab_size != config.vocab_size:
+            raise ValueError(f"the data has a vocabulary of {vocab_size} tokens but init_from "
+                             f"{self.init_from} has {config.vocab_size}: prepare the data with its "
+                             f"tokenizer, `bbert prepare --tokenizer {self.init_from} --out DATA_DIR`")
+        return dataclasses.replace(config, **overrides)
 
     # -- validation -------------------------------------------------------------------------
 
@@ -282,13 +311,25 @@ class TrainConfig:
         if self.zero_stage and self.engine != "deepspeed":
             raise ValueError(f"zero_stage={self.zero_stage} needs engine='deepspeed'; "
                              "with engine='torch' set zero_stage=0")
-        try:
-            self.model_config(vocab_size=self.model_overrides.get("vocab_size", 30522))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"model={self.model!r} with model_overrides={self.model_overrides}: {e}") from e
+        if self.init_from:
+            self._validate_init_from()
+        else:
+            try:
+                self.model_config(vocab_size=self.model_overrides.get("vocab_size", 30522))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"model={self.model!r} with model_overrides={self.model_overrides}: {e}") from e
         if check_data:
             self._validate_data(world_size)
         return self
+
+    def _validate_init_from(self) -> None:
+        """``init_from`` fits this run: the model overrides, and the data's sequence length."""
+        config = self.model_config(init_model(self.init_from)[0].vocab_size)
+        if self.max_seq_length > config.max_position_embeddings:
+            raise ValueError(f"max_seq_length={self.max_seq_length} (the data's sequence length) is longer "
+                             f"than the {config.max_position_embeddings} positions of init_from "
+                             f"{self.init_from}: prepare the data with --max-seq-length "
+                             f"{config.max_position_embeddings} or less and set max_seq_length to it")
 
     def _validate_data(self, world_size: int = 1) -> None:
         data_dir = Path(self.data_dir)
@@ -308,6 +349,8 @@ class TrainConfig:
             raise ValueError(f"data_dir {str(data_dir)!r} holds sequences of {manifest.get('max_seq_length')} tokens "
                              f"but max_seq_length={self.max_seq_length}: set max_seq_length="
                              f"{manifest.get('max_seq_length')} or prepare the data with that length")
+        if self.init_from:
+            self._validate_init_vocabulary(data_dir, manifest)
         splits = manifest.get("splits", {})
         if not splits.get("train", {}).get("num_samples"):
             raise ValueError(f"data_dir {str(data_dir)!r} has no training samples; re-run bbert prepare")
@@ -323,6 +366,43 @@ class TrainConfig:
                 raise ValueError(f"split {split!r} of {str(data_dir)!r} has {have} samples, fewer than one "
                                  f"micro-batch on every rank ({world_size} x {self.micro_batch_size}): prepare "
                                  f"more text (or {share}), or lower micro_batch_size")
+
+    def _validate_init_vocabulary(self, data_dir: Path, manifest: dict) -> None:
+        """The data's token ids mean what ``init_from``'s embeddings learned: the same vocabulary."""
+        config, vocab = init_model(self.init_from)
+        data_vocab = load_tokenizer(tokenizer_dir(data_dir)).get_vocab() if vocab is not None else None
+        if manifest.get("vocab_size") == config.vocab_size and data_vocab == vocab:
+            return
+        moved = (f"{sum(vocab.get(t) != i for t, i in data_vocab.items())} of its tokens have other ids"
+                 if data_vocab is not None and len(data_vocab) == len(vocab)
+                 else f"{manifest.get('vocab_size')} tokens against the model's {config.vocab_size}")
+        raise ValueError(f"data_dir {str(data_dir)!r} was tokenized with another vocabulary than init_from "
+                         f"{self.init_from} ({moved}): prepare the data with the model's tokenizer, "
+                         f"`bbert prepare --tokenizer {self.init_from} --out NEW_DATA_DIR`")
+
+
+def init_model(path) -> tuple[BertConfig, dict | None]:
+    """The config and tokenizer vocabulary (None without a tokenizer) of the model at ``path``,
+    any folder that :func:`bbert.hf.load_pretrained` reads; a run continues from it (``init_from``).
+    """
+    from bbert.hf import find_model_folder
+
+    try:
+        folder = find_model_folder(path).resolve()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"init_from: {e}") from None
+    stamp = tuple(p.stat().st_mtime_ns for p in (folder, folder / "config.json"))
+    config, vocab = _read_model(str(folder), stamp)
+    return dataclasses.replace(config), vocab
+
+
+@functools.lru_cache(maxsize=4)
+def _read_model(folder: str, stamp: tuple) -> tuple[BertConfig, dict | None]:
+    # loading is the one way to get an imported model's config; validate and the trainer both ask
+    from bbert.hf import load_pretrained
+
+    model, tokenizer = load_pretrained(folder)
+    return model.config, (tokenizer.get_vocab() if tokenizer is not None else None)
 
 
 def _preset_24hbert() -> dict:

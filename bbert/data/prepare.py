@@ -45,7 +45,8 @@ class PrepareConfig:
     """Everything ``prepare`` needs (``bbert prepare --set FIELD=VALUE`` sets any of them).
 
     ``inputs`` empty means the embedded sample corpus. ``tokenizer`` None trains a WordPiece
-    tokenizer of ``vocab_size`` tokens; otherwise it is a tokenizer folder or a hub name.
+    tokenizer of ``vocab_size`` tokens; otherwise it is a tokenizer folder, a model folder or
+    run dir (its model's tokenizer: data for ``bbert pretrain --init-from``) or a hub name.
     ``encoding`` decodes text files (undecodable input is refused, not mangled).
     ``document_field``/``rows_per_document`` join rows of JSONL or hub datasets stored one
     sentence per row (BookCorpus) into documents: by a document-id column (one of
@@ -433,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-document", type=int,
                    help="join this many consecutive JSONL/hub rows into one document "
                         "(sentence-per-row corpora such as BookCorpus); a document-id column wins")
-    p.add_argument("--tokenizer", help="tokenizer folder or hub name; default: train a WordPiece on the corpus")
+    p.add_argument("--tokenizer", help="tokenizer folder, a model's (model folder or run dir, for "
+                   "pretrain --init-from) or hub name; default: train a WordPiece on the corpus")
     p.add_argument("--vocab-size", type=int, help="size of the trained WordPiece vocabulary (default: 30522)")
     p.add_argument("--cased", dest="lowercase", action="store_false", default=None,
                    help="keep case (default: lowercase)")

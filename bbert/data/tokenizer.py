@@ -63,7 +63,8 @@ def wrap_tokenizer(backend, lowercase: bool = True, model_max_length: int = 512)
 
 
 def load_tokenizer(path: str | Path):
-    """Load a tokenizer folder (or, online, a hub name such as ``bert-large-uncased``).
+    """Load a tokenizer folder, the tokenizer of a model folder, checkpoint or run dir (the model's
+    own, for continued pretraining), or, online, a hub name such as ``bert-large-uncased``.
 
     Checks that the vocabulary is real and the special tokens exist.
     """
@@ -74,6 +75,8 @@ def load_tokenizer(path: str | Path):
     local = Path(path)
     if local.is_dir() and (tokenizer_dir(local) / "tokenizer.json").exists():
         local = tokenizer_dir(local)  # a data dir or model folder holding a tokenizer/
+    elif local.is_dir() and not _holds_tokenizer(local):
+        local = model_tokenizer_folder(local) or local  # a run dir or checkpoint: its model's
     if not local.exists():
         if _looks_local(str(path)):
             raise TokenizerError(f"tokenizer folder {path} does not exist; check the path (a data dir's "
@@ -82,10 +85,11 @@ def load_tokenizer(path: str | Path):
                     "train one on your corpus (bbert prepare --vocab-size N, the default) or pass "
                     "a local tokenizer folder, e.g. DATA_DIR/tokenizer from an earlier prepare")
         tok = AutoTokenizer.from_pretrained(str(path))
-    elif not (local.is_dir() and any((local / f).is_file() for f in TOKENIZER_FILES)):
+    elif not _holds_tokenizer(local):
         raise TokenizerError(f"{path} is not a tokenizer folder: it should hold tokenizer.json (or "
                              "vocab.txt) and tokenizer_config.json, as save_pretrained writes them; "
-                             "a data dir's tokenizer is DATA_DIR/tokenizer")
+                             "a data dir's tokenizer is DATA_DIR/tokenizer, and a model folder or "
+                             "run dir works when its model was saved with its tokenizer")
     else:
         try:
             tok = AutoTokenizer.from_pretrained(str(local))
@@ -96,6 +100,23 @@ def load_tokenizer(path: str | Path):
                                  "DATA_DIR/tokenizer, or leave out --tokenizer to train one") from None
     check_tokenizer(tok)
     return tok
+
+
+def _holds_tokenizer(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
+def model_tokenizer_folder(path) -> Path | None:
+    """The tokenizer saved with the model of a run dir or checkpoint: in its ``model/``, in
+    ``final/model/``, or in the latest checkpoint's ``model/`` (where ``bbert.hf`` finds the model).
+    """
+    from bbert.run_dir import final_dir, latest_checkpoint, model_dir
+
+    checkpoint = latest_checkpoint(path)
+    for folder in (model_dir(path), model_dir(final_dir(path)), checkpoint and model_dir(checkpoint)):
+        if folder and _holds_tokenizer(folder):
+            return folder
+    return None
 
 
 def _looks_local(name: str) -> bool:
