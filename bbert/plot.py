@@ -305,3 +305,37 @@ def plot_glue_scores(scores: dict, title: str = "GLUE"):
     ax.legend(loc="upper center", ncol=len(scores), fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# ---- your own domain chapter -------------------------------------------------------------
+# Chapter: notebooks/08_your_domain.ipynb.
+
+
+def plot_seed_bands(runs: dict, title: str | None = None, ax=None):
+    """Validation loss against wall-clock time for several arms, each run at several seeds: the
+    mean over the seeds as a line, the band from the lowest to the highest seed, each seed faint.
+
+    ``runs``: ``{arm: [curve, ...]}``, one curve per seed as ``[(elapsed seconds, loss), ...]``
+    (``bbert.ablation.loss_curve``). The seeds validate at slightly different times, so the
+    mean and the band are taken on a common grid where every curve of the arm has points.
+    """
+    fig, (ax,) = _new_figure(width=7.5, height=4.0) if ax is None else (ax.figure, [ax])
+    longest = max((t for curves in runs.values() for curve in curves for t, _ in curve), default=1.0)
+    unit, per = time_unit(longest)
+    for arm, curves in runs.items():
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        grid = np.linspace(max(c[0][0] for c in curves), min(c[-1][0] for c in curves), 60)
+        losses = np.array([np.interp(grid, *zip(*c)) for c in curves])
+        line, = ax.plot(grid / per, losses.mean(axis=0), lw=2, label=f"{arm} (mean of {len(curves)})")
+        ax.fill_between(grid / per, losses.min(axis=0), losses.max(axis=0), color=line.get_color(),
+                        alpha=0.2, lw=0)
+        for c in curves:
+            ax.plot([t / per for t, _ in c], [loss for _, loss in c], color=line.get_color(), lw=0.6,
+                    alpha=0.5)
+    ax.set_xlabel(f"elapsed wall-clock time ({unit})")
+    ax.set_ylabel("validation MLM loss")
+    ax.set_title(title or "Validation loss at equal wall clock: mean and range over seeds")
+    ax.legend(fontsize="small")
+    return fig

@@ -68,7 +68,7 @@ def load_tokenizer(path: str | Path):
 
     Checks that the vocabulary is real and the special tokens exist.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
     from bbert.hub import require_hub
 
@@ -92,7 +92,10 @@ def load_tokenizer(path: str | Path):
                              "run dir works when its model was saved with its tokenizer")
     else:
         try:
-            tok = AutoTokenizer.from_pretrained(str(local))
+            # a bbert model folder's config.json is not transformers': keep AutoTokenizer off it
+            # (it would only warn; tokenizer_config.json names the class)
+            config = {"config": PretrainedConfig()} if _model_type(local) == "bbert" else {}
+            tok = AutoTokenizer.from_pretrained(str(local), **config)
         except (OSError, ValueError, KeyError, TypeError) as e:  # what damaged or foreign files raise
             problem = " ".join(str(e).split())[:120] or type(e).__name__
             raise TokenizerError(f"{path} holds tokenizer files that transformers can't load ({problem}); "
@@ -100,6 +103,13 @@ def load_tokenizer(path: str | Path):
                                  "DATA_DIR/tokenizer, or leave out --tokenizer to train one") from None
     check_tokenizer(tok)
     return tok
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _holds_tokenizer(folder: Path) -> bool:
