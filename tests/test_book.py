@@ -100,7 +100,8 @@ CHAPTERS = toc_files(yaml.safe_load((ROOT / "_toc.yml").read_text()))
 # The chapters whose plots the book promises (the planner, the speed-up bars, the schedule and
 # loss curves, the GLUE scores). Every other page must still load every image it has.
 PLOT_CHAPTERS = ["notebooks/01_budget", "notebooks/03_model", "notebooks/04_pretraining",
-                 "notebooks/05_finetuning", "notebooks/06_findings", "notebooks/07_beyond"]
+                 "notebooks/05_finetuning", "notebooks/06_findings", "notebooks/07_beyond",
+                 "notebooks/08_your_domain"]
 # Every chapter notebook ends with exercises whose solutions are folded away.
 EXERCISE_CHAPTERS = [c for c in CHAPTERS if c.startswith("notebooks/")]
 

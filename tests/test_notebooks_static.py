@@ -15,7 +15,7 @@ CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
 
 CHAPTER_NOTEBOOKS = ["01_budget", "02_data", "03_model", "04_pretraining", "05_finetuning", "06_findings",
-                     "07_beyond"]
+                     "07_beyond", "08_your_domain"]
 MAX_DEFINITION_LINES = 15  # a notebook may define small glue/plot helpers, not the real code
 
 CITE_ROLE = re.compile(r"(?<!`)\{cite(?::[a-z]+)?\}`([^`]*)`")
