@@ -1,6 +1,6 @@
 """The matplotlib figures the book shows. Each function returns the matplotlib Figure.
 
-Chapters: budget, model, pretraining, finetuning, beyond 24hBERT.
+Chapters: budget, model, pretraining, finetuning, beyond 24hBERT, your own domain.
 """
 from __future__ import annotations
 

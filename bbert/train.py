@@ -15,10 +15,13 @@ the budget used and whether the run is over:
   ``batch_size = micro_batch_size x world_size x gradient_accumulation_steps``; with a batch
   ramp the schedule gives each step its batch (the samples consumed add up the real ones).
 
-The config is :mod:`bbert.train_config`, the engines :mod:`bbert.engines`, the run folder
+``--init-from MODEL`` (``init_from``) starts from a model's weights instead of new ones, unless
+the run resumes from its own checkpoint (chapter ``notebooks/08_your_domain.ipynb``). The
+config is :mod:`bbert.train_config`, the engines :mod:`bbert.engines`, the run folder
 :mod:`bbert.run_dir`. Run it in one process or under a launcher::
 
     bbert pretrain --preset tiny-cpu --data-dir data/sample --run-dir runs/tiny
+    bbert pretrain --preset tiny-cpu --init-from runs/tiny --data-dir data/domain --run-dir runs/domain
     torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port 29511 -m bbert.train --config run.yaml
     deepspeed --num_gpus 8 --master_port 29512 --module bbert.train --config run.yaml
     deepspeed --hostfile hostfile --master_port 29512 --module bbert.train --config run.yaml

@@ -384,6 +384,8 @@ class TrainConfig:
 def init_model(path) -> tuple[BertConfig, dict | None]:
     """The config and tokenizer vocabulary (None without a tokenizer) of the model at ``path``,
     any folder that :func:`bbert.hf.load_pretrained` reads; a run continues from it (``init_from``).
+
+    Chapter: ``notebooks/08_your_domain.ipynb``.
     """
     from bbert.hf import find_model_folder
 

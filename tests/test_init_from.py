@@ -97,10 +97,11 @@ def test_a_resumed_run_goes_on_from_its_checkpoint_not_from_init_from(data_dir, 
     assert not all(torch.equal(now[k], init[k]) for k in init)  # 2 steps at lr > 0 moved them
 
 
-def test_prepare_tokenizer_model_takes_the_models_tokenizer_and_records_it(source, tmp_path):
+def test_prepare_tokenizer_model_takes_the_models_tokenizer_and_records_it(source, tmp_path, capfd):
     out = tmp_path / "data"
     assert prepare_main([f"--tokenizer={source}", "--out", str(out), "--max-documents", "60",
                          "--max-seq-length", "32", "--val-fraction", "0.1", "--quiet"]) == 0
+    assert capfd.readouterr().err == ""  # transformers is kept off the bbert config.json beside it
     manifest = load_manifest(out)
     _, model_tokenizer = load_pretrained(source)
     fingerprint = tokenizer_fingerprint(model_tokenizer)
@@ -147,3 +148,20 @@ def test_a_model_that_does_not_fit_is_refused_in_one_line_before_anything_is_wri
     assert len(err.strip().splitlines()) == 1 and err.startswith("bbert pretrain: error: ")
     assert re.search(message, err), err
     assert not run_dir.exists()
+
+
+def test_seed_bands_figure_draws_the_mean_and_the_range_of_the_seeds():
+    from bbert.plot import plot_seed_bands
+
+    # two seeds validated at slightly different times; the grid is where both have points
+    runs = {"continued": [[(1.0, 6.0), (3.0, 5.0)], [(1.5, 6.5), (4.0, 5.5)]],
+            "from scratch": [[(1.0, 7.0), (3.0, 6.0)]]}
+    ax = plot_seed_bands(runs).axes[0]
+    mean = next(line for line in ax.get_lines() if line.get_label() == "continued (mean of 2)")
+    xs, ys = mean.get_xdata(), mean.get_ydata()
+    assert (xs[0], xs[-1]) == (1.5, 3.0) and "seconds" in ax.get_xlabel()
+    # at t=3: seed 0 is at 5.0, seed 1 at 6.5 - 1.0 * 1.5 / 2.5 = 5.9
+    assert ys[-1] == pytest.approx((5.0 + 5.9) / 2)
+    band = ax.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == pytest.approx(5.0) and band[:, 1].max() == pytest.approx(6.5)
+    assert len(ax.get_legend().get_texts()) == 2
