@@ -78,7 +78,8 @@ class TrainConfig:
     (``vocab_size`` always comes from the data dir). ``init_from`` continues pretraining from a
     model (any folder ``bbert.hf.load_pretrained`` reads): its shape replaces ``model``, and
     ``model_overrides`` may change only :data:`TRAINING_MODEL_FIELDS`. ``batch_size`` is
-    global; the engine accumulates ``batch_size / (micro_batch_size x world_size)`` micro-batches per step.
+    global; the engine accumulates ``batch_size / (micro_batch_size x world_size)``
+    micro-batches per step.
     ``schedule`` picks the clock of :class:`bbert.optim.Schedule`: ``"time"`` (the paper's,
     over ``time_budget_hours``) or ``"step"`` (over ``max_steps``); ``max_steps`` also caps a
     time-budgeted run. ``lr_schedule`` is the lr's shape: ``"linear"`` (the paper's decay after
