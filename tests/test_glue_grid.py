@@ -241,6 +241,40 @@ def test_progress_without_a_total_counts_at_intervals(monkeypatch):
     assert out.getvalue().splitlines() == ["prepare: 3,000 tokens, docs 3", "prepare: 6,000 tokens, docs 3"]
 
 
+def test_progress_in_a_notebook_is_a_widget_or_nothing_never_stderr(monkeypatch, capsys):
+    from tqdm.notebook import tqdm_notebook
+
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    bar = progress.Progress(total=20, desc="RTE lr1e-05", every=0.25)
+    assert isinstance(bar.bar, tqdm_notebook) and not bar.bar.disable
+    for _ in range(20):
+        bar.update(1, loss="0.500")
+    bar.close()
+    assert capsys.readouterr().err == ""  # a kernel's stderr is a red block on the page
+    monkeypatch.setattr(progress, "has_widgets", lambda: False)
+    silent = progress.Progress(total=20, desc="RTE lr1e-05", every=0.25)
+    for _ in range(20):
+        silent.update(1, loss="0.500")
+    silent.close()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_finetuning_progress_in_a_real_kernel_leaves_no_stderr_output():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    code = ("from bbert.progress import Progress\n"
+            "bar = Progress(total=30, desc='RTE lr1e-05 seed 0')\n"
+            "for _ in range(30):\n"
+            "    bar.update(1, loss='0.500')\n"
+            "bar.close()")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO)}}).execute()
+    outputs = notebook.cells[0].outputs
+    assert not [o for o in outputs if o.get("name") == "stderr"], outputs
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+
+
 def _tiny_model(folder: Path) -> Path:
     from bbert.data.readers import read_sample_corpus
     from bbert.data.tokenizer import train_tokenizer
