@@ -31,7 +31,7 @@ _EXPORTS = {
     "bbert.glue.custom": ["custom_task", "load_custom_task", "make_corpus_source_task"],
     "bbert.glue.metrics": ["compute_metrics", "prediction_strings", "predictions_tsv", "main_score"],
     "bbert.glue.config": [
-        "FinetuneConfig", "GridConfig", "GRID_PRESETS", "GRID_SOURCES", "PAPER_GRID_TABLE", "PRECISIONS",
+        "FinetuneConfig", "GridConfig", "GRID_PRESETS", "GRID_SOURCES", "BERT_GRID_TABLE", "PRECISIONS",
         "grid_preset"],
     "bbert.glue.finetuning": [
         "RESULT_VERSION", "load_classifier", "length_grouped_batches", "random_batches",
