@@ -26,11 +26,10 @@ GLUE_DIR = Path(__file__).parent / "fixtures" / "glue" / "glue_data"
 
 # ---- presets ------------------------------------------------------------------------------
 
-# Restated from the sources, so that a change of the preset alone fails here. Izsak, Berchansky &
-# Levy (2021), appendix B: 5 seeds, the median of the best configuration. The grid's values (the
-# paper's appendix table) are not in its text or repository; they stand in from BERT's grid,
-# Devlin et al. (2019), appendix A.3, as PAPER_GRID_TABLE says.
-PAPER_GRID = {"lr": (2e-5, 3e-5, 5e-5), "batch_size": (16, 32), "num_epochs": (2, 3, 4), "seeds": 5}
+# Restated from the sources, so that a change of the preset alone fails here: BERT's grid,
+# Devlin et al. (2019), appendix A.3, with the 24hBERT paper's 5 seeds and median (Izsak,
+# Berchansky & Levy 2021, appendix B), as BERT_GRID_TABLE says.
+BERT_GRID = {"lr": (2e-5, 3e-5, 5e-5), "batch_size": (16, 32), "num_epochs": (2, 3, 4), "seeds": 5}
 
 
 def _docstring_table(text: str) -> dict[str, tuple]:
@@ -43,32 +42,41 @@ def _docstring_table(text: str) -> dict[str, tuple]:
     return rows
 
 
-def test_paper_preset_matches_the_table_it_cites():
-    preset = glue.GRID_PRESETS["paper"]
-    table = _docstring_table(glue.PAPER_GRID_TABLE)
-    assert "Izsak" in glue.PAPER_GRID_TABLE and "median of the best configuration" in glue.PAPER_GRID_TABLE
-    assert "stand-in" in glue.PAPER_GRID_TABLE  # until the paper's own values are found
+def test_bert_preset_is_the_default_and_matches_the_table_it_cites():
+    preset = glue.GRID_PRESETS["bert"]
+    table = _docstring_table(glue.BERT_GRID_TABLE)
+    text = " ".join(glue.BERT_GRID_TABLE.split())
+    assert "Devlin et al. 2019, appendix A.3" in text and "median of the best configuration" in text
+    assert "It is not the 24hBERT paper's own grid" in text  # its Table 7 is not in bbert
     for axis in ("lr", "batch_size", "num_epochs"):
         assert tuple(preset[axis]) == pytest.approx(table[axis]), axis
-        assert tuple(preset[axis]) == pytest.approx(PAPER_GRID[axis]), axis
-    assert len(preset["seed"]) == int(table["seeds"][0]) == PAPER_GRID["seeds"]
-    # the default grid is the paper's
+        assert tuple(preset[axis]) == pytest.approx(BERT_GRID[axis]), axis
+    assert len(preset["seed"]) == int(table["seeds"][0]) == BERT_GRID["seeds"]
     grid = glue.GridConfig()
     assert (grid.lr, grid.batch_size, grid.num_epochs, grid.seed) == tuple(
         tuple(preset[a]) for a in ("lr", "batch_size", "num_epochs", "seed"))
+    assert len(grid.runs()) == 3 * 2 * 3 * 5
+    assert glue.build_parser().parse_args(["m", "--out", "o"]).grid == "bert"
 
 
-def test_bert_and_official_presets():
-    # Devlin et al. (2019), appendix A.3
-    bert = glue.GridConfig.from_preset("bert")
-    assert bert.lr == (2e-5, 3e-5, 5e-5) and bert.batch_size == (16, 32) and bert.num_epochs == (2, 3, 4)
-    assert len(bert.runs()) == 3 * 2 * 3 * 5
+def test_no_preset_claims_to_be_the_papers_grid(capsys):
+    assert "paper" not in glue.GRID_PRESETS
+    assert "not the 24hBERT paper's own grid" in glue.GRID_SOURCES["bert"]
+    with pytest.raises(ValueError, match="grid preset 'paper' is now called 'bert'"):
+        glue.GridConfig.from_preset("paper")
+    assert glue.main(["m", "--out", "o", "--grid", "paper"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bbert finetune: error: grid preset 'paper' is now called 'bert'")
+    assert err.count("\n") == 1 and "use --grid bert" in err
+
+
+def test_official_preset_and_unknown_names():
     # IntelLabs/academic-budget-bert README, "Example for finetuning on MRPC"
     official = glue.GridConfig.from_preset("official")
     run = official.runs()[0]
     assert (run.lr, run.batch_size, run.num_epochs, run.warmup_steps, run.weight_decay) == (
         5e-5, 32, 5, 50, 0.01)
-    with pytest.raises(ValueError, match="unknown grid preset 'nope'.*paper"):
+    with pytest.raises(ValueError, match="unknown grid preset 'nope'.*bert"):
         glue.GridConfig.from_preset("nope")
 
 
@@ -239,6 +247,40 @@ def test_progress_without_a_total_counts_at_intervals(monkeypatch):
         bar.update(1_000, docs=3)
     bar.close()
     assert out.getvalue().splitlines() == ["prepare: 3,000 tokens, docs 3", "prepare: 6,000 tokens, docs 3"]
+
+
+def test_progress_in_a_notebook_is_a_widget_or_nothing_never_stderr(monkeypatch, capsys):
+    from tqdm.notebook import tqdm_notebook
+
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    bar = progress.Progress(total=20, desc="RTE lr1e-05", every=0.25)
+    assert isinstance(bar.bar, tqdm_notebook) and not bar.bar.disable
+    for _ in range(20):
+        bar.update(1, loss="0.500")
+    bar.close()
+    assert capsys.readouterr().err == ""  # a kernel's stderr is a red block on the page
+    monkeypatch.setattr(progress, "has_widgets", lambda: False)
+    silent = progress.Progress(total=20, desc="RTE lr1e-05", every=0.25)
+    for _ in range(20):
+        silent.update(1, loss="0.500")
+    silent.close()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_finetuning_progress_in_a_real_kernel_leaves_no_stderr_output():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    code = ("from bbert.progress import Progress\n"
+            "bar = Progress(total=30, desc='RTE lr1e-05 seed 0')\n"
+            "for _ in range(30):\n"
+            "    bar.update(1, loss='0.500')\n"
+            "bar.close()")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO)}}).execute()
+    outputs = notebook.cells[0].outputs
+    assert not [o for o in outputs if o.get("name") == "stderr"], outputs
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
 
 
 def _tiny_model(folder: Path) -> Path:

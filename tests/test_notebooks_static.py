@@ -86,9 +86,35 @@ def markdown_sources() -> dict[str, str]:
 
 def test_toc_lists_every_chapter_in_order():
     files = toc_files()
-    expected = (["book/intro"] + [f"notebooks/{n}" for n in CHAPTER_NOTEBOOKS]
-                + ["book/going_further", "book/benchmarks", "book/glossary", "book/bibliography"])
-    assert files == expected, f"_toc.yml chapters are {files}, expected {expected}"
+    assert files[0] == "book/intro", f"_toc.yml must start with book/intro, not {files[0]}"
+    notebooks = [f for f in files if f.startswith("notebooks/")]
+    chapters = [f"notebooks/{n}" for n in CHAPTER_NOTEBOOKS]
+    assert notebooks[:len(chapters)] == chapters and notebooks == sorted(notebooks), (
+        f"_toc.yml lists the chapter notebooks as {notebooks}, expected {chapters} first, in order")
+    on_disk = sorted(f"notebooks/{p.stem}" for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert set(on_disk) <= set(notebooks), f"notebooks not in _toc.yml: {set(on_disk) - set(notebooks)}"
+    # going_further introduces the later papers (Cramming, MosaicBERT, ModernBERT) that chapter 7
+    # measures, so a reader meets them first.
+    assert files.index("book/going_further") == files.index("notebooks/07_beyond") - 1, files
+    assert files[-3:] == ["book/benchmarks", "book/glossary", "book/bibliography"], files
+
+
+def test_intro_lists_every_chapter_and_maps_every_module():
+    intro = (ROOT / "book" / "intro.md").read_text(encoding="utf-8")
+    listed = re.search(r"## What you will build\n(.*?)\n## ", intro, re.S).group(1)
+    for f in toc_files():
+        if f.startswith("notebooks/") or f == "book/going_further":
+            assert f"{{doc}}`../{f}`" in listed or f"{{doc}}`{f.removeprefix('book/')}`" in listed, (
+                f"book/intro.md's chapter list does not link {f}")
+    for n in ("07_beyond", "08_your_domain"):
+        assert f"{{doc}}`../notebooks/{n}`" in listed, f"the chapter list lacks {n}"
+    package_map = re.search(r"## A map of the package\n(.*)", intro, re.S).group(1)
+    rows = [line for line in package_map.splitlines() if line.startswith("| `bbert.")]
+    assert any("07_beyond" in row for row in rows), "no module of the package map points to chapter 7"
+    named = set(re.findall(r"`bbert\.(\w+)", "\n".join(rows)))
+    chaptered = {p.stem for p in (ROOT / "bbert").glob("*.py")
+                 if re.search(r"Chapters?: ``notebooks/", p.read_text(encoding="utf-8"))}
+    assert chaptered <= named, f"modules that name a chapter but are not in the intro's map: {chaptered - named}"
 
 
 @pytest.mark.parametrize("name", toc_files())
@@ -172,6 +198,46 @@ def test_every_term_reference_is_in_the_glossary():
             if term not in terms:
                 missing.setdefault(name, []).append(term)
     assert not missing, f"{{term}} references to terms not in book/glossary.md: {missing}"
+
+
+# ---- what a reader sees of the code ------------------------------------------------------------
+
+MAX_CODE_LINE = 88  # book/static/bbert.css sizes code cells so that this many characters show
+
+
+def _long_code_lines(path: Path) -> list[tuple[int, str]]:
+    return [(i, line) for i, cell in enumerate(load_notebook(path)["cells"]) if cell["cell_type"] == "code"
+            for line in source(cell).splitlines() if len(line) > MAX_CODE_LINE]
+
+
+# Chapters 6 and 7 are being rewrapped on their own branches (issue 23); until those land, their
+# long lines are an expected failure. Once a notebook is wrapped, the mark no longer applies.
+WRAPPED_ON_OTHER_BRANCHES = {"06_findings", "07_beyond"}
+
+
+def _code_line_cases():
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        marks = [pytest.mark.xfail(reason="rewrapped on its own branch (issue 23)", strict=True)] if (
+            path.stem in WRAPPED_ON_OTHER_BRANCHES and _long_code_lines(path)) else []
+        yield pytest.param(path, id=path.stem, marks=marks)
+
+
+@pytest.mark.parametrize("path", list(_code_line_cases()))
+def test_notebook_code_lines_fit_the_page(path):
+    long = _long_code_lines(path)
+    assert not long, (f"{path.name}: {len(long)} code lines over {MAX_CODE_LINE} characters, cut off on "
+                      f"the page; the first, in cell {long[0][0]}: {long[0][1]!r}")
+
+
+def test_code_cells_are_styled_to_show_whole_lines():
+    sphinx = CONFIG["sphinx"]["config"]
+    static = [ROOT / p for p in sphinx["html_static_path"]]
+    css_files = sphinx["html_css_files"]
+    assert "bbert.css" in css_files
+    css = next(p / "bbert.css" for p in static if (p / "bbert.css").is_file()).read_text()
+    rule = re.search(r"div\.cell_input pre[^{]*\{([^}]*)\}", css)
+    assert rule and re.search(r"font-size:\s*0\.[5-9]\d*em", rule.group(1)), (
+        "bbert.css must size the code cells' font down so that an 88-character line shows whole")
 
 
 # ---- each chapter notebook -----------------------------------------------------------------

@@ -2,14 +2,15 @@
 
 The paper judges its pretrained model by finetuning it on GLUE with a small grid of
 hyperparameters, 5 seeds per configuration, and reporting the median score of the best
-configuration. This package does exactly that, for a bbert checkpoint or a transformers BERT:
+configuration. This package runs that procedure, for a bbert checkpoint or a transformers BERT,
+with BERT's grid in place of the paper's own (see config.py):
 
     tasks.py      TaskSpec, the nine GLUE tasks, TaskData (a loaded task)
     loaders.py    GLUE's examples: the original GLUE download on disk, or the hub
     custom.py     your own task (TSV, CSV, JSONL) and the offline task from the shipped corpus
     metrics.py    the GLUE metrics, the score that ranks runs, predictions for the leaderboard
     config.py     FinetuneConfig (one run) and GridConfig (the grid), with the grid presets
-                  (paper, bert, official, tiny) and their sources
+                  (bert, official, tiny) and their sources
     finetuning.py one run: classification head, AdamW + warm-up/decay, length grouping, best epoch
     grid.py       the grid (restartable), median of the best configuration, results table,
                   leaderboard submission, the grid's cost in GPU-hours
@@ -31,7 +32,7 @@ _EXPORTS = {
     "bbert.glue.custom": ["custom_task", "load_custom_task", "make_corpus_source_task"],
     "bbert.glue.metrics": ["compute_metrics", "prediction_strings", "predictions_tsv", "main_score"],
     "bbert.glue.config": [
-        "FinetuneConfig", "GridConfig", "GRID_PRESETS", "GRID_SOURCES", "PAPER_GRID_TABLE", "PRECISIONS",
+        "FinetuneConfig", "GridConfig", "GRID_PRESETS", "GRID_SOURCES", "BERT_GRID_TABLE", "PRECISIONS",
         "grid_preset"],
     "bbert.glue.finetuning": [
         "RESULT_VERSION", "load_classifier", "length_grouped_batches", "random_batches",
