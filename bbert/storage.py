@@ -62,8 +62,11 @@ def open_storage(url: str):
     A server that does not answer, a wrong password, a missing driver or folder, and a journal
     path that cannot be written all raise :class:`bbert.configs.UsageError`.
     """
+    import warnings
+
     import optuna
 
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
     interval = heartbeat_seconds()
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)
     if url.startswith(JOURNAL):

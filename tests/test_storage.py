@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bbert.env import free_port
-from bbert.run_dir import latest_checkpoint, read_metrics
+from bbert.run_dir import latest_checkpoint, list_checkpoints, read_metrics
 from bbert.search import main, search, search_table
 from bbert.train_config import TrainConfig
 from helpers_train import PYTHON, REPO, make_data_dir, subprocess_env, tiny_config
@@ -151,7 +151,7 @@ def test_four_workers_share_one_study_and_take_up_a_killed_trial(backend, data_d
     first.kill()
     lines += first.communicate(timeout=30)[0].splitlines()
     assert first.returncode == -9 and any(f"lr={STRONG:g}" in line for line in lines), lines
-    saved = max(r["step"] for r in read_metrics(strong, "checkpoint"))
+    saved = list_checkpoints(strong)[-1][0]  # the newest complete checkpoint
     assert read_metrics(strong)[-1]["type"] != "end"  # killed mid-trial
 
     others = [start() for _ in range(3)]
@@ -172,7 +172,8 @@ def test_four_workers_share_one_study_and_take_up_a_killed_trial(backend, data_d
             assert [r["resumed"] for r in read_metrics(out / f"lr={lr:g}", "start")] == [False]
 
     # another worker took the killed trial up and resumed it from its checkpoint, not from scratch
-    takers = [o for o in outputs if f"lr={STRONG:g}" in o]
+    takers = [o for o in outputs if any(line.startswith("[search] trial") and line.endswith(f": lr={STRONG:g}")
+                                        for line in o.splitlines())]
     assert len(takers) == 1 and "resuming from" in takers[0], outputs
     starts = read_metrics(strong, "start")
     assert [s["resumed"] for s in starts] == [False, True] and starts[1]["step"] >= saved >= 4
