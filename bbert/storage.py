@@ -18,7 +18,8 @@ The next worker that asks for work fails it and queues a copy (Optuna's
 trial's run dir from its last checkpoint. The RDB storages have this heartbeat built in. Optuna's
 journal has none, so ``JournalWithHeartbeat`` here adds it the simplest way that stays in the one
 log file: a heartbeat is a trial system attribute holding the writer's ``time.time()``, and a
-running trial whose newest one is older than the grace period is stale. The machines' clocks must
+running trial whose newest one (or, before its first, its start) is older than the grace period
+is stale. The machines' clocks must
 therefore agree to well within the grace period (NTP does).
 
 The study remembers what it searches (:func:`check_same_search`): a second command with another grid
@@ -42,7 +43,7 @@ HEARTBEAT_SECONDS = 60  # how often a running trial tells the storage that its p
 GRACE_HEARTBEATS = 5  # a trial silent for this many heartbeats is failed and queued again
 MAX_RETRIES = 3  # how often a killed trial is queued again
 JOURNAL = "journal:"
-HEARTBEAT_ATTR = "bbert:heartbeat"  # the journal's heartbeat: a trial system attribute
+HEARTBEAT_ATTR = "bbert:heartbeat"  # the journal's heartbeat: trial system attribute HEARTBEAT_ATTR:<trial id>
 EXAMPLES = "sqlite:///runs/search/study.db, journal:runs/search/journal.log or postgresql://user@host/db"
 
 
@@ -83,7 +84,8 @@ def open_storage(url: str):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "postgresql":
         # a dead network path fails in seconds, and a connection the server dropped is replaced
-        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+        engine_kwargs = {"pool_pre_ping": True,
+                         "connect_args": {} if "connect_timeout" in parsed.query else {"connect_timeout": 10}}
     for attempt in range(5):
         try:
             return optuna.storages.RDBStorage(parsed.render_as_string(hide_password=False),
@@ -91,8 +93,10 @@ def open_storage(url: str):
                                               grace_period=GRACE_HEARTBEATS * interval,
                                               heartbeat_stale_trial_callback=retry)
         except ImportError as e:
-            raise configs.UsageError(f"--storage {shown!r} needs the database driver {e.name or e}: "
-                                     "pip install 'bbert[search]'") from None
+            missing = e.name or getattr(e.__cause__, "name", None) or "of its driver"  # Optuna wraps the error
+            raise configs.UsageError(f"--storage {shown!r} needs the Python module {missing}, which is not "
+                                     "installed; pip install 'bbert[search]' brings psycopg, the driver of "
+                                     "postgresql://") from None
         except sqlalchemy.exc.SQLAlchemyError as e:
             reason = _first_line(e)
             # workers that start together race to create the tables: the loser tries again
@@ -142,15 +146,17 @@ def _journal_class():  # built on first use: importing this module needs no optu
 
         def record_heartbeat(self, trial_id: int) -> None:
             try:
-                self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+                self.set_trial_system_attr(trial_id, f"{HEARTBEAT_ATTR}:{trial_id}", time.time())
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # another worker already failed the trial as stale: it is no longer ours
 
         def _get_stale_trial_ids(self, study_id: int) -> list[int]:
             now = time.time()
             running = self.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            # keyed by trial id: a queued-again copy carries the dead worker's heartbeat, which is not its own
             return [t._trial_id for t in running
-                    if now - t.system_attrs.get(HEARTBEAT_ATTR, t.datetime_start.timestamp()) > self.grace_period]
+                    if now - t.system_attrs.get(f"{HEARTBEAT_ATTR}:{t._trial_id}", t.datetime_start.timestamp())
+                    > self.grace_period]
 
         def get_heartbeat_interval(self) -> int:
             return self.heartbeat_interval

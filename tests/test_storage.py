@@ -149,6 +149,7 @@ def test_four_workers_share_one_study_and_take_up_a_killed_trial(backend, data_d
     while latest_checkpoint(strong) is None and time.monotonic() < deadline:
         time.sleep(0.05)
     first.kill()
+    assert latest_checkpoint(strong) is not None, "the first worker wrote no checkpoint in 60 s"
     lines += first.communicate(timeout=30)[0].splitlines()
     assert first.returncode == -9 and any(f"lr={STRONG:g}" in line for line in lines), lines
     saved = list_checkpoints(strong)[-1][0]  # the newest complete checkpoint
@@ -187,6 +188,31 @@ def test_four_workers_share_one_study_and_take_up_a_killed_trial(backend, data_d
     assert search_table(rows) == search_table(reference)
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_journal_heartbeat_fails_a_silent_trial_and_queues_it_again(tmp_path, monkeypatch):
+    import optuna
+
+    from bbert import storage
+
+    monkeypatch.delenv("BBERT_HEARTBEAT_SECONDS", raising=False)
+    backend = storage.open_storage(f"journal:{tmp_path / 'journal.log'}")
+    study = optuna.create_study(storage=backend, study_name="s")
+    trial = study.ask()
+    trial.report(7.5, 72)
+    backend.record_heartbeat(trial._trial_id)
+    optuna.storages.fail_stale_trials(study)
+    assert [t.state.name for t in study.trials] == ["RUNNING"]  # it beats: not stale
+    silent = time.time() - storage.GRACE_HEARTBEATS * storage.HEARTBEAT_SECONDS - 1
+    backend.set_trial_system_attr(trial._trial_id, f"{storage.HEARTBEAT_ATTR}:{trial._trial_id}", silent)
+    optuna.storages.fail_stale_trials(study)
+    failed, queued = study.trials
+    assert (failed.state.name, queued.state.name) == ("FAIL", "WAITING")
+    assert queued.system_attrs["failed_trial"] == 0 and queued.intermediate_values == {72: 7.5}
+    taken = study.ask()  # another worker takes the copy, which still carries the old heartbeat
+    assert taken.number == 1 and backend._get_stale_trial_ids(study._study_id) == []
+    backend.record_heartbeat(trial._trial_id)  # the dead worker's heartbeat thread, late: no error
+
+
 # ---- bad storage is one line ---------------------------------------------------------------------------
 
 
@@ -208,7 +234,8 @@ def test_no_server_and_bad_paths_fail_in_one_line(data_dir, tmp_path, capsys):
     cases = [(f"postgresql://bbert:secret@127.0.0.1:{free_port()}/db", "Connection refused"),
              (f"journal:{tmp_path}/no/such/folder/journal.log", "No such file or directory"),
              (f"journal:{tmp_path}", "must name the journal's file"),
-             ("postgresql+nosuchdriver://host/db", "could not be opened")]
+             ("postgresql+nosuchdriver://host/db", "could not be opened"),
+             ("postgresql+psycopg2://bbert:secret@host/db", "needs the Python module psycopg2")]
     for url, reason in cases:
         err = run_main([*args, "--storage", url], capsys)
         assert reason in err and "secret" not in err, err  # the password is never printed
