@@ -14,15 +14,16 @@ its validation loss at ``int(elapsed_seconds)``, so rungs are seconds of the tim
     bbert search ... --grid lr=5e-4,1e-3,2e-3 --out runs/search --pruner asha
 
 Trials are the same run dirs as the plain grid's (same folder names, same rows), and the study
-lives in Optuna's RDB storage (``--storage``, default ``sqlite:///<out>/study.db``). Every
+lives in Optuna's storage (``--storage``, default ``sqlite:///<out>/study.db``; :mod:`bbert.storage`). Every
 process that runs the same command joins the same study and asks it for its next trial, so one
 search spreads over many processes and machines (give them one ``--out`` on a shared
-filesystem, and for many machines a database server, e.g. ``--storage postgresql://host/db``).
+filesystem, and for many machines ``--storage journal:PATH`` or a database server, e.g.
+``--storage postgresql://host/db``).
 The sampler is Optuna's ``GridSampler``: trial number ``i`` takes grid point ``i`` of one fixed
 shuffle (the same in every process), so concurrent processes get different points; a process
 stops when every point is finished or held by another process, and a second trial that still
 lands on a held point (a race at the grid's end) is failed without running. A process records a
-heartbeat for its trial; a trial whose process was killed is failed after ``GRACE_SECONDS`` and
+heartbeat for its trial; a trial whose process was killed is failed after a grace period and
 queued again, and the next process that asks resumes its run dir from its checkpoint. An
 interrupted trial (Ctrl-C, SIGTERM) is queued again at once; run the command again to go on.
 
@@ -39,14 +40,12 @@ from pathlib import Path
 from bbert import configs
 from bbert.env import env_flag
 from bbert.optim import Schedule
+from bbert.storage import check_same_search, open_storage
 from bbert.trials import is_finished, prepare_trials, trial_name, trial_result
 from bbert.train import pretrain
 from bbert.train_config import TrainConfig
 
 STUDY_PRUNERS = ("asha", "hyperband")
-HEARTBEAT_SECONDS = 60  # how often a running trial tells the storage that its process lives
-GRACE_SECONDS = 300  # a running trial silent for this long is failed and queued again
-MAX_RETRIES = 3  # how often a killed trial is queued again
 
 
 class _Interrupted(Exception):
@@ -79,39 +78,28 @@ def make_pruner(name: str, min_resource: int, max_resource: int, reduction_facto
     raise configs.UsageError(f"--pruner {name!r} has no Optuna pruner; choose asha or hyperband")
 
 
-def open_study(storage: str, study_name: str, space: dict[str, list], pruner):
-    """Create or join the study ``study_name`` in the RDB ``storage``, with a heartbeat per trial."""
+def open_study(storage: str, study_name: str, space: dict[str, list], pruner, base: dict | None = None):
+    """Create or join the study ``study_name`` in ``storage`` (:mod:`bbert.storage`: SQLite, PostgreSQL or a
+    journal file, with a heartbeat per trial); ``space`` and ``base`` must be those it was created with."""
     optuna = _optuna()
     import sqlalchemy
 
-    try:
-        sqlalchemy.engine.make_url(storage)
-    except sqlalchemy.exc.ArgumentError:
-        raise configs.UsageError(f"--storage {storage!r} is not a database URL; give one like "
-                                 "sqlite:///runs/search/study.db or postgresql://host/db") from None
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)
+    backend = open_storage(storage)
     for attempt in range(5):
         try:
-            rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_SECONDS,
-                                             grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry)
-            study = optuna.create_study(storage=rdb, study_name=study_name, load_if_exists=True,
+            study = optuna.create_study(storage=backend, study_name=study_name, load_if_exists=True,
                                         direction="minimize", sampler=optuna.samplers.GridSampler(space),
                                         pruner=pruner)
             break
         except (ImportError, sqlalchemy.exc.SQLAlchemyError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            # processes that start together race to create the tables: the loser tries again
+            # processes that start together race to create the study: the loser tries again
             if attempt < 4 and any(s in reason for s in ("UNIQUE constraint", "already exists", "locked")):
                 time.sleep(0.5 + random.random())
                 continue
             raise configs.UsageError(f"--storage {storage!r} could not be opened ({reason}); check the URL, its "
                                      "database driver and that the server or folder exists") from None
-    grid = study.user_attrs.get("grid")
-    if grid is None:
-        study.set_user_attr("grid", space)
-    elif grid != space:
-        raise configs.UsageError(f"study {study_name!r} in {storage} searches another grid ({grid}); "
-                                 "choose another --study-name or --out for this one")
+    check_same_search(study, storage, grid=space, base=base)
     return study
 
 
@@ -172,7 +160,8 @@ def search_study(base: TrainConfig, grid: dict[str, list], out_dir, pruner: str 
         storage = f"sqlite:///{out_dir.resolve() / 'study.db'}"
     study_name = study_name or out_dir.resolve().name
     study = open_study(storage, study_name, space,
-                       make_pruner(pruner, min_resource, int(base.time_budget_seconds), reduction_factor))
+                       make_pruner(pruner, min_resource, int(base.time_budget_seconds), reduction_factor),
+                       base={k: v for k, v in base.to_dict().items() if k != "run_dir"})
     finished_before = [is_finished(config.run_dir) for _, config in prepared]
     requeue = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
 
