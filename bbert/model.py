@@ -66,7 +66,8 @@ LAYOUTS = {
     "modernbert": dict(pre_layernorm=True, first_attention_norm=False, type_vocab_size=0,
                        ffn_type="geglu", position_embedding_type="rope", rope_theta=160_000.0,
                        local_attention=128, global_attn_every_n_layers=3, local_rope_theta=10_000.0,
-                       bias=False, decoder_bias=True, layer_norm_eps=1e-5),
+                       bias=False, decoder_bias=True, layer_norm_eps=1e-5,
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),  # as published
 }
 
 PRESETS = {

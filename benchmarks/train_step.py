@@ -1,14 +1,17 @@
-"""Training-step throughput of bbert against transformers.BertForMaskedLM of the same shape.
+"""Training-step throughput of bbert against transformers.BertForMaskedLM of the same shape, or, in
+the ModernBERT layout, against transformers.ModernBertForMaskedLM of the same shape and options.
 
     .venv/bin/python benchmarks/train_step.py            # mini and base, packed 8 x 128 batches
     .venv/bin/python benchmarks/train_step.py --quick    # fewer rounds
+    .venv/bin/python benchmarks/train_step.py --layout modernbert --presets mini   # vs ModernBERT
     .venv/bin/python benchmarks/train_step.py --padded   # + unpadding on vs off on a padded batch
     .venv/bin/python benchmarks/train_step.py --clock thread   # one thread's CPU time (busy machine)
     python benchmarks/train_step.py --device cuda --presets base large --batch-size 64   # on a GPU
 
 A step is forward + backward + optimizer step on the same batch of packed 128-token sequences with
 15% of positions masked. Each model runs at the best settings it offers on this device:
-- transformers: attn_implementation="sdpa", bf16 autocast, fused AdamW;
+- transformers: attn_implementation="sdpa", bf16 autocast, fused AdamW; its ModernBERT as
+  published (sparse_prediction off, the sliding window as an SDPA mask);
 - bbert: its defaults (sparse MLM head, fused QKV + SDPA, unpadding), bf16 autocast, fused AdamW.
 On a CPU without native bf16 (no AVX-512 BF16 / AMX; bbert.precision.fast_bf16) torch emulates bf16
 matmuls ~100x slower than fp32, so there both run in fp32 and MFU is against the fp32 peak.
@@ -25,7 +28,8 @@ import statistics
 import torch
 
 from bbert.hf import transformers_baseline
-from bbert.model import BertConfig, BertForMaskedLM
+from bbert.hf_modernbert import modernbert_baseline, modernbert_misfits
+from bbert.model import LAYOUTS, BertConfig, BertForMaskedLM
 from bbert.optim import build_optimizer
 from bbert.speed import (compare_throughput, matmul_peak_flops, mfu, random_mlm_batch,
                          training_flops_per_sequence)
@@ -40,10 +44,12 @@ def build_bbert(preset: str, device: str = "cpu", **overrides):
     return model, build_optimizer(model)
 
 
-def build_transformers(preset: str, device: str = "cpu"):
+def build_transformers(preset: str, device: str = "cpu", layout: str | None = None):
+    """transformers' model of the same shape: its ModernBERT where the options are ModernBERT's."""
     torch.manual_seed(0)
-    model = transformers_baseline(BertConfig.from_preset(preset, vocab_size=VOCAB),
-                                  attn_implementation="sdpa").to(device)
+    config = BertConfig.from_preset(preset, vocab_size=VOCAB, layout=layout)
+    baseline = transformers_baseline if modernbert_misfits(config) else modernbert_baseline
+    model = baseline(config, attn_implementation="sdpa").to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6,
                                   weight_decay=0.01, fused=True)
     return model, optimizer
@@ -59,6 +65,9 @@ def ratio_summary(result: dict, a: str, b: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["mini", "base"])
+    parser.add_argument("--layout", choices=list(LAYOUTS), default=None,
+                        help="bbert's options for an architecture; modernbert: timed against ModernBertForMaskedLM")
+    parser.add_argument("--mlm-probability", type=float, default=0.15, help="share of positions masked")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=6)
@@ -98,21 +107,24 @@ def main(argv=None) -> int:
         # a GPU needs bigger matrices to reach its peak; fp32 there is without TF32 (torch's default)
         peaks = {k: matmul_peak_flops(d, n=8192 if on_gpu else 4096, device=device, min_seconds=peak_seconds)
                  for k, d in dtypes.items()}
-    batch = {k: v.to(device) for k, v in random_mlm_batch(args.batch_size, args.seq_len, VOCAB, seed=0).items()}
+    batch = {k: v.to(device) for k, v in random_mlm_batch(args.batch_size, args.seq_len, VOCAB,
+                                                          args.mlm_probability, seed=0).items()}
     masked = float((batch["labels"] != -100).float().mean())
     results = []
     for preset in args.presets:
-        runners = {"bbert": build_bbert(preset, device), "transformers": build_transformers(preset, device)}
+        runners = {"bbert": build_bbert(preset, device, layout=args.layout),
+                   "transformers": build_transformers(preset, device, args.layout)}
         if args.compile:
-            model, optimizer = build_bbert(preset, device)
+            model, optimizer = build_bbert(preset, device, layout=args.layout)
             runners["bbert+compile"] = (torch.compile(model), optimizer)
         r = compare_throughput(runners, batch, args.rounds, args.steps, args.warmup, amp_dtype=amp_dtype,
                                clock=args.clock)
-        config = runners["bbert"][0].config
+        config = runners["bbert"][0].config  # the same shape for all: count FLOPs from bbert's config
         sparse = {"bbert": True, "transformers": False, "bbert+compile": True}
-        print(f"\n[{preset}] {config.num_hidden_layers} layers, hidden {config.hidden_size}")
+        print(f"\n[{preset}] {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+              f"{type(runners['transformers'][0]).__name__} as transformers")
         for name in runners:
-            flops = training_flops_per_sequence(runners[name][0].config, args.seq_len, masked, sparse[name])
+            flops = training_flops_per_sequence(config, args.seq_len, masked, sparse[name])
             seq_s = r["seq_s"][name]
             print(f"  {name:<13} {seq_s:7.2f} seq/s  {flops * seq_s / 1e9:6.1f} GFLOP/s  "
                   + ", ".join(f"MFU {mfu(flops, seq_s, p):5.1%} of {k} peak"
@@ -128,8 +140,8 @@ def main(argv=None) -> int:
         padded = {k: v.to(device) for k, v in
                   random_mlm_batch(args.batch_size, args.seq_len, VOCAB, lengths=lengths, seed=1).items()}
         preset = args.presets[-1]
-        runners = {"unpad": build_bbert(preset, device, unpad=True),
-                   "padded": build_bbert(preset, device, unpad=False)}
+        runners = {"unpad": build_bbert(preset, device, layout=args.layout, unpad=True),
+                   "padded": build_bbert(preset, device, layout=args.layout, unpad=False)}
         r = compare_throughput(runners, padded, args.rounds, args.steps, args.warmup, amp_dtype=amp_dtype,
                                clock=args.clock)
         fill = padded["attention_mask"].float().mean().item()
