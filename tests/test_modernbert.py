@@ -224,3 +224,26 @@ def test_a_model_that_fits_no_architecture_is_refused_in_one_line(tmp_path, caps
     assert out == "" and err.count("\n") == 1 and err.startswith("bbert export: error: ")
     assert "ModernBertForMaskedLM" in err and "model.first_attention_norm=false" in err
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+def test_the_improved_recipe_trained_in_the_modernbert_layout_exports(tmp_path, capsys):
+    from bbert.ablation import OPTIONS
+    from bbert.train import pretrain
+    from helpers_train import make_data_dir, tiny_config
+
+    recipe = {k: v for option in OPTIONS for k, v in option.on.items()}  # every post-2021 option on
+    assert {"masking.mlm_probability", "lr_schedule", "batch_ramp_proportion", "model.bias"} <= set(recipe)
+    config = tiny_config(make_data_dir(tmp_path / "data"), tmp_path / "run", max_steps=6).with_overrides(
+        [f"{k}={v}" for k, v in recipe.items()] + ["model.layout=modernbert", "model.local_attention=16"])
+    run = pretrain(config)
+    capsys.readouterr()
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert "ModernBertForMaskedLM" in capsys.readouterr().out
+    ours, tokenizer = hf.load_pretrained(run)
+    assert (ours.config.ffn_type, ours.config.bias, ours.config.local_attention) == ("geglu", False, 16)
+    theirs = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    enc = tokenizer(["the history of the world " * 8, "a short one"], padding=True, return_tensors="pt")
+    assert enc["input_ids"].shape[1] > 16
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert max_diff(logits(theirs, ids, mask), logits(ours.eval(), ids, mask), mask) < 1e-4
