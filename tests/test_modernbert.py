@@ -178,6 +178,29 @@ def test_modernbert_round_trips_exactly_with_padding_and_windows(tmp_path, flags
     assert max_diff(logits(again, ids, mask), reference, mask) < 1e-4
 
 
+def test_a_folder_in_the_published_config_format_imports(tmp_path):
+    # answerdotai/ModernBERT-large's config.json (written by transformers 4.47: global_rope_theta,
+    # local_rope_theta, global_attn_every_n_layers instead of layer_types and rope_parameters), shrunk
+    published = dict(
+        architectures=["ModernBertForMaskedLM"], model_type="modernbert", attention_bias=False,
+        attention_dropout=0.0, classifier_activation="gelu", classifier_bias=False, classifier_pooling="mean",
+        decoder_bias=True, embedding_dropout=0.0, global_attn_every_n_layers=3, global_rope_theta=160000.0,
+        hidden_activation="gelu", layer_norm_eps=1e-12, local_rope_theta=10000.0, mlp_bias=False,
+        mlp_dropout=0.0, norm_bias=False, norm_eps=1e-05, position_embedding_type="absolute",
+        tie_word_embeddings=True, transformers_version="4.47.0.dev0",
+        vocab_size=len(make_tokenizer()), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=2, local_attention=WINDOW, max_position_embeddings=64, pad_token_id=0)
+    folder = save_with_tokenizer(hf_modernbert(), tmp_path / "published")
+    (folder / "config.json").write_text(json.dumps(published))
+    theirs = transformers.AutoModelForMaskedLM.from_pretrained(folder).eval()
+    ours, _ = hf.load_pretrained(folder)
+    c = ours.config
+    assert (c.rope_theta, c.local_rope_theta, c.global_attn_every_n_layers, c.local_attention) == (
+        160000.0, 10000.0, 3, WINDOW)
+    ids, mask = batch()
+    assert max_diff(logits(ours.eval(), ids, mask), logits(theirs, ids, mask), mask) < 1e-4
+
+
 def test_bbert_finetune_takes_a_modernbert_folder(tmp_path):
     folder = save_with_tokenizer(hf_modernbert(), tmp_path / "modernbert")
     model, tokenizer = load_classifier(folder, num_labels=3)
