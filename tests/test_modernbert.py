@@ -249,7 +249,6 @@ def test_a_model_that_fits_no_architecture_is_refused_in_one_line(tmp_path, caps
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.slow
 def test_the_improved_recipe_trained_in_the_modernbert_layout_exports(tmp_path, capsys):
     from bbert.ablation import OPTIONS
     from bbert.train import pretrain
@@ -270,3 +269,19 @@ def test_the_improved_recipe_trained_in_the_modernbert_layout_exports(tmp_path, 
     assert enc["input_ids"].shape[1] > 16
     ids, mask = enc["input_ids"], enc["attention_mask"]
     assert max_diff(logits(theirs, ids, mask), logits(ours.eval(), ids, mask), mask) < 1e-4
+
+
+def test_the_new_bias_flags_and_no_segment_table_still_export_to_bert_layouts():
+    for pre_layernorm, arch in ((True, "RobertaPreLayerNormForMaskedLM"), (False, "BertForMaskedLM")):
+        torch.manual_seed(0)
+        ours = BertForMaskedLM(BertConfig.from_preset(
+            "tiny", vocab_size=len(make_tokenizer()), pre_layernorm=pre_layernorm, type_vocab_size=0,
+            attention_bias=False, decoder_bias=False, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0)).eval()
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        theirs = hf.to_transformers(ours)
+        assert type(theirs).__name__ == arch
+        ids, mask = batch()
+        assert max_diff(logits(theirs, ids, mask), logits(ours, ids, mask), mask) < 1e-4
