@@ -1,15 +1,19 @@
 """Hugging Face interoperability: export bbert to transformers, import transformers BERTs.
 
-- A post-LN bbert model exports to ``transformers.BertForMaskedLM`` (the original BERT layout).
-- A pre-LN bbert model (the paper's) exports to ``RobertaPreLayerNormForMaskedLM``, the
+Export picks the transformers architecture that the model's options fit:
+- a post-LN bbert model exports to ``transformers.BertForMaskedLM`` (the original BERT layout);
+- a pre-LN bbert model (the paper's) exports to ``RobertaPreLayerNormForMaskedLM``, the
   architecture transformers has for pre-LayerNorm BERT-style encoders. RoBERTa numbers positions
-  from ``pad_token_id + 1``, so bbert's position table is placed at that offset.
-- ``bias=False`` exports to either as zero biases (the same function). ``ffn_type`` GeGLU/SwiGLU
-  and ``position_embedding_type="rope"`` have no counterpart in transformers' BERT (ModernBERT
-  has both but differs elsewhere), so they are refused: such a model stays a bbert folder, which
-  ``bbert finetune`` loads directly.
-- ``load_pretrained(path)`` reads any of: a bbert model folder, a checkpoint or run dir, a
-  transformers BERT / RoBERTa-PreLayerNorm folder (or, online, a hub id such as bert-base-uncased).
+  from ``pad_token_id + 1``, so bbert's position table is placed at that offset. ``bias=False``
+  exports to either as zero biases (the same function);
+- a model in the ModernBERT layout (``LAYOUTS["modernbert"]``: RoPE, a GLU, local attention, ...)
+  exports to ``ModernBertForMaskedLM`` (``bbert.hf_modernbert``).
+A model that fits none (e.g. RoPE with BERT's embedding table and layer norms) is refused in one line
+naming the option to change for the closest architecture; it stays a bbert folder, which
+``bbert finetune`` loads directly.
+``load_pretrained(path)`` reads any of: a bbert model folder, a checkpoint or run dir, a
+transformers BERT / RoBERTa-PreLayerNorm / ModernBERT folder (or, online, a hub id such as
+bert-base-uncased).
 
 Command line: ``bbert export <model folder | checkpoint | run dir> --out DIR [--overwrite]``.
 Nothing is lost on the way:
@@ -40,13 +44,15 @@ from transformers.utils import logging as hf_logging
 
 from bbert import __version__
 from bbert.configs import UsageError, command
+from bbert.hf_modernbert import ARCHITECTURE as MODERNBERT, from_modernbert, modernbert_misfits, to_modernbert
 from bbert.model import CONFIG_NAME, BertConfig, BertForMaskedLM
 from bbert.atomic import atomic_path
 from bbert.data.layout import tokenizer_dir
 from bbert.hub import require_hub
 from bbert.run_dir import final_dir, latest_checkpoint, model_dir
 
-HF_BERT, HF_PRELN = "bert", "roberta-prelayernorm"
+HF_BERT, HF_PRELN, HF_MODERNBERT = "bert", "roberta-prelayernorm", "modernbert"
+HF_TYPES = (HF_BERT, HF_PRELN, HF_MODERNBERT)  # the model_types bbert imports and exports
 EXPORT_MARKER = "bbert-export.json"  # written into every export, so a re-export may replace it
 
 
@@ -114,8 +120,8 @@ def _dropping_records(logger_name: str, drop: Callable[[logging.LogRecord], bool
 
 def load_pretrained(path) -> tuple[BertForMaskedLM, object]:
     """Load ``(BertForMaskedLM, tokenizer)`` from a bbert model folder, a checkpoint or run dir,
-    a transformers BERT / BertForMaskedLM / RoBERTa-PreLayerNorm folder, or (online only) a
-    hub id.
+    a transformers BERT / BertForMaskedLM / RoBERTa-PreLayerNorm / ModernBERT folder, or
+    (online only) a hub id.
     """
     name = str(path)
     if not Path(path).exists() and not name.startswith(("/", ".", "~")) and name.count("/") <= 1:
@@ -124,11 +130,11 @@ def load_pretrained(path) -> tuple[BertForMaskedLM, object]:
     model_type = json.loads((folder / CONFIG_NAME).read_text()).get("model_type")
     if model_type == "bbert":
         model = BertForMaskedLM.from_pretrained(folder)
-    elif model_type in (HF_BERT, HF_PRELN):
+    elif model_type in HF_TYPES:
         model = import_from_transformers(folder)
     else:
         raise ValueError(f"{folder / CONFIG_NAME} has model_type {model_type!r}; bbert reads 'bbert', "
-                         f"'{HF_BERT}' and '{HF_PRELN}' folders")
+                         f"'{HF_BERT}', '{HF_PRELN}' and '{HF_MODERNBERT}' folders")
     return model, _load_tokenizer(folder)
 
 
@@ -146,21 +152,24 @@ def _load_from_hub(name: str):
 
 
 def import_from_transformers(source) -> BertForMaskedLM:
-    """Convert a transformers ``BertForMaskedLM``/``BertModel`` (post-LN) or
-    ``RobertaPreLayerNormForMaskedLM`` (pre-LN) -- a folder or a loaded model -- into bbert.
+    """Convert a transformers ``BertForMaskedLM``/``BertModel`` (post-LN),
+    ``RobertaPreLayerNormForMaskedLM`` (pre-LN) or ``ModernBertForMaskedLM`` -- a folder or a
+    loaded model -- into bbert.
 
     A folder without an MLM head (a plain ``BertModel``) gets a freshly initialized head.
     """
     if isinstance(source, (str, Path)):
         hf_config = AutoConfig.from_pretrained(str(source))
-        if hf_config.model_type not in (HF_BERT, HF_PRELN):
+        if hf_config.model_type not in HF_TYPES:
             raise ValueError(f"{source}: model_type {hf_config.model_type!r} can't be imported; "
-                             f"bbert imports '{HF_BERT}' and '{HF_PRELN}'")
+                             f"bbert imports {', '.join(map(repr, HF_TYPES))}")
         with _quiet_transformers():
             hf = AutoModelForMaskedLM.from_pretrained(str(source), attn_implementation="eager")
     else:
         hf = source
     c = hf.config
+    if c.model_type == HF_MODERNBERT:
+        return from_modernbert(hf)
     pre_ln = c.model_type == HF_PRELN
     if c.hidden_act != "gelu":
         raise ValueError(f"hidden_act {c.hidden_act!r} is not supported; bbert uses exact 'gelu'")
@@ -235,25 +244,39 @@ def _name_map(config: BertConfig) -> dict[str, str]:
 # ---- bbert -> transformers -----------------------------------------------------------------
 
 
+def bert_misfits(config: BertConfig) -> list[tuple[str, object]]:
+    """``[(field, value it needs), ...]`` for each option transformers' BERT / RoBERTa-PreLN lack."""
+    needs = (("ffn_type", "mlp"), ("position_embedding_type", "absolute"), ("local_attention", 0),
+             ("embedding_layernorm", True), ("first_attention_norm", True), ("tie_word_embeddings", True))
+    return [(field, value) for field, value in needs if getattr(config, field) != value]
+
+
+def export_architecture(config: BertConfig) -> str:
+    """The transformers class a model of ``config`` exports to, or a one-line ``ValueError`` naming
+    the option to change for the architecture it is closest to."""
+    bert = "RobertaPreLayerNormForMaskedLM" if config.pre_layernorm else "BertForMaskedLM"
+    fits = {MODERNBERT: modernbert_misfits(config), bert: bert_misfits(config)}  # a tie: ModernBERT
+    closest = min(fits, key=lambda name: len(fits[name]))
+    if not fits[closest]:
+        return closest
+    field, value = fits[closest][0]
+    shown = str(value).lower() if isinstance(value, bool) else value
+    raise ValueError(f"this model fits no transformers architecture: as the closest, {closest}, it needs "
+                     f"{field}={value!r} (pretrain with --set model.{field}={shown}); or keep it as a bbert "
+                     "model folder, which `bbert finetune` loads directly")
+
+
 def to_transformers(model: BertForMaskedLM):
     """The equivalent transformers model (in memory): ``BertForMaskedLM`` for post-LN,
-    ``RobertaPreLayerNormForMaskedLM`` for pre-LN.
+    ``RobertaPreLayerNormForMaskedLM`` for pre-LN, ``ModernBertForMaskedLM`` for the ModernBERT layout
+    (see :func:`export_architecture`).
     """
 
     if not isinstance(model, BertForMaskedLM):
         raise TypeError(f"export takes a bbert BertForMaskedLM, got {type(model).__name__}")
     config = model.config
-    for option, value, default in (("ffn_type", config.ffn_type, "mlp"),
-                                   ("position_embedding_type", config.position_embedding_type, "absolute")):
-        if value != default:
-            raise ValueError(f"{option}={value!r} has no transformers BERT counterpart, so the model can't be "
-                             f"exported; keep it as a bbert model folder (`bbert finetune` loads it directly), "
-                             f"or pretrain with {option}={default!r} to export")
-    if not config.embedding_layernorm:
-        raise ValueError("transformers' BERT and RoBERTa always apply an embedding LayerNorm; a bbert "
-                         "model with embedding_layernorm=False can't be exported exactly")
-    if not config.tie_word_embeddings:
-        raise ValueError("export needs tie_word_embeddings=True (transformers ties the decoder)")
+    if export_architecture(config) == MODERNBERT:
+        return to_modernbert(model)
     common = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                   num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
                   intermediate_size=config.intermediate_size, hidden_act="gelu",
@@ -273,26 +296,28 @@ def to_transformers(model: BertForMaskedLM):
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     V = config.vocab_size
     sd["bert.embeddings.word_embeddings.weight"] = sd["bert.embeddings.word_embeddings.weight"][:V]
-    sd["mlm_head.bias"] = sd["mlm_head.bias"][:V]
+    sd["mlm_head.bias"] = sd["mlm_head.bias"][:V] if config.decoder_bias else torch.zeros(V)
+    key = "bert.embeddings.token_type_embeddings.weight"
     if config.type_vocab_size == 1:
         # bbert ignores token_type_ids with one segment; two equal rows make transformers ignore
         # them too, instead of failing on the 1s a BERT tokenizer gives sentence pairs.
-        key = "bert.embeddings.token_type_embeddings.weight"
         sd[key] = sd[key].repeat(2, 1)
+    elif config.type_vocab_size == 0:  # no segment table: rows of zeros add nothing
+        sd[key] = torch.zeros(2, config.hidden_size)
     pos = sd["bert.embeddings.position_embeddings.weight"]
     # RoBERTa looks up position pad_token_id + 1 + i for token i; rows below are never used by real tokens.
     sd["bert.embeddings.position_embeddings.weight"] = torch.cat([pos.new_zeros(offset, pos.shape[1]), pos])
     new = {theirs: sd[ours] for ours, theirs in _name_map(config).items() if ours in sd}  # bias=False: no biases
     for i in range(config.num_hidden_layers):
         prefix = _layer_prefix(config, i) + "attention.self."
-        for kind in ("weight", "bias") if config.bias else ("weight",):
+        for kind in ("weight", "bias") if config.attention_bias else ("weight",):
             q, k, v = sd[f"bert.layers.{i}.attention.qkv.{kind}"].chunk(3)
             new.update({f"{prefix}query.{kind}": q, f"{prefix}key.{kind}": k, f"{prefix}value.{kind}": v})
     head = "lm_head" if config.pre_layernorm else "cls.predictions"
     new[f"{head}.decoder.weight"] = new[f"{_root(config)}.embeddings.word_embeddings.weight"]
     new[f"{head}.decoder.bias"] = new[f"{head}.bias"]
-    if not config.bias:  # transformers' layers all have biases: zeros make them bias-free
-        new.update({k: torch.zeros_like(v) for k, v in hf.state_dict().items() if k.endswith("bias") and k not in new})
+    # transformers' layers all have biases: zeros make the bias-free parts (bias=False etc.) so
+    new.update({k: torch.zeros_like(v) for k, v in hf.state_dict().items() if k.endswith("bias") and k not in new})
     missing, unexpected = hf.load_state_dict(new, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"export mapping is incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -327,7 +352,7 @@ def is_export(folder) -> bool:
     if not (folder / EXPORT_MARKER).is_file():
         return False
     try:
-        return json.loads((folder / CONFIG_NAME).read_text()).get("model_type") in (HF_BERT, HF_PRELN)
+        return json.loads((folder / CONFIG_NAME).read_text()).get("model_type") in HF_TYPES
     except (OSError, ValueError):
         return False
 
@@ -406,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     """``bbert export SRC --out DIR [--overwrite]``."""
     parser = argparse.ArgumentParser(
         prog="bbert export", description="Export a bbert model (folder, checkpoint or run dir) to a "
-        "transformers folder: post-LN -> BertForMaskedLM, pre-LN -> RobertaPreLayerNormForMaskedLM.")
+        "transformers folder: post-LN -> BertForMaskedLM, pre-LN -> RobertaPreLayerNormForMaskedLM, the "
+        "ModernBERT layout -> ModernBertForMaskedLM.")
     parser.add_argument("source", help="a bbert model folder, a checkpoint folder or a run dir")
     parser.add_argument("--out", required=True,
                         help="the folder to write: new, empty or an earlier export (swapped in whole)")
@@ -418,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     check_out_dir(args.out, keep=keep, overwrite=args.overwrite)  # before the slow load
     model, tokenizer = load_pretrained(folder)
     out = export_to_transformers(model, tokenizer, args.out, overwrite=args.overwrite)
-    arch = "RobertaPreLayerNormForMaskedLM" if model.config.pre_layernorm else "BertForMaskedLM"
+    arch = export_architecture(model.config)
     print(f"exported {folder} -> {out} ({arch}); load it with "
           f"transformers.AutoModelForMaskedLM.from_pretrained({str(out)!r})")
     return 0

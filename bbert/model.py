@@ -20,7 +20,17 @@ Post-2021 encoder options, each off by default (``BertConfig`` fields, ``--set m
 - ``position_embedding_type="rope"``: rotary position embeddings on q and k, no learned position
   table (Su et al. 2021, RoFormer; ModernBERT), base ``rope_theta``;
 - ``bias=False``: no bias in any Linear or LayerNorm (Cramming; ModernBERT), the vocabulary bias
-  of the decoder kept (as ModernBERT's ``decoder_bias``).
+  of the decoder kept (as ModernBERT's ``decoder_bias``); ``attention_bias``, ``mlp_bias``,
+  ``norm_bias``, ``classifier_bias`` and ``decoder_bias`` switch each part apart (ModernBERT's flags);
+- ``local_attention=W``: sliding-window attention, each token seeing the W/2 tokens on either side,
+  in every layer but each ``global_attn_every_n_layers``-th, with its own RoPE base
+  ``local_rope_theta`` (ModernBERT; Beltagy et al. 2020, Longformer). SDPA with a band mask;
+- ``first_attention_norm=False``: layer 0 reads the embedding LayerNorm's output without a second
+  LayerNorm (ModernBERT), and ``type_vocab_size=0`` drops the segment table.
+``LAYOUTS["modernbert"]`` sets all of these as ModernBERT has them: ``from_preset("mini",
+layout="modernbert")`` (or ``--set model.layout=modernbert``) is ModernBERT at the mini shape, and the
+``modernbert-base`` / ``modernbert-large`` presets are the published models' shapes.
+``bbert.hf`` exports such a model as transformers' ``ModernBertForMaskedLM`` and imports one.
 The 30% masking rate of MosaicBERT (Portes et al. 2023) needs no model change: it is the data's
 ``MaskingConfig.mlm_probability``, and the sparse head follows whatever is masked.
 
@@ -43,6 +53,22 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bbert.atomic import atomic_path
+
+# Warner et al. 2024, answerdotai/ModernBERT-{base,large} config.json: layers, hidden, heads, FFN width
+MODERNBERT_PRESETS = {
+    "modernbert-base": (22, 768, 12, 1152),
+    "modernbert-large": (28, 1024, 16, 2624),
+}
+
+# A layout is a set of options: the architecture apart from its shape.
+LAYOUTS = {
+    "bert": {},
+    "modernbert": dict(pre_layernorm=True, first_attention_norm=False, type_vocab_size=0,
+                       ffn_type="geglu", position_embedding_type="rope", rope_theta=160_000.0,
+                       local_attention=128, global_attn_every_n_layers=3, local_rope_theta=10_000.0,
+                       bias=False, decoder_bias=True, layer_norm_eps=1e-5,
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),  # as published
+}
 
 PRESETS = {
     #         layers, hidden, heads
@@ -102,6 +128,15 @@ class BertConfig:
     position_embedding_type: str = "absolute"  # "absolute" (learned table) | "rope"
     rope_theta: float = 10000.0
     bias: bool = True  # False: no bias in any Linear or LayerNorm (the vocabulary bias stays)
+    attention_bias: bool | None = None  # QKV and output projections; None: as ``bias``
+    mlp_bias: bool | None = None  # the feed-forward block; None: as ``bias``
+    norm_bias: bool | None = None  # every LayerNorm; None: as ``bias``
+    classifier_bias: bool | None = None  # the MLM head's dense and the pooler; None: as ``bias``
+    decoder_bias: bool = True  # the vocabulary bias of the decoder
+    local_attention: int = 0  # > 0: sliding window of this many tokens (+- half) in the local layers
+    global_attn_every_n_layers: int = 1  # with local_attention: layers 0, n, 2n, ... stay global
+    local_rope_theta: float = 10000.0  # RoPE base of the local layers (rope_theta: the global ones)
+    first_attention_norm: bool = True  # False: layer 0 has no attention LayerNorm (ModernBERT)
 
     def __post_init__(self):
         if self.ffn_type not in FFN_TYPES:
@@ -116,8 +151,17 @@ class BertConfig:
                              f"{self.num_attention_heads}; pick a head count that divides it")
         if self.hidden_act != "gelu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; bbert uses exact 'gelu'")
-        if self.type_vocab_size < 1:
-            raise ValueError("type_vocab_size must be >= 1 (1 = single segment, token_type_ids ignored)")
+        if self.type_vocab_size < 0:
+            raise ValueError("type_vocab_size must be >= 0 (0 = no segment table, 1 = a single segment)")
+        for part in ("attention_bias", "mlp_bias", "norm_bias", "classifier_bias"):
+            if getattr(self, part) is None:
+                setattr(self, part, self.bias)
+        if self.local_attention < 0 or self.global_attn_every_n_layers < 1:
+            raise ValueError(f"local_attention must be >= 0 (got {self.local_attention}) and "
+                             f"global_attn_every_n_layers >= 1 (got {self.global_attn_every_n_layers})")
+        if not self.first_attention_norm and not (self.pre_layernorm and self.embedding_layernorm):
+            raise ValueError("first_attention_norm=False needs pre_layernorm=True and embedding_layernorm=True "
+                             "(layer 0 then reads the embedding LayerNorm's output); set first_attention_norm=true")
         if self.position_embedding_type == "rope" and (self.head_dim % 2 or self.rope_theta <= 0):
             raise ValueError(f"rope needs an even head_dim (got {self.head_dim}) and rope_theta > 0 "
                              f"(got {self.rope_theta}); change hidden_size / num_attention_heads or rope_theta")
@@ -131,14 +175,28 @@ class BertConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    def is_global(self, layer: int) -> bool:
+        """Whether layer ``layer`` attends to the whole sequence (else to its local window)."""
+        return not self.local_attention or layer % self.global_attn_every_n_layers == 0
+
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "BertConfig":
-        """``BertConfig.from_preset("mini", vocab_size=8192)``; presets: tiny mini small medium base large."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        layers, hidden, heads = PRESETS[name]
-        shape = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads)
-        return cls.from_dict({**shape, **overrides})
+    def from_preset(cls, name: str, layout: str | None = None, **overrides) -> "BertConfig":
+        """``BertConfig.from_preset("mini", vocab_size=8192)``; presets: tiny mini small medium base
+        large, modernbert-base modernbert-large. ``layout`` (a key of ``LAYOUTS``) sets the options of
+        an architecture; ``modernbert-*`` presets bring ``layout="modernbert"``; ``overrides`` win.
+        """
+        if name in MODERNBERT_PRESETS:
+            layers, hidden, heads, width = MODERNBERT_PRESETS[name]
+            layout = layout or "modernbert"
+        elif name in PRESETS:
+            (layers, hidden, heads), width = PRESETS[name], 0
+        else:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join([*PRESETS, *MODERNBERT_PRESETS])}")
+        if (layout or "bert") not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        shape = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                     intermediate_size=width)
+        return cls.from_dict({**shape, **LAYOUTS[layout or "bert"], **overrides})
 
     @classmethod
     def from_dict(cls, d: dict) -> "BertConfig":
@@ -179,8 +237,8 @@ class Padding:
 
 
 def layer_norm(config: BertConfig) -> nn.LayerNorm:
-    """A LayerNorm over the hidden size; bias-free with ``config.bias=False``."""
-    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
+    """A LayerNorm over the hidden size; bias-free with ``config.norm_bias=False``."""
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.norm_bias)
 
 
 class BertEmbeddings(nn.Module):
@@ -192,7 +250,8 @@ class BertEmbeddings(nn.Module):
         # with rope, positions enter in the attention instead: no learned table
         self.position_embeddings = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
                                     if config.position_embedding_type == "absolute" else None)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.token_type_embeddings = (nn.Embedding(config.type_vocab_size, config.hidden_size)
+                                      if config.type_vocab_size else None)
         self.layer_norm = layer_norm(config) if config.embedding_layernorm else nn.Identity()
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -200,7 +259,9 @@ class BertEmbeddings(nn.Module):
         x = self.word_embeddings(input_ids)
         if self.position_embeddings is not None:
             x = x + self.position_embeddings(position_ids)
-        if token_type_ids is None or self.token_type_embeddings.num_embeddings == 1:
+        if self.token_type_embeddings is None:
+            pass  # no segment table (ModernBERT)
+        elif token_type_ids is None or self.token_type_embeddings.num_embeddings == 1:
             x = x + self.token_type_embeddings.weight[0]  # single segment: a constant row
         else:
             x = x + self.token_type_embeddings(token_type_ids)
@@ -213,13 +274,14 @@ class RotaryEmbedding(nn.Module):
 
     cos/sin for every position up to ``max_position_embeddings`` are computed once (a buffer that
     is not saved). Channels are paired as (i, i + d/2), the "rotate half" layout of GPT-NeoX and
-    transformers.
+    transformers. ``theta`` is the base (default ``config.rope_theta``).
     """
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, theta: float | None = None):
         super().__init__()
         d = config.head_dim
-        inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        theta = theta or config.rope_theta
+        inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
         angles = torch.outer(torch.arange(config.max_position_embeddings, dtype=torch.float64), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # [max_positions, d]
         self.register_buffer("cos", angles.cos().float(), persistent=False)
@@ -237,15 +299,18 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention: one fused QKV matmul, (rotary positions,) then PyTorch SDPA.
 
     Works on unpadded tokens [n_real, H]: pads are restored only for the attention product.
+    A local layer (``config.local_attention``) gets a band mask from the model and its own RoPE base.
     """
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, layer: int = 0):
         super().__init__()
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.bias)
-        self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
+        self.local = not config.is_global(layer)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
         self.dropout_p = config.attention_probs_dropout_prob
-        self.rotary = RotaryEmbedding(config) if config.position_embedding_type == "rope" else None
+        theta = config.local_rope_theta if self.local else config.rope_theta
+        self.rotary = RotaryEmbedding(config, theta) if config.position_embedding_type == "rope" else None
 
     def forward(self, x, attn_mask=None, padding: Padding | None = None):
         qkv = self.qkv(x)
@@ -274,8 +339,8 @@ class FeedForward(nn.Module):
         self.gated = config.ffn_type != "mlp"
         self.act = F.silu if config.ffn_type == "swiglu" else F.gelu
         width = config.intermediate_size
-        self.fc1 = nn.Linear(config.hidden_size, 2 * width if self.gated else width, bias=config.bias)
-        self.fc2 = nn.Linear(width, config.hidden_size, bias=config.bias)
+        self.fc1 = nn.Linear(config.hidden_size, 2 * width if self.gated else width, bias=config.mlp_bias)
+        self.fc2 = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x):
         h = self.fc1(x)
@@ -289,14 +354,16 @@ class BertLayer(nn.Module):
     """One transformer block, pre-LN (``x + f(LN(x))``, the paper's) or post-LN (``LN(x + f(x))``).
 
     Pre-LN keeps the residual path an identity, which is what lets the recipe use lr 1e-3
-    stably (Xiong et al. 2020).
+    stably (Xiong et al. 2020). With ``first_attention_norm=False`` layer 0 has no attention norm:
+    its input is the embedding LayerNorm's output already (ModernBERT).
     """
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, layer: int = 0):
         super().__init__()
         self.pre_layernorm = config.pre_layernorm
-        self.attention = SelfAttention(config)
-        self.attention_norm = layer_norm(config)
+        self.attention = SelfAttention(config, layer)
+        first_unnormed = layer == 0 and not config.first_attention_norm
+        self.attention_norm = nn.Identity() if first_unnormed else layer_norm(config)
         self.ffn = FeedForward(config)
         self.ffn_norm = layer_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -387,7 +454,7 @@ class BertModel(nn.Module, _PretrainedMixin):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
-        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(BertLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_norm = layer_norm(config) if config.pre_layernorm else nn.Identity()
         self.apply(lambda m: init_weights(m, config.initializer_range))
 
@@ -411,24 +478,41 @@ class BertModel(nn.Module, _PretrainedMixin):
                 if token_type_ids is not None:
                     token_type_ids = padding.unpad(token_type_ids)
         x = self.embeddings(input_ids, position_ids, token_type_ids)
+        masks = {False: attn_mask, True: self.local_mask(attn_mask, L, input_ids.device)}
         for layer in self.layers:
-            x = layer(x, attn_mask, padding)
+            x = layer(x, masks[layer.attention.local], padding)
         x = self.final_norm(x)
         return padding.pad(x) if padding is not None else x
+
+    def local_mask(self, attn_mask, L: int, device):
+        """The local layers' mask: ``attn_mask`` within a band of +-``local_attention // 2``.
+
+        Each token also keeps itself, so that a pad far from every real token has a key (a row with
+        none gives NaN); real tokens always see themselves anyway.
+        """
+        half = self.config.local_attention // 2
+        if not self.config.local_attention or L <= half + 1:
+            return attn_mask  # the window covers the whole sequence
+        pos = torch.arange(L, device=device)
+        band = (pos[:, None] - pos[None, :]).abs() <= half  # [L, L]
+        if attn_mask is None:
+            return band
+        return (attn_mask & band) | torch.eye(L, dtype=torch.bool, device=device)  # [B, 1, L, L]
 
 
 class MLMHead(nn.Module):
     """The masked-LM head: dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings).
 
     The decoder's vocabulary bias stays with ``bias=False`` (as ModernBERT's ``decoder_bias``;
-    Cramming drops it): a per-token prior of V parameters and no matmul.
+    Cramming drops it): a per-token prior of V parameters and no matmul. ``decoder_bias=False``
+    drops it too.
     """
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.classifier_bias)
         self.layer_norm = layer_norm(config)
-        self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size))
+        self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size)) if config.decoder_bias else None
         self.decoder = (None if config.tie_word_embeddings
                         else nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False))
 
@@ -495,7 +579,7 @@ class BertForSequenceClassification(nn.Module, _PretrainedMixin):
         super().__init__()
         self.config, self.num_labels = config, num_labels
         self.bert = BertModel(config)
-        self.pooler = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size, bias=config.classifier_bias)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         for module in (self.pooler, self.classifier):

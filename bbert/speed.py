@@ -1,6 +1,7 @@
 """Measuring speed: FLOPs, matmul peaks, MFU, timed training steps and the known-GPU table.
 
-    training_flops_per_sequence   matmul FLOPs of one training step, per sequence (ffn_flops_per_token: the FFN's)
+    training_flops_per_sequence   matmul FLOPs of one training step, per sequence (ffn_flops_per_token: the FFN's,
+                                  attended_keys: the keys a query sees, fewer in a local-attention layer)
     matmul_peak_flops             measured FLOP/s of a large torch.mm (wall clock, or one thread's CPU time)
     mfu, seq_per_s_at_mfu         achieved FLOP/s as a share of a peak (MFU), and the speed a given MFU means
     GPU, KNOWN_GPUS, get_gpu      datasheet peaks of common GPUs; gpu_from_device_name for this one
@@ -41,18 +42,31 @@ def ffn_flops_per_token(config) -> float:
     return 2 * matrices * config.hidden_size * config.intermediate_size
 
 
+def attended_keys(config, layer: int, seq_len: int) -> float:
+    """How many keys a query of layer ``layer`` attends to, on average over a sequence: all of them
+    in a global layer, those within ``local_attention // 2`` on either side in a local one.
+    """
+    if getattr(config, "local_attention", 0) == 0 or config.is_global(layer):
+        return float(seq_len)
+    half = config.local_attention // 2
+    return sum(min(seq_len - 1, i + half) - max(0, i - half) + 1 for i in range(seq_len)) / seq_len
+
+
 def training_flops_per_sequence(config, seq_len: int = 128, masked_fraction: float = 0.15,
                                 sparse_mlm_head: bool = True) -> float:
     """Matmul FLOPs of one training step (forward + backward = 3x forward) for one sequence.
 
     Counts only what is computed: with ``sparse_mlm_head`` the head transform and the decoder
-    run on ``masked_fraction`` of the positions.
+    run on ``masked_fraction`` of the positions; a local layer's attention on its window
+    (:func:`attended_keys`: the useful work; SDPA with a band mask also computes the masked-out
+    products).
     """
     h, L = config.hidden_size, config.num_hidden_layers
     v = getattr(config, "padded_vocab_size", config.vocab_size)
     per_token_layer = 2 * 4 * h * h + ffn_flops_per_token(config)  # QKV + out proj, FFN
-    attention = 2 * 2 * seq_len * h                       # QK^T and AV, per token per layer
-    encoder = L * seq_len * (per_token_layer + attention)
+    attention = sum(2 * 2 * attended_keys(config, layer, seq_len) * h  # QK^T and AV, per token
+                    for layer in range(L))
+    encoder = seq_len * (L * per_token_layer + attention)
     head_tokens = seq_len * (masked_fraction if sparse_mlm_head else 1.0)
     head = head_tokens * 2 * (h * h + h * v)              # transform + decoder
     return 3.0 * (encoder + head)

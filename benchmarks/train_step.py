@@ -1,14 +1,19 @@
-"""Training-step throughput of bbert against transformers.BertForMaskedLM of the same shape.
+"""Training-step throughput of bbert against transformers.BertForMaskedLM of the same shape, or, in
+the ModernBERT layout, against transformers.ModernBertForMaskedLM of the same shape and options.
 
     .venv/bin/python benchmarks/train_step.py            # mini and base, packed 8 x 128 batches
     .venv/bin/python benchmarks/train_step.py --quick    # fewer rounds
+    .venv/bin/python benchmarks/train_step.py --layout modernbert --presets mini   # vs ModernBERT
+    .venv/bin/python benchmarks/train_step.py --layout modernbert --presets mini --hf-sparse --ragged
+        # + ModernBERT with its own sparse head, on a padded batch (where unpadding pays)
     .venv/bin/python benchmarks/train_step.py --padded   # + unpadding on vs off on a padded batch
     .venv/bin/python benchmarks/train_step.py --clock thread   # one thread's CPU time (busy machine)
     python benchmarks/train_step.py --device cuda --presets base large --batch-size 64   # on a GPU
 
 A step is forward + backward + optimizer step on the same batch of packed 128-token sequences with
 15% of positions masked. Each model runs at the best settings it offers on this device:
-- transformers: attn_implementation="sdpa", bf16 autocast, fused AdamW;
+- transformers: attn_implementation="sdpa", bf16 autocast, fused AdamW; its ModernBERT as
+  published (sparse_prediction off, the sliding window as an SDPA mask);
 - bbert: its defaults (sparse MLM head, fused QKV + SDPA, unpadding), bf16 autocast, fused AdamW.
 On a CPU without native bf16 (no AVX-512 BF16 / AMX; bbert.precision.fast_bf16) torch emulates bf16
 matmuls ~100x slower than fp32, so there both run in fp32 and MFU is against the fp32 peak.
@@ -25,7 +30,8 @@ import statistics
 import torch
 
 from bbert.hf import transformers_baseline
-from bbert.model import BertConfig, BertForMaskedLM
+from bbert.hf_modernbert import modernbert_baseline, modernbert_misfits
+from bbert.model import LAYOUTS, BertConfig, BertForMaskedLM
 from bbert.optim import build_optimizer
 from bbert.speed import (compare_throughput, matmul_peak_flops, mfu, random_mlm_batch,
                          training_flops_per_sequence)
@@ -40,10 +46,15 @@ def build_bbert(preset: str, device: str = "cpu", **overrides):
     return model, build_optimizer(model)
 
 
-def build_transformers(preset: str, device: str = "cpu"):
+def build_transformers(preset: str, device: str = "cpu", layout: str | None = None, sparse: bool = False):
+    """transformers' model of the same shape: its ModernBERT where the options are ModernBERT's
+    (``sparse``: with its own ``sparse_prediction``, the head at the masked positions only)."""
     torch.manual_seed(0)
-    model = transformers_baseline(BertConfig.from_preset(preset, vocab_size=VOCAB),
-                                  attn_implementation="sdpa").to(device)
+    config = BertConfig.from_preset(preset, vocab_size=VOCAB, layout=layout)
+    baseline = transformers_baseline if modernbert_misfits(config) else modernbert_baseline
+    model = baseline(config, attn_implementation="sdpa").to(device)
+    if sparse:
+        model.sparse_prediction = model.config.sparse_prediction = True
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6,
                                   weight_decay=0.01, fused=True)
     return model, optimizer
@@ -59,6 +70,13 @@ def ratio_summary(result: dict, a: str, b: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["mini", "base"])
+    parser.add_argument("--layout", choices=list(LAYOUTS), default=None,
+                        help="bbert's options for an architecture; modernbert: timed against ModernBertForMaskedLM")
+    parser.add_argument("--mlm-probability", type=float, default=0.15, help="share of positions masked")
+    parser.add_argument("--ragged", action="store_true",
+                        help="the compared batch is padded (lengths from a quarter to all of seq_len), not packed")
+    parser.add_argument("--hf-sparse", action="store_true",
+                        help="with --layout modernbert: also time ModernBERT with its sparse_prediction on")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=6)
@@ -82,7 +100,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     where = torch.cuda.get_device_name(device) if on_gpu else f"{torch.get_num_threads()} CPU threads"
-    print(f"torch {torch.__version__}, {where}, batch {args.batch_size} x {args.seq_len}")
+    print(f"torch {torch.__version__}, {where}, batch {args.batch_size} x {args.seq_len}"
+          + (" (padded: lengths from a quarter to all)" if args.ragged else ""))
     peak_seconds = 0.3 if args.quick else 1.0
     amp_dtype = native_amp_dtype(device)
     amp = "bf16" if amp_dtype is torch.bfloat16 else "fp32"
@@ -98,38 +117,47 @@ def main(argv=None) -> int:
         # a GPU needs bigger matrices to reach its peak; fp32 there is without TF32 (torch's default)
         peaks = {k: matmul_peak_flops(d, n=8192 if on_gpu else 4096, device=device, min_seconds=peak_seconds)
                  for k, d in dtypes.items()}
-    batch = {k: v.to(device) for k, v in random_mlm_batch(args.batch_size, args.seq_len, VOCAB, seed=0).items()}
+    # Finetuning-like lengths, spread between a quarter and all of seq_len (--ragged and --padded)
+    lengths = torch.linspace(args.seq_len // 4, args.seq_len, args.batch_size).long()
+    batch = {k: v.to(device) for k, v in random_mlm_batch(args.batch_size, args.seq_len, VOCAB, args.mlm_probability,
+                                                          lengths=lengths if args.ragged else None, seed=0).items()}
     masked = float((batch["labels"] != -100).float().mean())
     results = []
     for preset in args.presets:
-        runners = {"bbert": build_bbert(preset, device), "transformers": build_transformers(preset, device)}
+        runners = {"bbert": build_bbert(preset, device, layout=args.layout),
+                   "transformers": build_transformers(preset, device, args.layout)}
+        if args.hf_sparse:
+            if args.layout != "modernbert":
+                parser.error("--hf-sparse is ModernBERT's option: add --layout modernbert")
+            runners["transformers+sparse"] = build_transformers(preset, device, args.layout, sparse=True)
         if args.compile:
-            model, optimizer = build_bbert(preset, device)
+            model, optimizer = build_bbert(preset, device, layout=args.layout)
             runners["bbert+compile"] = (torch.compile(model), optimizer)
         r = compare_throughput(runners, batch, args.rounds, args.steps, args.warmup, amp_dtype=amp_dtype,
                                clock=args.clock)
-        config = runners["bbert"][0].config
-        sparse = {"bbert": True, "transformers": False, "bbert+compile": True}
-        print(f"\n[{preset}] {config.num_hidden_layers} layers, hidden {config.hidden_size}")
+        config = runners["bbert"][0].config  # the same shape for all: count FLOPs from bbert's config
+        sparse = {"bbert": True, "transformers": False, "transformers+sparse": True, "bbert+compile": True}
+        print(f"\n[{preset}] {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+              f"{type(runners['transformers'][0]).__name__} as transformers")
         for name in runners:
-            flops = training_flops_per_sequence(runners[name][0].config, args.seq_len, masked, sparse[name])
+            flops = training_flops_per_sequence(config, args.seq_len, masked, sparse[name])
             seq_s = r["seq_s"][name]
-            print(f"  {name:<13} {seq_s:7.2f} seq/s  {flops * seq_s / 1e9:6.1f} GFLOP/s  "
+            print(f"  {name:<19} {seq_s:7.2f} seq/s  {flops * seq_s / 1e9:6.1f} GFLOP/s  "
                   + ", ".join(f"MFU {mfu(flops, seq_s, p):5.1%} of {k} peak"
                               for k, p in peaks.items()))
         print(f"  ratio bbert / transformers: {ratio_summary(r, 'bbert', 'transformers')}")
+        if args.hf_sparse:
+            print(f"  ratio bbert / transformers+sparse: {ratio_summary(r, 'bbert', 'transformers+sparse')}")
         if args.compile:
             print(f"  ratio bbert+compile / transformers: {ratio_summary(r, 'bbert+compile', 'transformers')}")
         results.append((preset, r["seq_s"]["bbert"] / r["seq_s"]["transformers"]))
         del runners
     if args.padded:
-        # Finetuning-like batch: lengths spread between a quarter and all of seq_len.
-        lengths = torch.linspace(args.seq_len // 4, args.seq_len, args.batch_size).long()
         padded = {k: v.to(device) for k, v in
                   random_mlm_batch(args.batch_size, args.seq_len, VOCAB, lengths=lengths, seed=1).items()}
         preset = args.presets[-1]
-        runners = {"unpad": build_bbert(preset, device, unpad=True),
-                   "padded": build_bbert(preset, device, unpad=False)}
+        runners = {"unpad": build_bbert(preset, device, layout=args.layout, unpad=True),
+                   "padded": build_bbert(preset, device, layout=args.layout, unpad=False)}
         r = compare_throughput(runners, padded, args.rounds, args.steps, args.warmup, amp_dtype=amp_dtype,
                                clock=args.clock)
         fill = padded["attention_mask"].float().mean().item()

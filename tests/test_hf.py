@@ -145,7 +145,7 @@ def test_hub_names_fail_fast_offline(monkeypatch):
 def test_export_refuses_what_transformers_cannot_represent(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("old")
-    with pytest.raises(ValueError, match="embedding LayerNorm"):
+    with pytest.raises(ValueError, match="it needs embedding_layernorm=True"):
         hf.export_to_transformers(tiny_model(True, embedding_layernorm=False), make_tokenizer(), tmp_path / "out")
     with pytest.raises(ValueError, match="tokenizer"):
         hf.export_to_transformers(tiny_model(False), None, tmp_path / "out")
