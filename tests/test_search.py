@@ -422,6 +422,16 @@ def test_two_processes_share_one_sampled_study(data_dir, tmp_path):
     assert names[0] | names[1] == {r.split("/")[-1] for r in run_dirs}
 
 
+def test_parse_ranges_keeps_ints_and_reads_log():
+    from bbert.search import parse_ranges
+    from bbert.study import Range
+
+    ranges = parse_ranges(["lr=1e-4:3e-3:log", "warmup_proportion=0:0.1", "max_steps=10:40"])
+    assert ranges == {"lr": Range(1e-4, 3e-3, True), "warmup_proportion": Range(0.0, 0.1, False),
+                      "max_steps": Range(10, 40, False)}
+    assert isinstance(ranges["warmup_proportion"].lo, float) and isinstance(ranges["max_steps"].hi, int)
+
+
 def test_bad_ranges_fail_in_one_line(data_dir, tmp_path, capsys):
     config_file = asha_base(data_dir, tmp_path).to_yaml(tmp_path / "base.yaml")
     out = tmp_path / "trials"
@@ -443,3 +453,32 @@ def test_bad_ranges_fail_in_one_line(data_dir, tmp_path, capsys):
         err = capsys.readouterr()
         assert message in err.err and err.err.count("\n") == 1, (args, err.err)
         assert "[search] trial" not in err.out and not out.exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_sampled_trial_resumes_with_its_values(data_dir, tmp_path):
+    import signal
+    import subprocess
+
+    from bbert.study import Range
+    from helpers_train import PYTHON, REPO, subprocess_env
+
+    base = asha_base(data_dir, tmp_path, sleep_seconds_per_step=0.5)
+    out = tmp_path / "trials"
+    command = [PYTHON, "-m", "bbert.search", "--config", str(base.to_yaml(tmp_path / "base.yaml")),
+               "--sampler", "random", "--range", "lr=1e-3:2e-3", "--n-trials", "1", "--out", str(out)]
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if "validation loss" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    process.communicate(timeout=120)
+    assert process.returncode == 130
+    (run_dir,) = [p for p in out.iterdir() if p.name.startswith("lr=")]
+    assert read_metrics(run_dir)[-1]["reason"] == "interrupted"
+
+    rows = search(base, {}, out, sampler="random", ranges={"lr": Range(1e-3, 2e-3)}, n_trials=1, verbose=False)
+    assert [(r["run_dir"], r["end_reason"], r["state"], r["number"], r["steps"]) for r in rows] == \
+        [(str(run_dir), "budget", "COMPLETE", 1, 10)]  # the same values, continued from the checkpoint
+    assert [r["resumed"] for r in read_metrics(run_dir, "start")] == [False, True]
