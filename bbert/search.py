@@ -51,9 +51,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 from bbert import configs
 from bbert.study import SAMPLERS, STUDY_PRUNERS, Range, search_study
@@ -202,6 +201,8 @@ def parse_ranges(items: list[str], grid: dict | None = None) -> dict[str, Range]
             if not sep or not key or len(parts) not in (2, 2 + log):
                 raise ValueError
             ends = [int(p) if p.strip().lstrip("+-").isdigit() else float(p) for p in parts[:2]]
+            if not all(math.isfinite(e) for e in ends):
+                raise ValueError
         except ValueError:
             raise configs.UsageError(f"--range {item!r} must look like FIELD=LO:HI or FIELD=LO:HI:log "
                                      "(e.g. --range lr=1e-4:3e-3:log)") from None

@@ -105,7 +105,14 @@ def test_12_an_in_memory_storage_is_refused(data_dir, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def interrupted(data_dir, tmp_path_factory):
     """Ctrl-C a search (``pruner``) once its first trial has validated: (process, stdout, stderr, out)."""
+    done = {}
+
     def run(pruner):
+        if pruner not in done:
+            done[pruner] = interrupt(pruner)
+        return done[pruner]
+
+    def interrupt(pruner):
         tmp = tmp_path_factory.mktemp(f"interrupted-{pruner}")
         out = tmp / "s"
         command = [PYTHON, "-m", "bbert.search", "--config",
