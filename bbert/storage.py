@@ -181,20 +181,21 @@ def check_same_search(study, storage: str, **identity) -> None:
         if stored is None:
             study.set_user_attr(key, value)
         elif stored != value:
-            what = "grid" if key == "grid" else f"{key} config"
+            what = {"grid": "grid", "base": "base config or data"}.get(key, key)
             differ = ", ".join(_differences(stored, value)) or "its values"
-            raise configs.UsageError(f"study {study.study_name!r} in {_hide_password(storage)} searches another "
-                                     f"{what} ({differ} differ); choose another --study-name or --out for this one")
+            raise configs.UsageError(f"study {study.study_name!r} in {hide_password(storage)} searches another "
+                                     f"{what} (changed: {differ}); choose a new --out (or --study-name) for this "
+                                     "search")
 
 
-def _differences(a, b, prefix: str = "") -> list[str]:
+def _differences(a, b) -> list[str]:
+    # the top-level fields that differ (``data``: the data's fingerprint), as trials.changes names them
     if not (isinstance(a, dict) and isinstance(b, dict)):
-        return [prefix or "the values"] if a != b else []
-    return [name for key in sorted(set(a) | set(b))
-            for name in _differences(a.get(key), b.get(key), f"{prefix}{key}" if not prefix else f"{prefix}.{key}")]
+        return ["its values"] if a != b else []
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def _hide_password(url: str) -> str:
+def hide_password(url: str) -> str:
     if url.startswith(JOURNAL):
         return url
     try:
@@ -205,4 +206,4 @@ def _hide_password(url: str) -> str:
         return url
 
 
-__all__ = ["open_storage", "check_same_search", "heartbeat_seconds", "HEARTBEAT_SECONDS", "GRACE_HEARTBEATS"]
+__all__ = ["open_storage", "check_same_search", "hide_password", "heartbeat_seconds", "HEARTBEAT_SECONDS", "GRACE_HEARTBEATS"]

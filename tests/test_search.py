@@ -307,7 +307,7 @@ def test_interrupted_study_trial_is_queued_again_and_resumed(data_dir, tmp_path)
             process.send_signal(signal.SIGINT)
             break
     lines += process.communicate(timeout=120)[0].splitlines()
-    assert process.returncode == 0 and any("queued again" in line for line in lines), lines
+    assert process.returncode == 130 and any("queued again" in line for line in lines), lines
     assert read_metrics(out / "lr=0.001")[-1]["reason"] == "interrupted"
 
     rows = search(base, {"lr": [1e-3]}, out, pruner="asha", verbose=False)
@@ -345,3 +345,140 @@ def test_command_sets_model_fields_as_pretrain_does(data_dir, tmp_path, capsys):
     assert saved["model_overrides"] == {"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2}
     assert main([*args[:3], "model.hidden_size=abc", *args[4:]]) == 2
     assert "model.hidden_size must be a number, got 'abc'" in capsys.readouterr().err
+
+
+# ---- sampled searches: --sampler tpe|random over --range and --grid fields -------------------------
+
+
+def sampled_trials(out, study_name=None):
+    import optuna
+
+    study = optuna.load_study(study_name=study_name or out.name, storage=f"sqlite:///{out / 'study.db'}")
+    return [t for t in study.trials if not t.user_attrs.get("held")]
+
+
+@pytest.mark.slow
+def test_tpe_samples_every_trial_inside_its_ranges(data_dir, tmp_path, capsys):
+    config_file = asha_base(data_dir, tmp_path).to_yaml(tmp_path / "base.yaml")
+    out = tmp_path / "tpe"
+    assert main(["--config", str(config_file), "--sampler", "tpe", "--range", "lr=1e-4:3e-3:log",
+                 "--range", "warmup_proportion=0:0.1", "--grid", "batch_size=4,8", "--n-trials", "3",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    trials = sampled_trials(out)
+    assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
+    run_dirs = [t.user_attrs["run_dir"] for t in trials]
+    assert len(set(run_dirs)) == 3 and "best: " in printed
+    for run_dir in run_dirs:
+        saved = yaml.safe_load((tmp_path / "tpe" / run_dir.split("/")[-1] / "config.yaml").read_text())
+        assert 1e-4 <= saved["lr"] <= 3e-3 and 0.0 <= saved["warmup_proportion"] <= 0.1
+        assert saved["batch_size"] in (4, 8)
+        assert run_dir.endswith(f"batch_size={saved['batch_size']},lr={saved['lr']:g},"  # grid fields, then ranges
+                                f"warmup_proportion={saved['warmup_proportion']:g}")  # the name is the exact config
+        assert read_metrics(run_dir)[-1]["reason"] == "budget"
+
+
+@pytest.mark.slow
+def test_random_sampler_with_a_seed_is_reproducible(data_dir, tmp_path):
+    from bbert.study import Range
+
+    base = asha_base(data_dir, tmp_path)
+    ranges = {"lr": Range(1e-4, 3e-3, log=True), "max_steps": Range(2, 5)}
+    runs = [search(base, {}, tmp_path / name, sampler="random", ranges=ranges, n_trials=3, sampler_seed=7,
+                   verbose=False) for name in ("a", "b")]
+    points = [[(r["lr"], r["max_steps"]) for r in rows] for rows in runs]
+    assert points[0] == points[1] and len(set(points[0])) == 3
+    for lr, max_steps in points[0]:
+        assert 1e-4 <= lr <= 3e-3 and isinstance(max_steps, int) and 2 <= max_steps <= 5
+    assert [r["end_reason"] for r in runs[0]] == ["max_steps"] * 3
+    assert [r["steps"] for r in runs[0]] == [p[1] for p in points[0]]
+    again = search(base, {}, tmp_path / "a", sampler="random", ranges=ranges, n_trials=3, sampler_seed=7,
+                   verbose=False)
+    assert all(r["skipped"] for r in again) and len(sampled_trials(tmp_path / "a")) == 3  # a re-run adds none
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_sampled_study(data_dir, tmp_path):
+    import subprocess
+
+    from helpers_train import PYTHON, REPO, subprocess_env
+
+    base = asha_base(data_dir, tmp_path, step_time_seconds=36.0, sleep_seconds_per_step=0.6)
+    out = tmp_path / "trials"
+    command = [PYTHON, "-m", "bbert.search", "--config", str(base.to_yaml(tmp_path / "base.yaml")),
+               "--sampler", "random", "--range", "lr=1e-4:3e-3:log", "--n-trials", "4", "--out", str(out)]
+    processes = [subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    trials = sampled_trials(out)
+    assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)  # 4 in total, not 4 each
+    run_dirs = {t.user_attrs["run_dir"] for t in trials}
+    assert len(run_dirs) == 4
+    for run_dir in run_dirs:
+        assert [r["resumed"] for r in read_metrics(run_dir, "start")] == [False]  # run once, by one process
+    names = [{line.split(": ")[-1] for line in o.splitlines() if line.startswith("[search] trial")} for o in outputs]
+    assert all(names) and not names[0] & names[1], outputs  # both processes ran trials, none twice
+    assert names[0] | names[1] == {r.split("/")[-1] for r in run_dirs}
+
+
+def test_parse_ranges_keeps_ints_and_reads_log():
+    from bbert.search import parse_ranges
+    from bbert.study import Range
+
+    ranges = parse_ranges(["lr=1e-4:3e-3:log", "warmup_proportion=0:0.1", "max_steps=10:40"])
+    assert ranges == {"lr": Range(1e-4, 3e-3, True), "warmup_proportion": Range(0.0, 0.1, False),
+                      "max_steps": Range(10, 40, False)}
+    assert isinstance(ranges["warmup_proportion"].lo, float) and isinstance(ranges["max_steps"].hi, int)
+
+
+def test_bad_ranges_fail_in_one_line(data_dir, tmp_path, capsys):
+    config_file = asha_base(data_dir, tmp_path).to_yaml(tmp_path / "base.yaml")
+    out = tmp_path / "trials"
+    base = ["--config", str(config_file), "--out", str(out)]
+    tpe = ["--sampler", "tpe", "--n-trials", "2"]
+    cases = [([*tpe, "--range", "lr=3e-3:1e-4"], "--range lr=0.003:0.0001 is empty"),
+             ([*tpe, "--range", "lr=0:1e-3:log"], "is on a log scale, which needs a low end above 0"),
+             ([*tpe, "--range", "lrr=1e-4:1e-3"], "unknown config field 'lrr'"),
+             ([*tpe, "--range", "lr=a:1"], "--range 'lr=a:1' must look like FIELD=LO:HI"),
+             ([*tpe, "--range", "warmup_proportion=0:1.5"], "warmup_proportion"),
+             ([*tpe, "--range", "lr=1e-4:1e-3", "--grid", "lr=1e-3"], "--range lr is given twice"),
+             (["--range", "lr=1e-4:1e-3"], "--range needs --sampler tpe or random"),
+             (["--sampler", "tpe", "--range", "lr=1e-4:1e-3"], "--sampler tpe needs --n-trials N"),
+             (["--sampler", "bayes", "--range", "lr=1e-4:1e-3"], "--sampler 'bayes' is not one of grid, tpe, random"),
+             ([*tpe, "--range", "lr=1e-4:1e-3", "--trial", "0"], "drop --trial"),
+             ([*tpe, "--range", "lr=1e-4:1e-3", "--min-resource-s", "60"], "add --pruner asha")]
+    for args, message in cases:
+        assert main([*base, *args]) == 2, args
+        err = capsys.readouterr()
+        assert message in err.err and err.err.count("\n") == 1, (args, err.err)
+        assert "[search] trial" not in err.out and not out.exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_sampled_trial_resumes_with_its_values(data_dir, tmp_path):
+    import signal
+    import subprocess
+
+    from bbert.study import Range
+    from helpers_train import PYTHON, REPO, subprocess_env
+
+    base = asha_base(data_dir, tmp_path, sleep_seconds_per_step=0.5)
+    out = tmp_path / "trials"
+    command = [PYTHON, "-m", "bbert.search", "--config", str(base.to_yaml(tmp_path / "base.yaml")),
+               "--sampler", "random", "--range", "lr=1e-3:2e-3", "--n-trials", "1", "--out", str(out)]
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if "validation loss" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    process.communicate(timeout=120)
+    assert process.returncode == 130
+    (run_dir,) = [p for p in out.iterdir() if p.name.startswith("lr=")]
+    assert read_metrics(run_dir)[-1]["reason"] == "interrupted"
+
+    rows = search(base, {}, out, sampler="random", ranges={"lr": Range(1e-3, 2e-3)}, n_trials=1, verbose=False)
+    assert [(r["run_dir"], r["end_reason"], r["state"], r["number"], r["steps"]) for r in rows] == \
+        [(str(run_dir), "budget", "COMPLETE", 1, 10)]  # the same values, continued from the checkpoint
+    assert [r["resumed"] for r in read_metrics(run_dir, "start")] == [False, True]

@@ -271,19 +271,23 @@ def test_wrong_password_fails_in_one_line(postgres, data_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_another_grid_or_base_config_on_one_study_fails_in_one_line(backend, data_dir, tmp_path, capsys, request):
-    from bbert.study import make_pruner, open_study
+    from bbert.study import make_pruner, make_sampler, open_study, study_attrs
 
     url, name = storage_url(backend, tmp_path, request), f"grids-{backend}"
-    base = workers_base(data_dir, tmp_path, sleep=0.0).to_dict()
-    base.pop("run_dir")
-    open_study(url, name, {"lr": [1e-3, 2e-3]}, make_pruner("asha", 60, 180), base=base)
+    space = {"lr": [1e-3, 2e-3]}
+
+    def join():  # what the command stores with the study it makes
+        attrs = study_attrs(workers_base(data_dir, tmp_path, sleep=0.0), space)
+        return open_study(url, name, make_sampler("grid", space), make_pruner("asha", 60, 180), attrs=attrs)
+
+    join()
     args = [*command_args(data_dir, tmp_path), "--storage", url, "--study-name", name]
     err = run_main([*args[:2], "--set", "time_budget_hours=0.1", *args[2:]], capsys)  # same grid, another base
-    assert "searches another base config (time_budget_hours differ)" in err, err
+    assert "searches another base config or data (changed: time_budget_hours)" in err, err
     err = run_main([*args[:3], "lr=1e-3,3e-3", *args[4:]], capsys)
-    assert f"study '{name}'" in err and "searches another grid (lr differ)" in err, err
+    assert f"study '{name}'" in err and "searches another grid (changed: lr)" in err, err
     assert backend != "postgresql" or url.split(":")[2].split("@")[0] not in err  # the password is never shown
     assert not (tmp_path / "trials").exists()  # refused before any trial ran
     # the study still holds the first search, and the same search joins it
     assert load(url, name).user_attrs["grid"] == {"lr": [1e-3, 2e-3]}
-    assert open_study(url, name, {"lr": [1e-3, 2e-3]}, make_pruner("asha", 60, 180), base=base).study_name == name
+    assert join().study_name == name
