@@ -284,6 +284,7 @@ def test_schedule_hours_must_be_positive_and_finite(value):
 def test_schedule_hours_reaches_set_the_cli_error_and_the_search_grid(capsys, tmp_path):
     import yaml
 
+    from bbert.search import parse_grid
     from bbert.train import main
     from bbert.trials import trial_config
 
@@ -294,7 +295,9 @@ def test_schedule_hours_reaches_set_the_cli_error_and_the_search_grid(capsys, tm
     assert main(["--preset", "tiny-cpu", "--set", "schedule_hours=0", "--run-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert "schedule_hours must be > 0" in err and "\n" not in err and not run_dir.exists()
-    trial = trial_config(TrainConfig.from_preset("tiny-cpu"), {"schedule_hours": 0.06}, tmp_path / "t")
+    grid = parse_grid(["schedule_hours=0.04,0.06"])  # bbert search --grid schedule_hours=...
+    trial = trial_config(TrainConfig.from_preset("tiny-cpu"), {"schedule_hours": grid["schedule_hours"][1]},
+                         tmp_path / "t")
     assert Schedule.from_config(trial).length == pytest.approx(0.06 * 3600)
 
 
