@@ -137,10 +137,11 @@ def _check_warmup(warmup_proportion: float) -> None:
 
 
 def linear_warmup_decay(progress: float, warmup_proportion: float) -> float:
-    """The lr multiplier at ``progress`` in [0, 1] of the run: linear warm-up, then linear decay to 0.
+    """The lr multiplier at ``progress`` in [0, 1] of the schedule: linear warm-up,
+    then linear decay to 0.
 
-    ``progress`` is a fraction of the *budget* (time or steps), so the shape is the same for a
-    3-minute CPU run and a 24-hour run.
+    ``progress`` is a fraction of the *planned schedule* (time or steps; by default the
+    budget), so the shape is the same for a 3-minute CPU run and a 24-hour run.
     """
     _check_warmup(warmup_proportion)
     progress = min(max(progress, 0.0), 1.0)
@@ -231,27 +232,31 @@ class Schedule:
 
     @classmethod
     def from_config(cls, config, world_size: int = 1) -> "Schedule":
-        """The schedule of a :class:`bbert.train_config.TrainConfig` run on ``world_size`` ranks
-        (its budget in seconds or steps, its lr shape and batch ramp, planned for
+        """The schedule of a :class:`bbert.train_config.TrainConfig` run on ``world_size``
+        ranks (its budget in seconds or steps, its lr shape and batch ramp, planned for
         ``schedule_hours`` when set, stopped at the budget)."""
         options = dict(shape=config.lr_schedule, decay_proportion=config.decay_proportion,
-                       batch_size=config.batch_size, batch_unit=config.micro_batch_size * world_size,
+                       batch_size=config.batch_size,
+                       batch_unit=config.micro_batch_size * world_size,
                        batch_ramp_proportion=config.batch_ramp_proportion,
                        batch_ramp_start=config.batch_ramp_start)
         planned = config.schedule_hours
         if planned is not None and not 0 < planned < math.inf:  # also refuses nan
-            raise ValueError(f"schedule_hours must be > 0 and finite, or null for the budget "
-                             f"(time_budget_hours={config.time_budget_hours}); got {planned}")
+            raise ValueError(f"schedule_hours must be > 0 and finite, or null for the "
+                             f"budget (time_budget_hours={config.time_budget_hours}); "
+                             f"got {planned}")
         # the schedule's length as a multiple of the budget (1: planned to end at the stop)
         stretch = 1.0 if planned is None else planned / config.time_budget_hours
         if config.schedule == "step":
             if not config.max_steps:
-                raise ValueError("schedule='step' decays over max_steps: set max_steps=N, or use schedule='time'")
-            return cls("steps", config.max_steps * stretch, config.lr, config.warmup_proportion,
-                       config.max_steps, stop=config.max_steps, **options)
+                raise ValueError("schedule='step' decays over max_steps: set max_steps=N, "
+                                 "or use schedule='time'")
+            return cls("steps", config.max_steps * stretch, config.lr,
+                       config.warmup_proportion, config.max_steps, stop=config.max_steps,
+                       **options)
         budget = config.time_budget_seconds
-        return cls("time", budget * stretch, config.lr, config.warmup_proportion, config.max_steps,
-                   stop=budget, **options)
+        return cls("time", budget * stretch, config.lr, config.warmup_proportion,
+                   config.max_steps, stop=budget, **options)
 
     def _clock(self, elapsed_seconds: float, step: int) -> float:
         return elapsed_seconds if self.clock == "time" else step
@@ -266,7 +271,7 @@ class Schedule:
         return min(max(self._clock(elapsed_seconds, step) / stop, 0.0), 1.0)
 
     def planned(self, elapsed_seconds: float = 0.0, step: int = 0) -> float:
-        """The fraction of the planned schedule used, in [0, 1] (the progress when they agree)."""
+        """The fraction of the planned schedule used, in [0, 1] (= progress by default)."""
         return min(max(self._used(elapsed_seconds, step), 0.0), 1.0)
 
     def multiplier(self, progress: float) -> float:
