@@ -12,7 +12,12 @@ cool-down as good as cosine; ModernBERT trains with it), and a batch-size ramp, 
 batch grows linearly to ``batch_size`` over the first ``batch_ramp_proportion`` of the budget
 (Cramming, Geiping & Goldstein 2023; GPT-3's batch warm-up).
 
-Chapters: ``notebooks/03_model.ipynb`` (optimizers), ``notebooks/04_pretraining.ipynb`` (the schedule).
+The schedule's length and the stop are two numbers, as in the paper's code
+(``--total_training_time`` and ``--early_exit_time_marker``): ``TrainConfig.schedule_hours``
+plans the warm-up, decay and ramp for that long, while the run still stops at the budget.
+
+Chapters: ``notebooks/03_model.ipynb`` (optimizers), ``notebooks/04_pretraining.ipynb`` (the schedule),
+``notebooks/06_findings.ipynb`` (a schedule planned for the budget against longer ones).
 """
 from __future__ import annotations
 
@@ -132,10 +137,11 @@ def _check_warmup(warmup_proportion: float) -> None:
 
 
 def linear_warmup_decay(progress: float, warmup_proportion: float) -> float:
-    """The lr multiplier at ``progress`` in [0, 1] of the run: linear warm-up, then linear decay to 0.
+    """The lr multiplier at ``progress`` in [0, 1] of the schedule: linear warm-up,
+    then linear decay to 0.
 
-    ``progress`` is a fraction of the *budget* (time or steps), so the shape is the same for a
-    3-minute CPU run and a 24-hour run.
+    ``progress`` is a fraction of the *planned schedule* (time or steps; by default the
+    budget), so the shape is the same for a 3-minute CPU run and a 24-hour run.
     """
     _check_warmup(warmup_proportion)
     progress = min(max(progress, 0.0), 1.0)
@@ -171,13 +177,15 @@ class Schedule:
     then linear decay to zero at the end of the budget, where the run stops. Computed directly
     from elapsed seconds, so it is exact for budgets of minutes as well as days.
     ``clock="steps"`` is the classic schedule over ``length`` optimizer steps (finetuning uses it).
+    ``stop`` is where the run ends on the same clock (the budget); None: at the end of the
+    schedule. A ``length`` past the ``stop`` is a schedule planned for longer than the run.
     ``max_steps`` optionally caps a run at that many steps whatever the clock.
     ``shape="wsd"`` holds the peak after warm-up and decays over the last ``decay_proportion``
-    of the budget instead (``"linear"``, the paper's, decays from the end of warm-up).
+    of the schedule instead (``"linear"``, the paper's, decays from the end of warm-up).
     ``batch_size`` is the global batch, made of micro-batches of ``batch_unit`` samples over all
     ranks (micro_batch_size x world_size); with ``batch_ramp_proportion > 0`` it grows linearly
     from ``batch_ramp_start`` (None: one micro-batch per rank) to ``batch_size`` over that share
-    of the budget, rounded down to whole micro-batches.
+    of the schedule, rounded down to whole micro-batches.
     The trainer asks this object, never the config: the lr, the batch size, the fraction of the
     budget used, and whether (and why) the run is over.
     """
@@ -193,6 +201,7 @@ class Schedule:
     batch_unit: int = 1
     batch_ramp_proportion: float = 0.0
     batch_ramp_start: int | None = None
+    stop: float | None = None
 
     def __post_init__(self):
         if self.clock not in CLOCKS:
@@ -200,6 +209,8 @@ class Schedule:
         if not self.length > 0:
             unit = "seconds" if self.clock == "time" else "steps"
             raise ValueError(f"the schedule's length must be > 0 {unit}, got {self.length}")
+        if self.stop is not None and not 0 < self.stop < math.inf:
+            raise ValueError(f"the schedule's stop must be > 0 and finite, got {self.stop}")
         if self.shape not in SHAPES:
             raise ValueError(f"lr_schedule must be one of {', '.join(SHAPES)}, got {self.shape!r} "
                              "(linear: the paper's decay after warm-up; wsd: warmup-stable-decay)")
@@ -221,38 +232,60 @@ class Schedule:
 
     @classmethod
     def from_config(cls, config, world_size: int = 1) -> "Schedule":
-        """The schedule of a :class:`bbert.train_config.TrainConfig` run on ``world_size`` ranks
-        (its budget in seconds or steps, its lr shape and batch ramp)."""
+        """The schedule of a :class:`bbert.train_config.TrainConfig` run on ``world_size``
+        ranks (its budget in seconds or steps, its lr shape and batch ramp, planned for
+        ``schedule_hours`` when set, stopped at the budget)."""
         options = dict(shape=config.lr_schedule, decay_proportion=config.decay_proportion,
-                       batch_size=config.batch_size, batch_unit=config.micro_batch_size * world_size,
+                       batch_size=config.batch_size,
+                       batch_unit=config.micro_batch_size * world_size,
                        batch_ramp_proportion=config.batch_ramp_proportion,
                        batch_ramp_start=config.batch_ramp_start)
+        planned = config.schedule_hours
+        if planned is not None and not 0 < planned < math.inf:  # also refuses nan
+            raise ValueError(f"schedule_hours must be > 0 and finite, or null for the "
+                             f"budget (time_budget_hours={config.time_budget_hours}); "
+                             f"got {planned}")
+        # the schedule's length as a multiple of the budget (1: planned to end at the stop)
+        stretch = 1.0 if planned is None else planned / config.time_budget_hours
         if config.schedule == "step":
             if not config.max_steps:
-                raise ValueError("schedule='step' decays over max_steps: set max_steps=N, or use schedule='time'")
-            return cls("steps", config.max_steps, config.lr, config.warmup_proportion, config.max_steps, **options)
-        return cls("time", config.time_budget_seconds, config.lr, config.warmup_proportion,
-                   config.max_steps, **options)
+                raise ValueError("schedule='step' decays over max_steps: set max_steps=N, "
+                                 "or use schedule='time'")
+            return cls("steps", config.max_steps * stretch, config.lr,
+                       config.warmup_proportion, config.max_steps, stop=config.max_steps,
+                       **options)
+        budget = config.time_budget_seconds
+        return cls("time", budget * stretch, config.lr, config.warmup_proportion,
+                   config.max_steps, stop=budget, **options)
+
+    def _clock(self, elapsed_seconds: float, step: int) -> float:
+        return elapsed_seconds if self.clock == "time" else step
 
     def _used(self, elapsed_seconds: float, step: int) -> float:
-        return (elapsed_seconds if self.clock == "time" else step) / self.length
+        """The fraction of the *planned* schedule used: seconds (or steps) / its length."""
+        return self._clock(elapsed_seconds, step) / self.length
 
     def progress(self, elapsed_seconds: float = 0.0, step: int = 0) -> float:
-        """The fraction of the budget used, in [0, 1]."""
+        """The fraction of the budget (up to the stop) used, in [0, 1]."""
+        stop = self.length if self.stop is None else self.stop
+        return min(max(self._clock(elapsed_seconds, step) / stop, 0.0), 1.0)
+
+    def planned(self, elapsed_seconds: float = 0.0, step: int = 0) -> float:
+        """The fraction of the planned schedule used, in [0, 1] (= progress by default)."""
         return min(max(self._used(elapsed_seconds, step), 0.0), 1.0)
 
     def multiplier(self, progress: float) -> float:
-        """The lr as a fraction of the peak at ``progress`` in [0, 1] of the budget."""
+        """The lr as a fraction of the peak at ``progress`` in [0, 1] of the planned schedule."""
         if self.shape == "wsd":
             return warmup_stable_decay(progress, self.warmup_proportion, self.decay_proportion)
         return linear_warmup_decay(progress, self.warmup_proportion)
 
     def lr_at(self, elapsed_seconds: float = 0.0, step: int = 0) -> float:
-        return self.peak_lr * self.multiplier(self.progress(elapsed_seconds, step))
+        return self.peak_lr * self.multiplier(self.planned(elapsed_seconds, step))
 
     def batch_size_at(self, elapsed_seconds: float = 0.0, step: int = 0) -> int:
         """The global batch of the step that starts at this point (``batch_size`` once the ramp is over)."""
-        progress = self.progress(elapsed_seconds, step)
+        progress = self.planned(elapsed_seconds, step)
         if progress >= self.batch_ramp_proportion:
             return self.batch_size
         start = self.batch_ramp_start or self.batch_unit
@@ -268,7 +301,8 @@ class Schedule:
         """``"max_steps"`` or ``"budget"`` once the run is over, else None."""
         if self.max_steps is not None and step >= self.max_steps:
             return "max_steps"
-        if self._used(elapsed_seconds, step) >= 1.0:
+        stop = self.length if self.stop is None else self.stop
+        if self._clock(elapsed_seconds, step) >= stop:
             return "budget" if self.clock == "time" else "max_steps"
         return None
 

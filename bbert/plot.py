@@ -339,3 +339,56 @@ def plot_seed_bands(runs: dict, title: str | None = None, ax=None):
     ax.set_title(title or "Validation loss at equal wall clock: mean and range over seeds")
     ax.legend(fontsize="small")
     return fig
+
+
+# ---- findings chapter: runs repeated over seeds ------------------------------------
+# Chapter: notebooks/06_findings.ipynb.
+
+
+def val_curve(source, x: str = "time", tokens_per_step: float | None = None):
+    """A run's validation losses against ``x``: ``"time"`` (elapsed s), ``"steps"`` or
+    ``"tokens"`` (steps x ``tokens_per_step``). Returns ``(xs, losses)`` as two lists."""
+    if x not in ("time", "steps", "tokens"):
+        raise ValueError(f"x must be 'time', 'steps' or 'tokens', got {x!r}")
+    if x == "tokens" and not tokens_per_step:
+        raise ValueError("x='tokens' needs tokens_per_step (batch size x sequence length)")
+    val = read_metrics(source, "val")
+    per = {"time": lambda r: r["elapsed_seconds"], "steps": lambda r: r["step"],
+           "tokens": lambda r: r["step"] * tokens_per_step}[x]
+    return [per(r) for r in val], [r["val_loss"] for r in val]
+
+
+def seed_band(sources, x: str = "time", tokens_per_step: float | None = None):
+    """The seeds of one experiment: ``(xs, mean, low, high)`` of their validation losses,
+    point by point (the mean of the seeds' x where they differ; runs cut to the shortest)."""
+    curves = [val_curve(s, x, tokens_per_step) for s in sources]
+    n = min(len(xs) for xs, _ in curves)
+    if n == 0:
+        raise ValueError("a run has no validation record: set validation_every_minutes")
+    xs = np.mean([c[0][:n] for c in curves], axis=0)
+    losses = np.array([c[1][:n] for c in curves])
+    return xs, losses.mean(axis=0), losses.min(axis=0), losses.max(axis=0)
+
+
+def plot_run_bands(groups: dict, x: str = "time", tokens_per_step: float | None = None,
+                    scale: float = 1.0, xlabel: str | None = None, title: str | None = None,
+                    ax=None):
+    """The mean validation loss of each ``{label: [run dirs of its seeds]}`` with its
+    min-max band over the seeds, against elapsed time, steps or tokens (x divided by
+    ``scale``, e.g. seconds per minute). Returns the figure."""
+    fig = None
+    if ax is None:
+        fig, (ax,) = _new_figure()
+    for label, sources in groups.items():
+        xs, mean, low, high = seed_band(sources, x, tokens_per_step)
+        line, = ax.plot(xs / scale, mean, "o-", ms=3, label=f"{label} (n={len(sources)})")
+        ax.fill_between(xs / scale, low, high, color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel(xlabel or {"time": "elapsed seconds", "steps": "optimizer steps",
+                             "tokens": "tokens seen"}[x])
+    ax.set_ylabel("validation MLM loss")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize="small")
+    if fig is not None:
+        fig.tight_layout()
+    return fig if fig is not None else ax.figure

@@ -86,6 +86,10 @@ class TrainConfig:
     warm-up) or ``"wsd"`` (warmup-stable-decay: the peak held until the last ``decay_proportion``
     of the budget). ``batch_ramp_proportion > 0`` grows the global batch linearly from
     ``batch_ramp_start`` to ``batch_size`` over that share of the budget (Cramming's batch ramp).
+    ``schedule_hours`` (None: the budget) is the length the warm-up, decay and ramp are planned
+    for, while the run still stops at ``time_budget_hours`` (the official code's
+    ``--total_training_time`` and ``--early_exit_time_marker``); on the step clock it stretches
+    the schedule to ``max_steps x schedule_hours / time_budget_hours`` steps.
     ``max_grad_norm = 0`` means no clipping (the paper's setting).
     ``checkpoint_fractions`` are the time markers (fractions of the budget) where a checkpoint
     is kept for finetuning.
@@ -100,6 +104,7 @@ class TrainConfig:
     seed: int = 42
     # budget and schedule
     time_budget_hours: float = 24.0
+    schedule_hours: float | None = None  # None = the budget; longer: the run stops mid-schedule
     max_steps: int | None = None
     schedule: str = "time"
     warmup_proportion: float = 0.06

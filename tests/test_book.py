@@ -273,7 +273,7 @@ def test_findings_chapter_shows_its_results(reports):
     figures = [im for im in report["images"] if im["in_output"]]
     assert len(figures) >= 4, f"the findings chapter shows {len(figures)} figures, want one per finding"
     text = "\n".join(report["outputs"])
-    for expected in ("lr when the budget ends (share of the peak)", "time-based, slowed", "step-based, slowed",
+    for expected in ("lr of the last step (share of the peak)", "2x the budget", "At the same tokens seen",
                      "steps in the budget", "final val loss", "Early stopping saved", "sparse MLM head"):
         assert expected in text, f"the findings chapter's output lacks {expected!r}"
 

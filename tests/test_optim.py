@@ -229,3 +229,92 @@ def test_batch_ramp_settings_are_checked_with_a_clear_message():
         TrainConfig(**ok, batch_ramp_proportion=0.3, batch_ramp_start=128).validate(check_data=False)
     with pytest.raises(ValueError, match="batch_ramp_start=0 must be"):
         TrainConfig(**ok, batch_ramp_proportion=0.3, batch_ramp_start=0).validate(check_data=False)
+
+
+# ---- schedule_hours: the schedule's length apart from the stop --------------------------
+
+def _planned_for(times_the_budget: float, clock: str) -> Schedule:
+    budget_hours = 0.1  # 360 s; on the step clock, 200 steps
+    planned = None if times_the_budget is None else times_the_budget * budget_hours
+    if clock == "steps":
+        config = TrainConfig(time_budget_hours=budget_hours, schedule="step", max_steps=200,
+                             schedule_hours=planned, warmup_proportion=0.06)
+    else:
+        config = TrainConfig(time_budget_hours=budget_hours, schedule_hours=planned, warmup_proportion=0.06)
+    return Schedule.from_config(config)
+
+
+def _at(clock: str, fraction_of_budget: float) -> tuple[float, int]:
+    return (360.0 * fraction_of_budget, 0) if clock == "time" else (0.0, round(200 * fraction_of_budget))
+
+
+@pytest.mark.parametrize("clock", ["time", "steps"])
+def test_a_schedule_planned_for_twice_the_budget_stops_at_the_budget_with_lr_left(clock):
+    synced, default, longer = (_planned_for(x, clock) for x in (1.0, None, 2.0))
+    stop = _at(clock, 1.0)
+    # planned for the budget (the default): the lr reaches zero where the run stops
+    assert synced.lr_at(*stop) == default.lr_at(*stop) == 0.0
+    # planned for 2x: the stop is half-way through the plan, lr = (1 - 0.5) / (1 - 0.06) of the peak
+    assert longer.lr_at(*stop) == pytest.approx(1e-3 * 0.5 / 0.94)
+    for schedule in (synced, longer):  # both stop at the budget, and not a step before
+        before = (stop[0] - 1e-6, 0) if clock == "time" else (0.0, stop[1] - 1)
+        assert schedule.end_reason(*before) is None
+        assert schedule.end_reason(*stop) == ("budget" if clock == "time" else "max_steps")
+        assert schedule.progress(*stop) == 1.0  # the budget fraction, for markers and logs
+    assert longer.planned(*stop) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("clock", ["time", "steps"])
+@pytest.mark.parametrize("times", [1.0, 1.5, 2.0])
+def test_the_warm_up_scales_with_schedule_hours(clock, times):
+    schedule = _planned_for(times, clock)
+    peak_at = _at(clock, 0.06 * times)  # the warm-up is 6% of the planned length
+    assert schedule.lr_at(*peak_at) == pytest.approx(1e-3)
+    half_way = _at(clock, 0.03 * times)
+    assert schedule.lr_at(*half_way) == pytest.approx(5e-4, rel=0.02)  # steps round the point
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, math.nan, math.inf])
+def test_schedule_hours_must_be_positive_and_finite(value):
+    with pytest.raises(ValueError, match=r"^schedule_hours must be > 0 and finite") as error:
+        TrainConfig(time_budget_hours=1.0, schedule_hours=value).validate(check_data=False)
+    assert "\n" not in str(error.value)
+
+
+def test_schedule_hours_reaches_set_the_cli_error_and_the_search_grid(capsys, tmp_path):
+    import yaml
+
+    from bbert.search import parse_grid
+    from bbert.train import main
+    from bbert.trials import trial_config
+
+    assert main(["--preset", "tiny-cpu", "--set", "schedule_hours=0.08", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["schedule_hours"] == 0.08
+    assert TrainConfig.from_preset("tiny-cpu").schedule_hours is None  # the budget by default
+    run_dir = tmp_path / "refused"
+    assert main(["--preset", "tiny-cpu", "--set", "schedule_hours=0", "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "schedule_hours must be > 0" in err and "\n" not in err and not run_dir.exists()
+    grid = parse_grid(["schedule_hours=0.04,0.06"])  # bbert search --grid schedule_hours=...
+    trial = trial_config(TrainConfig.from_preset("tiny-cpu"), {"schedule_hours": grid["schedule_hours"][1]},
+                         tmp_path / "t")
+    assert Schedule.from_config(trial).length == pytest.approx(0.06 * 3600)
+
+
+@pytest.mark.slow
+def test_a_real_run_with_set_schedule_hours_logs_the_planned_lrs(tmp_path):
+    from helpers_train import make_data_dir, records, tiny_config
+
+    from bbert.train import main
+
+    data_dir = make_data_dir(tmp_path / "data")
+    config = tiny_config(data_dir, tmp_path / "run", time_budget_hours=0.01, checkpoint_fractions=[],
+                         validation_every_minutes=None, debug={"step_time_seconds": 3.0})
+    config.to_yaml(tmp_path / "run.yaml")  # 36 s at 3 s a step: 12 steps, planned for 72 s
+    assert main(["--config", str(tmp_path / "run.yaml"), "--set", "schedule_hours=0.02"]) == 0
+    train = records(tmp_path / "run", "train")
+    assert [r["step"] for r in train] == list(range(1, 13))
+    for r in train:  # each step's lr is the formula's at the second it started, on 72 s
+        assert r["lr"] == pytest.approx(1e-3 * linear_warmup_decay(r["lr_elapsed_seconds"] / 72.0, 0.06))
+    assert train[-1]["lr"] == pytest.approx(1e-3 * (1 - 33 / 72) / 0.94)  # the last step starts at 33 s
+    assert records(tmp_path / "run", "end")[-1]["reason"] == "budget"
