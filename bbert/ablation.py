@@ -216,24 +216,65 @@ def options_on(row: dict, options=None) -> list[str]:
 
 
 def search_combinations(base: TrainConfig, out_dir, budget_s: float, n_trials: int, options=None,
-                        pruner: str = "asha", storage: str | None = None, verbose: bool = True) -> dict:
+                        pruner: str = "asha", storage: str | None = None, verbose: bool = True,
+                        min_resource_s: float | None = None) -> dict:
     """Search the options' combinations with ``bbert.search`` and its ``pruner`` (ASHA: successive
     halving that stops the weak trials at rungs of their budget, Li et al. 2020).
 
     Every trial gets ``budget_s`` seconds; ``n_trials`` combinations (of the grid's
-    2^options) are tried. The rungs are ASHA's usual ones for a reduction factor of 3: a ninth and
-    a third of the budget. Returns ``{"rows": the search rows of the trials that ran, "best": the
-    best row (or None), "best_options": the option names it switched on}``.
+    2^options) are tried. The first rung is ``min_resource_s`` (see :func:`first_rung`; default
+    a ninth of the budget), the next ones 3 times later each. Returns ``{"rows": the search rows
+    of the trials that ran, "best": the best row (or None), "best_options": the option names it
+    switched on}``.
     """
-    base = trial_config(base, {"time_budget_hours": hours(budget_s)}, base.run_dir)
-    with _quiet(verbose, optuna_logs=True):
-        rows = search(base, search_grid(options), out_dir, pruner=pruner, storage=storage, n_trials=n_trials,
-                      min_resource_s=max(1, round(budget_s / 9)), reduction_factor=3, verbose=verbose)
-    rows = [r for r in rows if r["end_reason"] is not None]  # the grid's other points never started
+    rows = _search(base, search_grid(options), out_dir, budget_s, n_trials, pruner, storage, verbose,
+                   min_resource_s)
     for row in rows:
         row["options_on"] = options_on(row, options)
     best = best_trial(rows)
     return {"rows": rows, "best": best, "best_options": best["options_on"] if best else None}
+
+
+def _search(base, grid, out_dir, budget_s, n_trials, pruner, storage, verbose, min_resource_s) -> list[dict]:
+    base = trial_config(base, {"time_budget_hours": hours(budget_s)}, base.run_dir)
+    rung = max(1, round(budget_s / 9 if min_resource_s is None else min_resource_s))
+    with _quiet(verbose, optuna_logs=True):
+        rows = search(base, grid, out_dir, pruner=pruner, storage=storage, n_trials=n_trials,
+                      min_resource_s=rung, reduction_factor=3, verbose=verbose)
+    return [r for r in rows if r["end_reason"] is not None]  # the grid's other points never started
+
+
+def baseline_grid(base: TrainConfig, lr_factors=(0.5, 1, 2, 4), batch_factors=(0.5, 1, 2)) -> dict:
+    """The plain recipe's own search space: its learning rate and batch size, each times a few
+    factors (12 points by default). A batch value sets the micro-batch with it, so it divides."""
+    batches = [max(1, round(base.batch_size * f)) for f in batch_factors]
+    return {"lr": [base.lr * f for f in lr_factors],
+            "batch_size": [{"batch_size": b, "micro_batch_size": min(b, base.micro_batch_size)} for b in batches]}
+
+
+def tune_baseline(base: TrainConfig, out_dir, budget_s: float, n_trials: int, grid: dict | None = None,
+                  pruner: str = "asha", verbose: bool = True, min_resource_s: float | None = None,
+                  plain_loss: float | None = None) -> dict:
+    """The control for :func:`search_combinations`: the plain recipe (no option on) searched over
+    its own learning rate and batch size (:func:`baseline_grid`) with the same trials, pruner and
+    rungs. Returns ``{"rows", "best", "overrides"}``; ``overrides`` turn ``base`` into the tuned
+    baseline: ``{}`` when no trial ran to its end or none beat ``plain_loss`` (the untuned run's
+    final loss on the same text, as :func:`best_combination` counts it for the options)."""
+    grid = baseline_grid(base) if grid is None else grid
+    rows = _search(base, grid, out_dir, budget_s, n_trials, pruner, None, verbose, min_resource_s)
+    for row in rows:
+        row["options_on"] = [f"{key}={_value(row[key])}" for key in grid]
+    best = best_trial(rows)
+    if best is None or (plain_loss is not None and plain_loss <= best["val_loss"]):
+        return {"rows": rows, "best": best, "overrides": {}}
+    tuned = {}
+    for key in grid:
+        tuned.update(best[key] if isinstance(best[key], dict) else {key: best[key]})
+    return {"rows": rows, "best": best, "overrides": tuned}
+
+
+def _value(value) -> str:
+    return f"{value['batch_size']}" if isinstance(value, dict) and "batch_size" in value else f"{value:g}"
 
 
 def best_combination(rows: list[dict], found: dict | None = None) -> list[str] | None:
@@ -244,6 +285,130 @@ def best_combination(rows: list[dict], found: dict | None = None) -> list[str] |
     if found and found["best"] is not None:
         done.append((found["best"]["val_loss"], found["best_options"]))
     return list(min(done, key=lambda pair: pair[0], default=(math.nan, []))[1]) or None
+
+
+# ---- the head-to-head: seeds, a paired interval, a downstream task ---------------------------
+
+
+def first_rung(curve, drop: float = 0.05) -> float | None:
+    """When a run leaves the loss plateau: the time of its first validation whose loss is ``drop``
+    (a fraction) below the plateau. The plateau value is the first validation's loss: by then the
+    loss has fallen from ln(vocabulary) to about the entropy of the token frequencies, where it
+    stays until the model learns to use the context. None when the run never leaves it.
+
+    ASHA ranks trials at this rung and later ones; a rung on the plateau ranks noise.
+    """
+    if not 0 < drop < 1:
+        raise ValueError(f"drop must be a fraction in (0, 1), got {drop}")
+    if not curve:
+        raise ValueError("the run has no validation: set validation_every_minutes")
+    plateau = curve[0][1]
+    return next((seconds for seconds, loss in curve[1:] if loss <= (1 - drop) * plateau), None)
+
+
+def paired_ratio_interval(baseline, other, confidence: float = 0.95) -> dict:
+    """The per-seed ratios ``other / baseline`` of final losses (paired: the same seed, the same
+    data) and a ``confidence`` interval of their geometric mean: Student's t-interval on the log
+    ratios (``scipy.stats``), mapped back with exp. ``low``/``high`` are NaN below two seeds."""
+    from scipy import stats  # deferred: only the summaries need it
+
+    if len(baseline) != len(other) or not baseline:
+        raise ValueError(f"need one baseline loss per seed: got {len(baseline)} and {len(other)}")
+    logs = [math.log(o / b) for b, o in zip(baseline, other)]
+    mean = statistics.fmean(logs)
+    low = high = math.nan
+    if len(logs) > 1:
+        sem = statistics.stdev(logs) / math.sqrt(len(logs))
+        low, high = (stats.t.interval(confidence, len(logs) - 1, loc=mean, scale=sem) if sem > 0 else (mean, mean))
+    return {"ratios": [math.exp(x) for x in logs], "ratio": math.exp(mean), "low": math.exp(low),
+            "high": math.exp(high), "n": len(logs), "confidence": confidence}
+
+
+def head_to_head(base: TrainConfig, out_dir, budget_s: float, arms: dict[str, dict], seeds,
+                 verbose: bool = True) -> list[dict]:
+    """Train every arm (a name and its overrides of ``base``) at every seed, ``budget_s`` seconds
+    each, into ``out_dir/<name>-seed<seed>``. The arms take turns within each seed, so a
+    neighbor's load drifts over all of them alike. A run that finished with the same config is
+    read, not run again. Returns one :func:`run_result` row per run, with its ``seed``."""
+    out_dir = Path(out_dir)
+    plan = [(name, seed, trial_config(base, {**extra, "seed": seed, "time_budget_hours": hours(budget_s)},
+                                      out_dir / f"{name.replace(' ', '_')}-seed{seed}"))
+            for seed in seeds for name, extra in arms.items()]
+    for *_, config in plan:
+        config.validate()
+    rows = []
+    for i, (name, seed, config) in enumerate(plan):
+        if not _done_with(config):
+            if verbose:
+                print(f"[ablation] head-to-head {i + 1}/{len(plan)}: {name}, seed {seed}", flush=True)
+            with _quiet(verbose):
+                pretrain(config)
+        rows.append({**run_result(name, config.run_dir, budget_s), "seed": seed})
+    return rows
+
+
+def summarize(rows: list[dict], baselines=(BASELINE,), confidence: float = 0.95) -> list[dict]:
+    """One line per arm of :func:`head_to_head`'s rows: the mean and standard deviation of its
+    final losses over seeds, and against each arm of ``baselines`` the paired ratio interval
+    (:func:`paired_ratio_interval`, under ``"vs"``)."""
+    by: dict[str, dict[int, float]] = {}
+    for r in rows:
+        by.setdefault(r["name"], {})[r["seed"]] = r["final_val_loss"]
+    out = []
+    for name, losses in by.items():
+        values = list(losses.values())
+        line = {"name": name, "seeds": list(losses), "losses": values, "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else math.nan, "vs": {}}
+        for other in baselines:
+            if other != name and other in by:
+                seeds = [s for s in losses if s in by[other]]
+                line["vs"][other] = paired_ratio_interval([by[other][s] for s in seeds],
+                                                          [losses[s] for s in seeds], confidence)
+        out.append(line)
+    return out
+
+
+def head_to_head_table(summary: list[dict]) -> str:
+    """:func:`summarize` as a Markdown table: mean ± sd of the final loss over seeds, and for each
+    baseline the geometric mean of the paired ratios with its interval."""
+    others = list(dict.fromkeys(k for line in summary for k in line["vs"]))
+    conf = next((v["confidence"] for line in summary for v in line["vs"].values()), 0.95)
+    lines = ["| run | seeds | final val loss, mean ± sd | "
+             + " | ".join(f"ratio to {o} [{conf:.0%} interval]" for o in others) + " |",
+             "| --- | ---: | ---: |" + " ---: |" * len(others)]
+    for line in summary:
+        cells = [f"{v['ratio']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" if (v := line["vs"].get(o)) else "1"
+                 for o in others]
+        lines.append(f"| {line['name']} | {len(line['seeds'])} | {line['mean']:.4f} ± {line['std']:.4f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def median_seed_run(rows: list[dict], name: str) -> dict:
+    """The run of arm ``name`` whose final loss is the median over its seeds (the lower middle one
+    for an even count): the one checkpoint of the arm that goes on to finetuning."""
+    runs = sorted((r for r in rows if r["name"] == name), key=lambda r: r["final_val_loss"])
+    if not runs:
+        raise ValueError(f"no run named {name!r} among {sorted({r['name'] for r in rows})}")
+    return runs[(len(runs) - 1) // 2]
+
+
+def finetune_arms(rows: list[dict], names, task, out_dir, config=None) -> dict[str, dict]:
+    """Finetune each arm's median-seed checkpoint (:func:`median_seed_run`) on ``task`` (e.g.
+    ``bbert.glue.make_corpus_source_task``): the step from MLM loss to what the anchors measure
+    (GLUE, SQuAD). Returns ``{name: {"seed", "run_dir", "score", "metric"}}`` (dev score of the
+    best epoch)."""
+    from bbert import glue  # deferred: finetuning pulls in the GLUE stack
+
+    config = config or glue.FinetuneConfig(lr=1e-3, batch_size=16, num_epochs=3, progress=False,
+                                           save_best_model=False)
+    out = {}
+    for name in names:
+        run = median_seed_run(rows, name)
+        result = glue.finetune(run["run_dir"], task, config, Path(out_dir) / name.replace(" ", "_"))
+        out[name] = {"seed": run["seed"], "run_dir": run["run_dir"], "score": result["score"],
+                     "metric": result["main_metric"]}
+    return out
 
 
 # ---- text and tables ----------------------------------------------------------------------
