@@ -290,20 +290,43 @@ def best_combination(rows: list[dict], found: dict | None = None) -> list[str] |
 # ---- the head-to-head: seeds, a paired interval, a downstream task ---------------------------
 
 
-def first_rung(curve, drop: float = 0.05) -> float | None:
-    """When a run leaves the loss plateau: the time of its first validation whose loss is ``drop``
-    (a fraction) below the plateau. The plateau value is the first validation's loss: by then the
-    loss has fallen from ln(vocabulary) to about the entropy of the token frequencies, where it
-    stays until the model learns to use the context. None when the run never leaves it.
+def plateau(curve, flat: float = 0.02) -> tuple[float, float]:
+    """``(seconds, loss)`` where a run's validation loss reaches its plateau: the first validation
+    that is less than ``flat`` (a fraction) below the one before it. Early on the loss falls fast
+    from ln(vocabulary) to about the entropy of the token frequencies, then stays there until the
+    model learns to use the context. A curve that never flattens gives its first validation."""
+    if not curve:
+        raise ValueError("the run has no validation: set validation_every_minutes")
+    return next(((t, loss) for (_, before), (t, loss) in zip(curve, curve[1:]) if loss > (1 - flat) * before),
+                curve[0])
+
+
+def first_rung(curve, drop: float = 0.05, flat: float = 0.02) -> float | None:
+    """When a run leaves its loss :func:`plateau`: the time of the first later validation whose
+    loss is ``drop`` (a fraction) below the plateau's. None when the run never leaves it.
 
     ASHA ranks trials at this rung and later ones; a rung on the plateau ranks noise.
     """
-    if not 0 < drop < 1:
-        raise ValueError(f"drop must be a fraction in (0, 1), got {drop}")
-    if not curve:
-        raise ValueError("the run has no validation: set validation_every_minutes")
-    plateau = curve[0][1]
-    return next((seconds for seconds, loss in curve[1:] if loss <= (1 - drop) * plateau), None)
+    if not 0 < drop < 1 or not 0 < flat < 1:
+        raise ValueError(f"drop and flat must be fractions in (0, 1), got {drop} and {flat}")
+    start, level = plateau(curve, flat)
+    return next((t for t, loss in curve if t > start and loss <= (1 - drop) * level), None)
+
+
+def pilot_rung(rows: list[dict], budget_s: float, drop: float = 0.05) -> tuple[float, str]:
+    """ASHA's first rung from :func:`run_ablation`'s runs (the pilots), with the reason: where the
+    plain recipe leaves its plateau (:func:`first_rung`); if it never does, where the first of the
+    other runs does; if none does, a third of the budget."""
+    base = next(r for r in rows if r["name"] == BASELINE)
+    rung = first_rung(base["curve"], drop)
+    if rung is not None:
+        return rung, f"the plain recipe's first validation {drop:.0%} below its plateau"
+    left = [(t, r["name"]) for r in rows if r["curve"] and (t := first_rung(r["curve"], drop)) is not None]
+    if left:
+        t, name = min(left)
+        return t, (f"the plain recipe never left its plateau by {drop:.0%}; {name}, the first run that "
+                   f"did, left it there")
+    return budget_s / 3, f"no run left its plateau by {drop:.0%}: a third of the budget"
 
 
 def paired_ratio_interval(baseline, other, confidence: float = 0.95) -> dict:

@@ -19,9 +19,11 @@ searched, on the tuning text. Fair to the plain recipe in three ways:
 - a **tuned baseline**: the plain recipe gets the same search (trials, ASHA, rungs) over its own
   learning rate and batch size (``bbert.ablation.tune_baseline``), and the head-to-head has it as
   an arm beside the untuned recipe;
-- **ASHA's first rung after the plateau**: the plain recipe's run of step 1 is the pilot; its
-  first validation whose loss is 5% below the first validation's (the plateau) sets the first
-  rung of both searches (``bbert.ablation.first_rung``), so no trial is ranked on the plateau;
+- **ASHA's first rung after the plateau**: the runs of step 1 are the pilots. A run's plateau is
+  its first validation less than 2% below the one before; it leaves it at the first later
+  validation 5% below that. Where the plain recipe leaves it sets the first rung of both searches
+  (if it never does, where the first other run does; ``bbert.ablation.pilot_rung``), so no trial
+  is ranked while every run is still on the plateau;
 - **seeds**: the head-to-head trains every arm at every seed of ``--seeds``; it prints each
   arm's mean and standard deviation and the 95% interval of the paired ratio (per seed, the
   arm's final loss over the baseline's), a Student t-interval on the log ratios
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
     import torch
 
     from bbert import glue
-    from bbert.ablation import (OPTIONS, BASELINE, best_combination, combinations_table, finetune_arms, first_rung,
+    from bbert.ablation import (OPTIONS, BASELINE, best_combination, combinations_table, finetune_arms, pilot_rung,
                                 head_to_head, head_to_head_table, overrides, run_ablation, search_combinations,
                                 summarize, tune_baseline, write_sample_sources)
     from bbert.atomic import atomic_write_json
@@ -144,12 +146,8 @@ def main(argv=None) -> int:
     rows = run_ablation(base, args.out / "ablation", args.budget_s, combinations=[everything])
     report(rows, f"each option alone, {args.budget_s:g} s each (tuning text, seed {args.seed})")
     pilot = rows[0]
-    rung = first_rung(pilot["curve"])
-    rung_note = "its first validation 5% below the plateau (the first validation's loss)"
-    if rung is None:
-        rung, rung_note = args.budget_s / 3, "a third of the budget: the pilot never left its plateau"
-    print(f"\nASHA's first rung: {rung:.1f} s of {args.budget_s:g} s, from the plain recipe's run: {rung_note}",
-          flush=True)
+    rung, rung_note = pilot_rung(rows, args.budget_s)
+    print(f"\nASHA's first rung: {rung:.1f} s of {args.budget_s:g} s ({rung_note})", flush=True)
 
     print(f"\n-- ASHA search over the {2 ** len(OPTIONS)} on/off combinations, {args.search_trials} trials --",
           flush=True)

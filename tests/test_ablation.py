@@ -218,15 +218,26 @@ def test_paired_ratio_interval_matches_scipys_one_sample_t_interval_on_log_ratio
 
 
 def test_first_rung_is_the_first_validation_below_the_plateau():
-    # falls to a plateau near 7.0 by the first validation, sits there, then leaves it
-    curve = [(6.0, 7.0), (12.0, 6.95), (18.0, 6.9), (24.0, 6.6), (30.0, 6.0), (36.0, 5.5)]
-    assert ablation.first_rung(curve) == 24.0               # 6.6 <= 0.95 * 7.0 = 6.65
-    assert ablation.first_rung(curve, drop=0.1) == 30.0     # 6.0 <= 6.3
-    assert ablation.first_rung(curve, drop=0.01) == 18.0    # 6.9 <= 6.93
-    assert ablation.first_rung([(6.0, 7.0), (12.0, 6.9), (18.0, 6.8)]) is None  # never leaves
+    # falls fast from ln(vocab), flattens at 7.0 (18 s), then leaves the plateau
+    curve = [(6.0, 8.5), (12.0, 7.1), (18.0, 7.0), (24.0, 6.9), (30.0, 6.6), (36.0, 6.0), (42.0, 5.5)]
+    assert ablation.plateau(curve) == (18.0, 7.0)           # 7.0 > 0.98 * 7.1: the first flat step
+    assert ablation.plateau(curve, flat=0.2) == (12.0, 7.1)  # 7.1 > 0.8 * 8.5
+    assert ablation.first_rung(curve) == 30.0               # 6.6 <= 0.95 * 7.0 = 6.65
+    assert ablation.first_rung(curve, drop=0.1) == 36.0     # 6.0 <= 6.3
+    assert ablation.first_rung(curve, drop=0.01) == 24.0    # 6.9 <= 6.93
+    never = [(6.0, 8.5), (12.0, 7.0), (18.0, 6.95), (24.0, 6.8)]
+    assert ablation.first_rung(never) is None                # 6.8 > 0.95 * 6.95
+    steep = [(6.0, 8.0), (12.0, 7.0), (18.0, 6.0)]            # never flat: the first validation
+    assert ablation.plateau(steep) == (6.0, 8.0) and ablation.first_rung(steep) == 12.0
+    rows = [{"name": "baseline", "curve": never}, {"name": "wsd", "curve": never},
+            {"name": "rope", "curve": curve}, {"name": "mask30", "curve": steep}]
+    assert ablation.pilot_rung(rows, 60.0)[0] == 12.0  # the plain recipe stays: mask30 leaves first
+    assert "mask30" in ablation.pilot_rung(rows, 60.0)[1]
+    assert ablation.pilot_rung([{"name": "baseline", "curve": curve}] + rows[1:], 60.0)[0] == 30.0
+    assert ablation.pilot_rung(rows[:2], 60.0) == (20.0, "no run left its plateau by 5%: a third of the budget")
     with pytest.raises(ValueError, match="no validation"):
         ablation.first_rung([])
-    with pytest.raises(ValueError, match="fraction"):
+    with pytest.raises(ValueError, match="fractions"):
         ablation.first_rung(curve, drop=5)
 
 
