@@ -394,7 +394,7 @@ def summarize(rows: list[dict], baselines=(BASELINE,), confidence: float = 0.95)
 def head_to_head_table(summary: list[dict]) -> str:
     """:func:`summarize` as a Markdown table: mean ± sd of the final loss over seeds, and for each
     baseline the geometric mean of the paired ratios with its interval."""
-    others = list(dict.fromkeys(k for line in summary for k in line["vs"]))
+    others = [line["name"] for line in summary if any(line["name"] in x["vs"] for x in summary)]
     conf = next((v["confidence"] for line in summary for v in line["vs"].values()), 0.95)
     lines = ["| run | seeds | final val loss, mean ± sd | "
              + " | ".join(f"ratio to {o} [{conf:.0%} interval]" for o in others) + " |",

@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="mini", help="model preset of every run")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0, help="seed of the tuning runs (ablation and searches)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a machine others load")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     if args.quick:
@@ -123,6 +124,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from bbert import glue
     from bbert.ablation import (OPTIONS, BASELINE, best_combination, combinations_table, finetune_arms, pilot_rung,
                                 head_to_head, head_to_head_table, overrides, run_ablation, search_combinations,
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for runs in ("ablation", "search", "tune-baseline", "final", "finetune"):
         shutil.rmtree(args.out / runs, ignore_errors=True)  # fresh runs every time
-    started, load = time.time(), os.getloadavg()[0]
+    started, loads = time.time(), [os.getloadavg()[0]]
     tune_text = write_sample_sources(args.out / "tune.jsonl", TUNING_SOURCES)
     eval_text = args.eval_corpus or write_sample_sources(args.out / "eval.jsonl", [HELD_OUT_SOURCE])
     tune_data = prepare_data(tune_text, args.out / "data-tune", args.vocab_size)
@@ -146,6 +149,7 @@ def main(argv=None) -> int:
     rows = run_ablation(base, args.out / "ablation", args.budget_s, combinations=[everything])
     report(rows, f"each option alone, {args.budget_s:g} s each (tuning text, seed {args.seed})")
     pilot = rows[0]
+    loads.append(os.getloadavg()[0])
     rung, rung_note = pilot_rung(rows, args.budget_s)
     print(f"\nASHA's first rung: {rung:.1f} s of {args.budget_s:g} s ({rung_note})", flush=True)
 
@@ -157,6 +161,7 @@ def main(argv=None) -> int:
     print(f"best combination on the tuning text (the runs above and the search's trials): "
           f"{' + '.join(best) if best else 'none (the plain recipe won)'}", flush=True)
 
+    loads.append(os.getloadavg()[0])
     print(f"\n-- the control: the plain recipe's lr and batch size, ASHA, {args.search_trials} trials --",
           flush=True)
     tuned = tune_baseline(base, args.out / "tune-baseline", args.budget_s, args.search_trials,
@@ -164,6 +169,7 @@ def main(argv=None) -> int:
     print(combinations_table(tuned["rows"]), flush=True)
     print(f"tuned baseline: {tuned['overrides'] or 'the untuned recipe (no trial beat it)'}", flush=True)
 
+    loads.append(os.getloadavg()[0])
     arms = {BASELINE: {}, "tuned baseline": tuned["overrides"]}
     if best:
         arms["best combination"] = overrides(best)
@@ -175,6 +181,7 @@ def main(argv=None) -> int:
                                   for r in final))
     print(head_to_head_table(summary), flush=True)
 
+    loads.append(os.getloadavg()[0])
     downstream = {}
     if best:
         task = glue.make_corpus_source_task(args.out / "task", train_per_source=200, eval_per_source=60)
@@ -182,14 +189,16 @@ def main(argv=None) -> int:
         print("\n== finetuned on the corpus-source task (median-seed checkpoints, dev accuracy) ==")
         for name, d in downstream.items():
             print(f"{name}: {d['metric']} {d['score']:.3f} (pretraining seed {d['seed']})", flush=True)
-    load = max(load, os.getloadavg()[0])
+    loads.append(os.getloadavg()[0])
+    load = max(loads)
     atomic_write_json(args.out / "result.json", dict(
         budget_s=args.budget_s, model=args.model, search_trials=args.search_trials, seeds=args.seeds,
-        eval_corpus=str(eval_text), load_average_max=load, first_rung_s=rung, ablation=rows,
+        eval_corpus=str(eval_text), load_average_max=load, load_averages=loads, first_rung_s=rung, ablation=rows,
         search=found["rows"], best_options=best, tune_baseline=tuned["rows"], tuned_overrides=tuned["overrides"],
         final=final, summary=summary, downstream=downstream))
 
-    print(f"\n== verdict (load average up to {load:.1f} on {os.cpu_count()} cores; "
+    print(f"\n== verdict (load average {', '.join(f'{x:.1f}' for x in loads)} at the phases' ends, on "
+          f"{os.cpu_count()} cores; "
           f"{(time.time() - started) / 60:.1f} min in all) ==")
     if not best:
         print("no combination beat the plain recipe on the tuning text: goal NOT met")

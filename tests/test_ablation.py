@@ -256,10 +256,15 @@ def test_summarize_pairs_seeds_and_ranks_against_each_baseline():
     assert set(summary["baseline"]["vs"]) == {"tuned"}
     assert set(summary["tuned"]["vs"]) == {"baseline"}
     table = ablation.head_to_head_table(list(summary.values())).splitlines()
-    assert table[0] == ("| run | seeds | final val loss, mean ± sd | ratio to tuned [95% interval] "
-                        "| ratio to baseline [95% interval] |")
+    assert table[0] == ("| run | seeds | final val loss, mean ± sd | ratio to baseline [95% interval] "
+                        "| ratio to tuned [95% interval] |")
     v = best["vs"]["tuned"]
-    assert table[-1].startswith(f"| best | 3 | 4.6667 ± 0.2082 | {v['ratio']:.3f} [{v['low']:.3f}, ")
+    u = best["vs"]["baseline"]
+    assert table[-1] == (f"| best | 3 | 4.6667 ± 0.2082 | {u['ratio']:.3f} [{u['low']:.3f}, {u['high']:.3f}] "
+                         f"| {v['ratio']:.3f} [{v['low']:.3f}, {v['high']:.3f}] |")
+    assert table[2].endswith("| 1 | " + "{:.3f}".format(summary["baseline"]["vs"]["tuned"]["ratio"])
+                             + f" [{summary['baseline']['vs']['tuned']['low']:.3f}, "
+                             + f"{summary['baseline']['vs']['tuned']['high']:.3f}] |")
     assert ablation.median_seed_run(rows, "best")["seed"] == 1  # 4.6 of 4.5, 4.6, 4.9
     assert ablation.median_seed_run(rows[:6], "tuned")["seed"] == 0  # even count: the lower middle
     with pytest.raises(ValueError, match="no run named 'nope'"):
