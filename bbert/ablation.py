@@ -11,10 +11,23 @@ validation-loss curves; :func:`search_combinations` hands the on/off grid of all
     print(ablation_table(rows))
     found = search_combinations(base, "runs/ablation-search", budget_s=60, n_trials=8)
 
+A fair comparison needs three more things, all here. ASHA's first rung goes where the loss leaves
+its plateau (:func:`plateau`, :func:`first_rung`, :func:`pilot_rung`), so no trial is ranked while
+all of them still predict from token frequencies. The plain recipe gets the same search over its
+own learning rate and batch size (:func:`tune_baseline`): the tuned baseline. And the final
+comparison is repeated over seeds (:func:`head_to_head`), with a paired interval of the loss
+ratio (:func:`paired_ratio_interval`, :func:`summarize`); the median-seed checkpoints go on to a
+downstream task (:func:`finetune_arms`), because MLM loss is not what the anchors measured::
+
+    rung, why = pilot_rung(rows, budget_s=60)
+    tuned = tune_baseline(base, "runs/tune", 60, n_trials=8, min_resource_s=rung)
+    final = head_to_head(eval_base, "runs/final", 60, {"baseline": {}, "tuned": tuned["overrides"],
+                                                       "best": overrides(["wsd", "batch_ramp"])}, seeds=[0, 1, 2])
+    print(head_to_head_table(summarize(final, baselines=("baseline", "tuned"))))
+
 Every run reads the same validation batches, scored at 15% masking whatever the training rate
 (the objective owns that), so losses compare on one yardstick. The runs share one machine in
-turn: a busy neighbor slows whichever run is going, so repeat a comparison before trusting a
-gap of a few percent.
+turn: a busy neighbor slows whichever run is going, which is why the head-to-head takes seeds.
 
 Chapter: ``notebooks/07_beyond.ipynb``.
 """
