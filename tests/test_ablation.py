@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -310,3 +311,15 @@ def test_tune_baseline_and_head_to_head_on_a_tiny_run(data_dir, tmp_path):
     summary = {s["name"]: s for s in ablation.summarize(final, baselines=("baseline", "tuned baseline"))}
     assert summary["best combination"]["vs"]["tuned baseline"]["ratios"] == pytest.approx(
         [seed0["best combination"] / seed0["tuned baseline"], seed1["best combination"] / seed1["tuned baseline"]])
+    from bbert import glue
+
+    task = glue.make_corpus_source_task(tmp_path / "task", train_per_source=20, eval_per_source=10)
+    tune = glue.FinetuneConfig(lr=2e-3, batch_size=16, num_epochs=1, progress=False, save_best_model=False)
+    downstream = ablation.finetune_arms(final, ["best combination"], task, tmp_path / "finetune", tune)
+    median = ablation.median_seed_run(final, "best combination")
+    assert list(downstream) == ["best combination"]
+    got = downstream["best combination"]
+    assert got["seed"] == median["seed"] and got["run_dir"] == median["run_dir"] and got["metric"] == "accuracy"
+    result = json.loads((tmp_path / "finetune" / "best_combination" / "result.json").read_text())
+    assert result["score"] == got["score"] and 0 <= got["score"] <= 1
+    assert result["model_path"] == str(Path(median["run_dir"]).resolve())
