@@ -35,7 +35,7 @@ best combination and the tuned baseline are finetuned on the offline corpus-sour
 (``bbert.glue.make_corpus_source_task``) as a downstream check. Goal: the best combination ends
 >= 5% below the TUNED plain recipe on the unseen text, with the 95% interval of the ratio below 1.
 
-    .venv/bin/python benchmarks/recipe_ablation.py --budget-s 60 --seeds 0,1,2   # about 40 minutes
+    .venv/bin/python benchmarks/recipe_ablation.py --budget-s 60 --seeds 0,1,2   # <= 37 runs of 60 s, 2 finetunings
     .venv/bin/python benchmarks/recipe_ablation.py --quick                       # 20 s runs, 3 trials
     .venv/bin/python benchmarks/recipe_ablation.py --eval-corpus my_text.txt
 
