@@ -197,7 +197,7 @@ def main(argv=None) -> int:
         search=found["rows"], best_options=best, tune_baseline=tuned["rows"], tuned_overrides=tuned["overrides"],
         final=final, summary=summary, downstream=downstream))
 
-    print(f"\n== verdict (load average {', '.join(f'{x:.1f}' for x in loads)} at the phases' ends, on "
+    print(f"\n== verdict (load average {', '.join(f'{x:.1f}' for x in loads)} at the start and each phase's end, on "
           f"{os.cpu_count()} cores; "
           f"{(time.time() - started) / 60:.1f} min in all) ==")
     if not best:
