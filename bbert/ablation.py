@@ -11,10 +11,23 @@ validation-loss curves; :func:`search_combinations` hands the on/off grid of all
     print(ablation_table(rows))
     found = search_combinations(base, "runs/ablation-search", budget_s=60, n_trials=8)
 
+A fair comparison needs three more things, all here. ASHA's first rung goes where the loss leaves
+its plateau (:func:`plateau`, :func:`first_rung`, :func:`pilot_rung`), so no trial is ranked while
+all of them still predict from token frequencies. The plain recipe gets the same search over its
+own learning rate and batch size (:func:`tune_baseline`): the tuned baseline. And the final
+comparison is repeated over seeds (:func:`head_to_head`), with a paired interval of the loss
+ratio (:func:`paired_ratio_interval`, :func:`summarize`); the median-seed checkpoints go on to a
+downstream task (:func:`finetune_arms`), because MLM loss is not what the anchors measured::
+
+    rung, why = pilot_rung(rows, budget_s=60)
+    tuned = tune_baseline(base, "runs/tune", 60, n_trials=8, min_resource_s=rung)
+    final = head_to_head(eval_base, "runs/final", 60, {"baseline": {}, "tuned": tuned["overrides"],
+                                                       "best": overrides(["wsd", "batch_ramp"])}, seeds=[0, 1, 2])
+    print(head_to_head_table(summarize(final, baselines=("baseline", "tuned"))))
+
 Every run reads the same validation batches, scored at 15% masking whatever the training rate
 (the objective owns that), so losses compare on one yardstick. The runs share one machine in
-turn: a busy neighbor slows whichever run is going, so repeat a comparison before trusting a
-gap of a few percent.
+turn: a busy neighbor slows whichever run is going, which is why the head-to-head takes seeds.
 
 Chapter: ``notebooks/07_beyond.ipynb``.
 """
@@ -216,24 +229,65 @@ def options_on(row: dict, options=None) -> list[str]:
 
 
 def search_combinations(base: TrainConfig, out_dir, budget_s: float, n_trials: int, options=None,
-                        pruner: str = "asha", storage: str | None = None, verbose: bool = True) -> dict:
+                        pruner: str = "asha", storage: str | None = None, verbose: bool = True,
+                        min_resource_s: float | None = None) -> dict:
     """Search the options' combinations with ``bbert.search`` and its ``pruner`` (ASHA: successive
     halving that stops the weak trials at rungs of their budget, Li et al. 2020).
 
     Every trial gets ``budget_s`` seconds; ``n_trials`` combinations (of the grid's
-    2^options) are tried. The rungs are ASHA's usual ones for a reduction factor of 3: a ninth and
-    a third of the budget. Returns ``{"rows": the search rows of the trials that ran, "best": the
-    best row (or None), "best_options": the option names it switched on}``.
+    2^options) are tried. The first rung is ``min_resource_s`` (see :func:`first_rung`; default
+    a ninth of the budget), the next ones 3 times later each. Returns ``{"rows": the search rows
+    of the trials that ran, "best": the best row (or None), "best_options": the option names it
+    switched on}``.
     """
-    base = trial_config(base, {"time_budget_hours": hours(budget_s)}, base.run_dir)
-    with _quiet(verbose, optuna_logs=True):
-        rows = search(base, search_grid(options), out_dir, pruner=pruner, storage=storage, n_trials=n_trials,
-                      min_resource_s=max(1, round(budget_s / 9)), reduction_factor=3, verbose=verbose)
-    rows = [r for r in rows if r["end_reason"] is not None]  # the grid's other points never started
+    rows = _search(base, search_grid(options), out_dir, budget_s, n_trials, pruner, storage, verbose,
+                   min_resource_s)
     for row in rows:
         row["options_on"] = options_on(row, options)
     best = best_trial(rows)
     return {"rows": rows, "best": best, "best_options": best["options_on"] if best else None}
+
+
+def _search(base, grid, out_dir, budget_s, n_trials, pruner, storage, verbose, min_resource_s) -> list[dict]:
+    base = trial_config(base, {"time_budget_hours": hours(budget_s)}, base.run_dir)
+    rung = max(1, round(budget_s / 9 if min_resource_s is None else min_resource_s))
+    with _quiet(verbose, optuna_logs=True):
+        rows = search(base, grid, out_dir, pruner=pruner, storage=storage, n_trials=n_trials,
+                      min_resource_s=rung, reduction_factor=3, verbose=verbose)
+    return [r for r in rows if r["end_reason"] is not None]  # the grid's other points never started
+
+
+def baseline_grid(base: TrainConfig, lr_factors=(0.5, 1, 2, 4), batch_factors=(0.5, 1, 2)) -> dict:
+    """The plain recipe's own search space: its learning rate and batch size, each times a few
+    factors (12 points by default). A batch value sets the micro-batch with it, so it divides."""
+    batches = [max(1, round(base.batch_size * f)) for f in batch_factors]
+    return {"lr": [base.lr * f for f in lr_factors],
+            "batch_size": [{"batch_size": b, "micro_batch_size": min(b, base.micro_batch_size)} for b in batches]}
+
+
+def tune_baseline(base: TrainConfig, out_dir, budget_s: float, n_trials: int, grid: dict | None = None,
+                  pruner: str = "asha", verbose: bool = True, min_resource_s: float | None = None,
+                  plain_loss: float | None = None) -> dict:
+    """The control for :func:`search_combinations`: the plain recipe (no option on) searched over
+    its own learning rate and batch size (:func:`baseline_grid`) with the same trials, pruner and
+    rungs. Returns ``{"rows", "best", "overrides"}``; ``overrides`` turn ``base`` into the tuned
+    baseline: ``{}`` when no trial ran to its end or none beat ``plain_loss`` (the untuned run's
+    final loss on the same text, as :func:`best_combination` counts it for the options)."""
+    grid = baseline_grid(base) if grid is None else grid
+    rows = _search(base, grid, out_dir, budget_s, n_trials, pruner, None, verbose, min_resource_s)
+    for row in rows:
+        row["options_on"] = [f"{key}={_value(row[key])}" for key in grid]
+    best = best_trial(rows)
+    if best is None or (plain_loss is not None and plain_loss <= best["val_loss"]):
+        return {"rows": rows, "best": best, "overrides": {}}
+    tuned = {}
+    for key in grid:
+        tuned.update(best[key] if isinstance(best[key], dict) else {key: best[key]})
+    return {"rows": rows, "best": best, "overrides": tuned}
+
+
+def _value(value) -> str:
+    return f"{value['batch_size']}" if isinstance(value, dict) and "batch_size" in value else f"{value:g}"
 
 
 def best_combination(rows: list[dict], found: dict | None = None) -> list[str] | None:
@@ -244,6 +298,153 @@ def best_combination(rows: list[dict], found: dict | None = None) -> list[str] |
     if found and found["best"] is not None:
         done.append((found["best"]["val_loss"], found["best_options"]))
     return list(min(done, key=lambda pair: pair[0], default=(math.nan, []))[1]) or None
+
+
+# ---- the head-to-head: seeds, a paired interval, a downstream task ---------------------------
+
+
+def plateau(curve, flat: float = 0.02) -> tuple[float, float]:
+    """``(seconds, loss)`` where a run's validation loss reaches its plateau: the first validation
+    that is less than ``flat`` (a fraction) below the one before it. Early on the loss falls fast
+    from ln(vocabulary) to about the entropy of the token frequencies, then stays there until the
+    model learns to use the context. A curve that never flattens gives its first validation."""
+    if not curve:
+        raise ValueError("the run has no validation: set validation_every_minutes")
+    return next(((t, loss) for (_, before), (t, loss) in zip(curve, curve[1:]) if loss > (1 - flat) * before),
+                curve[0])
+
+
+def first_rung(curve, drop: float = 0.05, flat: float = 0.02) -> float | None:
+    """When a run leaves its loss :func:`plateau`: the time of the first later validation whose
+    loss is ``drop`` (a fraction) below the plateau's. None when the run never leaves it.
+
+    ASHA ranks trials at this rung and later ones; a rung on the plateau ranks noise.
+    """
+    if not 0 < drop < 1 or not 0 < flat < 1:
+        raise ValueError(f"drop and flat must be fractions in (0, 1), got {drop} and {flat}")
+    start, level = plateau(curve, flat)
+    return next((t for t, loss in curve if t > start and loss <= (1 - drop) * level), None)
+
+
+def pilot_rung(rows: list[dict], budget_s: float, drop: float = 0.05) -> tuple[float, str]:
+    """ASHA's first rung from :func:`run_ablation`'s runs (the pilots), with the reason: where the
+    plain recipe leaves its plateau (:func:`first_rung`); if it never does, where the first of the
+    other runs does; if none does, a third of the budget."""
+    base = next(r for r in rows if r["name"] == BASELINE)
+    rung = first_rung(base["curve"], drop)
+    if rung is not None:
+        return rung, f"the plain recipe's first validation {drop:.0%} below its plateau"
+    left = [(t, r["name"]) for r in rows if r["curve"] and (t := first_rung(r["curve"], drop)) is not None]
+    if left:
+        t, name = min(left)
+        return t, (f"the plain recipe never left its plateau by {drop:.0%}; {name}, the first run that "
+                   f"did, left it there")
+    return budget_s / 3, f"no run left its plateau by {drop:.0%}: a third of the budget"
+
+
+def paired_ratio_interval(baseline, other, confidence: float = 0.95) -> dict:
+    """The per-seed ratios ``other / baseline`` of final losses (paired: the same seed, the same
+    data) and a ``confidence`` interval of their geometric mean: Student's t-interval on the log
+    ratios (``scipy.stats``), mapped back with exp. ``low``/``high`` are NaN below two seeds."""
+    from scipy import stats  # deferred: only the summaries need it
+
+    if len(baseline) != len(other) or not baseline:
+        raise ValueError(f"need one baseline loss per seed: got {len(baseline)} and {len(other)}")
+    logs = [math.log(o / b) for b, o in zip(baseline, other)]
+    mean = statistics.fmean(logs)
+    low = high = math.nan
+    if len(logs) > 1:
+        sem = statistics.stdev(logs) / math.sqrt(len(logs))
+        low, high = (stats.t.interval(confidence, len(logs) - 1, loc=mean, scale=sem) if sem > 0 else (mean, mean))
+    return {"ratios": [math.exp(x) for x in logs], "ratio": math.exp(mean), "low": math.exp(low),
+            "high": math.exp(high), "n": len(logs), "confidence": confidence}
+
+
+def head_to_head(base: TrainConfig, out_dir, budget_s: float, arms: dict[str, dict], seeds,
+                 verbose: bool = True) -> list[dict]:
+    """Train every arm (a name and its overrides of ``base``) at every seed, ``budget_s`` seconds
+    each, into ``out_dir/<name>-seed<seed>``. The arms take turns within each seed, so a
+    neighbor's load drifts over all of them alike. A run that finished with the same config is
+    read, not run again. Returns one :func:`run_result` row per run, with its ``seed``."""
+    out_dir = Path(out_dir)
+    plan = [(name, seed, trial_config(base, {**extra, "seed": seed, "time_budget_hours": hours(budget_s)},
+                                      out_dir / f"{name.replace(' ', '_')}-seed{seed}"))
+            for seed in seeds for name, extra in arms.items()]
+    for *_, config in plan:
+        config.validate()
+    rows = []
+    for i, (name, seed, config) in enumerate(plan):
+        if not _done_with(config):
+            if verbose:
+                print(f"[ablation] head-to-head {i + 1}/{len(plan)}: {name}, seed {seed}", flush=True)
+            with _quiet(verbose):
+                pretrain(config)
+        rows.append({**run_result(name, config.run_dir, budget_s), "seed": seed})
+    return rows
+
+
+def summarize(rows: list[dict], baselines=(BASELINE,), confidence: float = 0.95) -> list[dict]:
+    """One line per arm of :func:`head_to_head`'s rows: the mean and standard deviation of its
+    final losses over seeds, and against each arm of ``baselines`` the paired ratio interval
+    (:func:`paired_ratio_interval`, under ``"vs"``)."""
+    by: dict[str, dict[int, float]] = {}
+    for r in rows:
+        by.setdefault(r["name"], {})[r["seed"]] = r["final_val_loss"]
+    out = []
+    for name, losses in by.items():
+        values = list(losses.values())
+        line = {"name": name, "seeds": list(losses), "losses": values, "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else math.nan, "vs": {}}
+        for other in baselines:
+            if other != name and other in by:
+                seeds = [s for s in losses if s in by[other]]
+                line["vs"][other] = paired_ratio_interval([by[other][s] for s in seeds],
+                                                          [losses[s] for s in seeds], confidence)
+        out.append(line)
+    return out
+
+
+def head_to_head_table(summary: list[dict]) -> str:
+    """:func:`summarize` as a Markdown table: mean ± sd of the final loss over seeds, and for each
+    baseline the geometric mean of the paired ratios with its interval."""
+    others = [line["name"] for line in summary if any(line["name"] in x["vs"] for x in summary)]
+    conf = next((v["confidence"] for line in summary for v in line["vs"].values()), 0.95)
+    lines = ["| run | seeds | final val loss, mean ± sd | "
+             + " | ".join(f"ratio to {o} [{conf:.0%} interval]" for o in others) + " |",
+             "| --- | ---: | ---: |" + " ---: |" * len(others)]
+    for line in summary:
+        cells = [f"{v['ratio']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" if (v := line["vs"].get(o)) else "1"
+                 for o in others]
+        lines.append(f"| {line['name']} | {len(line['seeds'])} | {line['mean']:.4f} ± {line['std']:.4f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def median_seed_run(rows: list[dict], name: str) -> dict:
+    """The run of arm ``name`` whose final loss is the median over its seeds (the lower middle one
+    for an even count): the one checkpoint of the arm that goes on to finetuning."""
+    runs = sorted((r for r in rows if r["name"] == name), key=lambda r: r["final_val_loss"])
+    if not runs:
+        raise ValueError(f"no run named {name!r} among {sorted({r['name'] for r in rows})}")
+    return runs[(len(runs) - 1) // 2]
+
+
+def finetune_arms(rows: list[dict], names, task, out_dir, config=None) -> dict[str, dict]:
+    """Finetune each arm's median-seed checkpoint (:func:`median_seed_run`) on ``task`` (e.g.
+    ``bbert.glue.make_corpus_source_task``): the step from MLM loss to what the anchors measure
+    (GLUE, SQuAD). Returns ``{name: {"seed", "run_dir", "score", "metric"}}`` (dev score of the
+    best epoch)."""
+    from bbert import glue  # deferred: finetuning pulls in the GLUE stack
+
+    config = config or glue.FinetuneConfig(lr=1e-3, batch_size=16, num_epochs=3, progress=False,
+                                           save_best_model=False)
+    out = {}
+    for name in names:
+        run = median_seed_run(rows, name)
+        result = glue.finetune(run["run_dir"], task, config, Path(out_dir) / name.replace(" ", "_"))
+        out[name] = {"seed": run["seed"], "run_dir": run["run_dir"], "score": result["score"],
+                     "metric": result["main_metric"]}
+    return out
 
 
 # ---- text and tables ----------------------------------------------------------------------

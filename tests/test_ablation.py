@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +195,131 @@ def test_search_combinations_runs_an_asha_study_over_the_on_off_grid(data_dir, t
     best = found["best"]
     assert best["val_loss"] == min(r["val_loss"] for r in rows if r["end_reason"] == "budget")
     assert found["best_options"] == best["options_on"]
+
+
+# ---- the fair head-to-head: interval, plateau rung, tuned baseline, seeds -------------------------
+
+def test_paired_ratio_interval_matches_scipys_one_sample_t_interval_on_log_ratios():
+    from scipy import stats
+
+    baseline, other = [5.0, 5.2, 4.9, 5.1], [4.6, 4.9, 4.7, 4.5]
+    got = ablation.paired_ratio_interval(baseline, other)
+    logs = [math.log(o / b) for b, o in zip(baseline, other)]
+    want = stats.ttest_1samp(logs, 0.0).confidence_interval(0.95)
+    assert got["ratios"] == pytest.approx([o / b for b, o in zip(baseline, other)])
+    assert got["ratio"] == pytest.approx(math.exp(sum(logs) / 4))
+    assert (got["low"], got["high"]) == pytest.approx((math.exp(want.low), math.exp(want.high)))
+    assert got["low"] < got["ratio"] < got["high"] < 1 and got["n"] == 4
+    wider = ablation.paired_ratio_interval(baseline, other, confidence=0.99)
+    assert wider["low"] < got["low"] and wider["high"] > got["high"]
+    one = ablation.paired_ratio_interval([5.0], [4.0])
+    assert one["ratio"] == pytest.approx(0.8) and math.isnan(one["low"]) and math.isnan(one["high"])
+    with pytest.raises(ValueError, match="one baseline loss per seed"):
+        ablation.paired_ratio_interval([5.0, 5.1], [4.0])
+
+
+def test_first_rung_is_the_first_validation_below_the_plateau():
+    # falls fast from ln(vocab), flattens at 7.0 (18 s), then leaves the plateau
+    curve = [(6.0, 8.5), (12.0, 7.1), (18.0, 7.0), (24.0, 6.9), (30.0, 6.6), (36.0, 6.0), (42.0, 5.5)]
+    assert ablation.plateau(curve) == (18.0, 7.0)           # 7.0 > 0.98 * 7.1: the first flat step
+    assert ablation.plateau(curve, flat=0.2) == (12.0, 7.1)  # 7.1 > 0.8 * 8.5
+    assert ablation.first_rung(curve) == 30.0               # 6.6 <= 0.95 * 7.0 = 6.65
+    assert ablation.first_rung(curve, drop=0.1) == 36.0     # 6.0 <= 6.3
+    assert ablation.first_rung(curve, drop=0.01) == 24.0    # 6.9 <= 6.93
+    never = [(6.0, 8.5), (12.0, 7.0), (18.0, 6.95), (24.0, 6.8)]
+    assert ablation.first_rung(never) is None                # 6.8 > 0.95 * 6.95
+    steep = [(6.0, 8.0), (12.0, 7.0), (18.0, 6.0)]            # never flat: the first validation
+    assert ablation.plateau(steep) == (6.0, 8.0) and ablation.first_rung(steep) == 12.0
+    rows = [{"name": "baseline", "curve": never}, {"name": "wsd", "curve": never},
+            {"name": "rope", "curve": curve}, {"name": "mask30", "curve": steep}]
+    assert ablation.pilot_rung(rows, 60.0)[0] == 12.0  # the plain recipe stays: mask30 leaves first
+    assert "mask30" in ablation.pilot_rung(rows, 60.0)[1]
+    assert ablation.pilot_rung([{"name": "baseline", "curve": curve}] + rows[1:], 60.0)[0] == 30.0
+    assert ablation.pilot_rung(rows[:2], 60.0) == (20.0, "no run left its plateau by 5%: a third of the budget")
+    with pytest.raises(ValueError, match="no validation"):
+        ablation.first_rung([])
+    with pytest.raises(ValueError, match="fractions"):
+        ablation.first_rung(curve, drop=5)
+
+
+def test_summarize_pairs_seeds_and_ranks_against_each_baseline():
+    def row(name, seed, loss):
+        return {"name": name, "seed": seed, "final_val_loss": loss}
+
+    rows = [row("baseline", 0, 5.0), row("tuned", 0, 4.8), row("best", 0, 4.5),
+            row("baseline", 1, 5.4), row("tuned", 1, 5.0), row("best", 1, 4.6),
+            row("baseline", 2, 5.2), row("tuned", 2, 5.1), row("best", 2, 4.9)]
+    summary = {s["name"]: s for s in ablation.summarize(rows, baselines=("baseline", "tuned"))}
+    best = summary["best"]
+    assert best["mean"] == pytest.approx(14.0 / 3) and best["std"] == pytest.approx(0.2082, abs=1e-4)
+    assert best["vs"]["tuned"]["ratios"] == pytest.approx([4.5 / 4.8, 4.6 / 5.0, 4.9 / 5.1])
+    assert best["vs"]["baseline"]["ratio"] < best["vs"]["tuned"]["ratio"] < 1
+    assert set(summary["baseline"]["vs"]) == {"tuned"}
+    assert set(summary["tuned"]["vs"]) == {"baseline"}
+    table = ablation.head_to_head_table(list(summary.values())).splitlines()
+    assert table[0] == ("| run | seeds | final val loss, mean ± sd | ratio to baseline [95% interval] "
+                        "| ratio to tuned [95% interval] |")
+    v = best["vs"]["tuned"]
+    u = best["vs"]["baseline"]
+    assert table[-1] == (f"| best | 3 | 4.6667 ± 0.2082 | {u['ratio']:.3f} [{u['low']:.3f}, {u['high']:.3f}] "
+                         f"| {v['ratio']:.3f} [{v['low']:.3f}, {v['high']:.3f}] |")
+    assert table[2].endswith("| 1 | " + "{:.3f}".format(summary["baseline"]["vs"]["tuned"]["ratio"])
+                             + f" [{summary['baseline']['vs']['tuned']['low']:.3f}, "
+                             + f"{summary['baseline']['vs']['tuned']['high']:.3f}] |")
+    assert ablation.median_seed_run(rows, "best")["seed"] == 1  # 4.6 of 4.5, 4.6, 4.9
+    assert ablation.median_seed_run(rows[:6], "tuned")["seed"] == 0  # even count: the lower middle
+    with pytest.raises(ValueError, match="no run named 'nope'"):
+        ablation.median_seed_run(rows, "nope")
+
+
+def test_baseline_grid_scales_lr_and_batch_and_keeps_micro_batches_dividing(data_dir, tmp_path):
+    base = tiny_config(data_dir, tmp_path / "unused", batch_size=8, micro_batch_size=4, lr=1e-3)
+    grid = ablation.baseline_grid(base)
+    assert grid["lr"] == pytest.approx([5e-4, 1e-3, 2e-3, 4e-3])
+    assert grid["batch_size"] == [{"batch_size": 4, "micro_batch_size": 4}, {"batch_size": 8, "micro_batch_size": 4},
+                                  {"batch_size": 16, "micro_batch_size": 4}]
+
+
+@pytest.mark.slow
+def test_tune_baseline_and_head_to_head_on_a_tiny_run(data_dir, tmp_path):
+    base = tiny_config(data_dir, tmp_path / "unused", checkpoint_fractions=[], checkpoint_every_minutes=None,
+                       debug={"step_time_seconds": 6.0}, validation_every_minutes=0.5)
+    grid = {"lr": [1e-3, 4e-3], "batch_size": [{"batch_size": 8, "micro_batch_size": 4}]}
+    tuned = ablation.tune_baseline(base, tmp_path / "tune", 60.0, n_trials=2, grid=grid, verbose=False,
+                                   min_resource_s=30)
+    rows = tuned["rows"]
+    assert len(rows) == 2 and {r["options_on"][0] for r in rows} == {"lr=0.001", "lr=0.004"}
+    best = tuned["best"]
+    assert best["val_loss"] == min(r["val_loss"] for r in rows if r["end_reason"] == "budget")
+    assert tuned["overrides"] == {"lr": best["lr"], "batch_size": 8, "micro_batch_size": 4}
+    never = ablation.tune_baseline(base, tmp_path / "tune", 60.0, n_trials=2, grid=grid, verbose=False,
+                                   min_resource_s=30, plain_loss=0.0)  # the untuned run was better
+    assert never["overrides"] == {} and never["best"]["run_dir"] == best["run_dir"]
+
+    arms = {"baseline": {}, "tuned baseline": tuned["overrides"], "best combination": ablation.overrides(["wsd"])}
+    final = ablation.head_to_head(base, tmp_path / "final", 60.0, arms, seeds=[0, 1], verbose=False)
+    assert [(r["name"], r["seed"]) for r in final] == [(n, s) for s in (0, 1) for n in arms]
+    for r in final:
+        saved = ablation.TrainConfig.from_yaml(f"{r['run_dir']}/config.yaml")
+        assert saved.seed == r["seed"] and r["end_reason"] == "budget" and r["steps"] == 10
+    tuned_cfg = ablation.TrainConfig.from_yaml(f"{final[1]['run_dir']}/config.yaml")
+    assert tuned_cfg.lr == best["lr"] and tuned_cfg.lr_schedule == "linear"
+    assert ablation.TrainConfig.from_yaml(f"{final[2]['run_dir']}/config.yaml").lr_schedule == "wsd"
+    seed0 = {r["name"]: r["final_val_loss"] for r in final if r["seed"] == 0}
+    seed1 = {r["name"]: r["final_val_loss"] for r in final if r["seed"] == 1}
+    assert seed0["baseline"] != seed1["baseline"]  # the seed reached the run
+    summary = {s["name"]: s for s in ablation.summarize(final, baselines=("baseline", "tuned baseline"))}
+    assert summary["best combination"]["vs"]["tuned baseline"]["ratios"] == pytest.approx(
+        [seed0["best combination"] / seed0["tuned baseline"], seed1["best combination"] / seed1["tuned baseline"]])
+    from bbert import glue
+
+    task = glue.make_corpus_source_task(tmp_path / "task", train_per_source=20, eval_per_source=10)
+    tune = glue.FinetuneConfig(lr=2e-3, batch_size=16, num_epochs=1, progress=False, save_best_model=False)
+    downstream = ablation.finetune_arms(final, ["best combination"], task, tmp_path / "finetune", tune)
+    median = ablation.median_seed_run(final, "best combination")
+    assert list(downstream) == ["best combination"]
+    got = downstream["best combination"]
+    assert got["seed"] == median["seed"] and got["run_dir"] == median["run_dir"] and got["metric"] == "accuracy"
+    result = json.loads((tmp_path / "finetune" / "best_combination" / "result.json").read_text())
+    assert result["score"] == got["score"] and 0 <= got["score"] <= 1
+    assert result["model_path"] == str(Path(median["run_dir"]).resolve())
