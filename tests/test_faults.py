@@ -1,0 +1,162 @@
+"""Nothing silent (issue 25): every failure a user can cause or meet is one line and exit 2,
+leaves the earlier files as they were, and nothing is reused whose identity changed.
+
+One test per case of the issue (the search cases live in tests/test_search.py). The full-disk
+cases mount a small tmpfs where the test may (root), else a writer raising ENOSPC.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+from helpers_train import PYTHON, make_data_dir, run_cli, tiny_config
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def tree(*folders: Path) -> dict:
+    """Every file (dotfiles too) and folder under ``folders``, with its bytes' SHA-256."""
+    out = {}
+    for folder in folders:
+        for p in sorted(Path(folder).rglob("*")):
+            key = str(p)
+            out[key] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+def bbert(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run_cli([PYTHON, "-m", "bbert.cli", *map(str, args)], timeout=timeout)
+
+
+def one_line_error(result: subprocess.CompletedProcess, command: str) -> str:
+    """The one stderr line of a command that failed with exit 2 (and no traceback)."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"bbert {command}: error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 6 MB tmpfs: a real full disk (needs root; skipped where mounting is not allowed)."""
+    def mount(size: str = "6M") -> Path:
+        folder = tmp_path / "disk"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+
+    mounted: list[Path] = []
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_data_dir(tmp_path_factory.mktemp("faults") / "data")
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """A finished 10-step run (checkpoint at step 10, final/): copy it before changing it."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    config = tiny_config(data_dir, run, time_budget_hours=1 / 60, checkpoint_fractions=[])
+    path = run.parent / "run.yaml"
+    config.to_yaml(path)
+    result = bbert("pretrain", "--config", path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def copy_run(trained: Path, to: Path) -> Path:
+    shutil.copytree(trained, to, symlinks=True)
+    return to
+
+
+# ---- 6: a full disk at checkpoint time -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_06_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(data_dir, tmpfs, tmp_path):
+    disk = tmpfs("6M")
+    config = tiny_config(data_dir, disk / "run", time_budget_hours=1 / 60, checkpoint_fractions=[])
+    config.to_yaml(tmp_path / "run.yaml")
+    assert bbert("pretrain", "--config", tmp_path / "run.yaml").returncode == 0  # 4.5 of 6 MB
+    kept = tree(disk / "run" / "checkpoints", disk / "run" / "final")
+    # 10 more steps: the checkpoint at step 20 does not fit
+    result = bbert("pretrain", "--config", tmp_path / "run.yaml", "--resume",
+                   "--set", f"time_budget_hours={2 / 60}")
+    line = one_line_error(result, "pretrain")
+    assert re.search(rf"could not write {disk / 'run' / 'checkpoints'}/step-\d+: No space left on device", line)
+    assert "step-0000010" in line  # the last good checkpoint, named
+    assert tree(disk / "run" / "checkpoints", disk / "run" / "final") == kept
+    assert not [p for p in disk.rglob(".tmp-*")]
+
+
+# ---- 8: a full disk at export ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_08_full_disk_at_export_is_one_line_and_keeps_the_earlier_export(trained, tmpfs):
+    disk = tmpfs("2M")  # one export (1.2 MB) fits, a second one beside it does not
+    assert bbert("export", trained, "--out", disk / "hf").returncode == 0
+    before = tree(disk)
+    line = one_line_error(bbert("export", trained, "--out", disk / "hf"), "export")
+    assert f"could not write {disk / 'hf'}: No space left on device" in line
+    assert tree(disk) == before
+
+
+# ---- 11: budget --measure with a micro-batch of 0 -------------------------------------------
+
+
+def test_11_budget_measure_with_no_micro_batch_is_refused():
+    line = one_line_error(bbert("budget", "--measure", "--model", "tiny", "--micro-batch-size", "0"),
+                          "budget")
+    assert "--micro-batch-size" in line
+
+
+# ---- 16: --print-config of an invalid config --------------------------------------------------
+
+
+def test_16_print_config_of_an_invalid_config_is_refused(data_dir, tmp_path):
+    config = tiny_config(data_dir, tmp_path / "run")
+    config.to_yaml(tmp_path / "run.yaml")
+    before = tree(tmp_path)
+    line = one_line_error(bbert("pretrain", "--config", tmp_path / "run.yaml", "--set", "lr=-1",
+                                "--print-config"), "pretrain")
+    assert "lr" in line
+    assert tree(tmp_path) == before
+
+
+# ---- 17: export into a folder that cannot be made ---------------------------------------------
+
+
+def test_17_export_names_the_users_path_not_a_temporary_one(trained):
+    line = one_line_error(bbert("export", trained, "--out", "/proc/x"), "export")
+    assert "could not write /proc/x:" in line and ".tmp-" not in line
+
+
+# ---- 20: a failed prepare leaves no lock file --------------------------------------------------
+
+
+def test_20_failed_prepare_leaves_no_lock_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n")
+    before = tree(tmp_path)
+    one_line_error(bbert("prepare", tmp_path / "empty.txt", "--out", tmp_path / "d", "--vocab-size", 500),
+                   "prepare")
+    assert tree(tmp_path) == before  # no .d.lock, no .d.lock.json, no d
