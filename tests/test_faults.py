@@ -19,6 +19,8 @@ import pytest
 import yaml
 
 
+from bbert.run_dir import model_dir
+
 from helpers_train import PYTHON, make_data_dir, run_cli, tiny_config
 
 
@@ -160,3 +162,44 @@ def test_20_failed_prepare_leaves_no_lock_file(tmp_path):
     one_line_error(bbert("prepare", tmp_path / "empty.txt", "--out", tmp_path / "d", "--vocab-size", 500),
                    "prepare")
     assert tree(tmp_path) == before  # no .d.lock, no .d.lock.json, no d
+
+
+# ---- 2: finetune's results are not reused once the model was trained further -----------------
+
+FINETUNE = ["--glue-dir", Path(__file__).parent / "fixtures" / "glue" / "glue_data", "--tasks", "rte",
+            "--grid", "tiny", "--lrs", "1e-3", "--seeds", "0", "--epochs", "1",
+            "--max-train-examples", "16", "--no-save-models"]
+
+
+@pytest.mark.slow
+def test_02_finetune_refuses_results_of_weights_trained_further(trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    out = tmp_path / "results"
+    assert bbert("finetune", run, "--out", out, *FINETUNE).returncode == 0
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load((run / "config.yaml").read_text()),
+                                      "run_dir": str(run), "time_budget_hours": 1.5 / 60}))
+    assert bbert("pretrain", "--config", config, "--resume").returncode == 0  # 5 steps more
+    before = tree(out)
+    line = one_line_error(bbert("finetune", run, "--out", out, *FINETUNE), "finetune")
+    assert "the model's weights (trained further or replaced since" in line and "--redo" in line
+    assert tree(out) == before
+    redone = bbert("finetune", run, "--out", out, *FINETUNE, "--redo")
+    assert redone.returncode == 0 and "already finished" not in redone.stdout
+
+
+# ---- 9: a truncated model.safetensors given to export or finetune ---------------------------
+
+
+@pytest.mark.slow
+def test_09_truncated_weights_are_one_line_for_export_and_finetune(trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    weights = model_dir(run / "final") / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    before = tree(tmp_path)
+    for command, args in (("export", ["--out", tmp_path / "hf"]),
+                          ("finetune", ["--out", tmp_path / "results", *FINETUNE])):
+        line = one_line_error(bbert(command, run, *args), command)
+        assert f"{weights} is truncated or damaged" in line
+        assert tree(tmp_path) == before
