@@ -77,7 +77,7 @@ class Trainer:
         self.model_config = config.model_config(self.manifest["vocab_size"])
         self.schedule = Schedule.from_config(config, dist.world_size)
         self.resume_from = rd.resume_point(self.run_dir, config.to_dict(), self.data, resume,
-                                           allow_data_change, config.data_dir)
+                                           allow_data_change, config.data_dir, self.model_config.to_dict())
 
         set_seed(config.seed + dist.rank)
         self.engine = build_engine(self.objective.build_model(self.model_config), config, dist, self.objective)

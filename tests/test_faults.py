@@ -203,3 +203,73 @@ def test_09_truncated_weights_are_one_line_for_export_and_finetune(trained, tmp_
         line = one_line_error(bbert(command, run, *args), command)
         assert f"{weights} is truncated or damaged" in line
         assert tree(tmp_path) == before
+
+
+# ---- 3 and 7: --resume with another architecture, or onto another vocabulary -----------------
+
+
+def resume_args(run: Path, *sets: str) -> list:
+    return ["pretrain", "--config", run / "config.yaml", "--resume", "--run-dir", run,
+            "--set", f"time_budget_hours={1.5 / 60}", *[a for s in sets for a in ("--set", s)]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, named", [
+    ("model.ffn_type=swiglu", "ffn_type 'geglu' -> 'swiglu'"),   # 3: the same shapes
+    ("model.rope_theta=500", "rope_theta 10000.0 -> 500.0"),       # 3: the same shapes
+    ("model.ffn_type=mlp", "ffn_type 'geglu' -> 'mlp'")])          # 7: other shapes
+def test_03_07_resume_with_another_architecture_is_refused(data_dir, tmp_path, change, named):
+    run = tmp_path / "run"
+    config = tiny_config(data_dir, run, time_budget_hours=1 / 60, checkpoint_fractions=[],
+                         model_overrides={"hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
+                                          "ffn_type": "geglu", "position_embedding_type": "rope"})
+    config.to_yaml(tmp_path / "run.yaml")
+    assert bbert("pretrain", "--config", tmp_path / "run.yaml").returncode == 0
+    before = tree(tmp_path)
+    line = one_line_error(bbert(*resume_args(run, change)), "pretrain")
+    assert f"run dir {run} holds a model of another architecture" in line and named in line
+    assert "choose a new --run-dir" in line
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_07_allow_data_change_onto_another_vocabulary_is_refused(trained, tmp_path):
+    from bbert.data import PrepareConfig, prepare, sample_corpus_path
+
+    other = tmp_path / "other-data"
+    prepare(PrepareConfig(inputs=[str(sample_corpus_path())], out=str(other), vocab_size=1024,
+                          max_seq_length=64, max_documents=300, val_fraction=0.05, seed=0))
+    run = copy_run(trained, tmp_path / "run")
+    before = tree(tmp_path)
+    line = one_line_error(bbert(*resume_args(run, f"data_dir={other}"), "--allow-data-change"), "pretrain")
+    assert "vocab_size 2048 -> " in line and "the data dir's tokenizer" in line
+    assert tree(tmp_path) == before
+
+
+# ---- 10: a truncated optimizer.pt in the latest checkpoint -------------------------------------
+
+
+@pytest.mark.slow
+def test_10_truncated_optimizer_state_falls_back_to_the_previous_checkpoint(data_dir, tmp_path):
+    run = tmp_path / "run"
+    config = tiny_config(data_dir, run, time_budget_hours=1 / 60, checkpoint_fractions=[0.5])
+    config.to_yaml(tmp_path / "run.yaml")
+    assert bbert("pretrain", "--config", tmp_path / "run.yaml").returncode == 0
+    latest = run / "checkpoints" / "step-0000010"
+    with open(latest / "optimizer.pt", "r+b") as f:
+        f.truncate(1000)
+    result = bbert(*resume_args(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = [line for line in result.stderr.splitlines() if "damaged" in line]
+    assert notes == [f"[bbert] skipping damaged checkpoint(s) step-0000010 (optimizer.pt is truncated or "
+                     f"damaged (File is not a zip file)): resuming from {run / 'checkpoints' / 'marker-0.5'}, "
+                     "the latest complete one"]
+    assert "resuming from" in result.stdout and "(step 5," in result.stdout
+    # every checkpoint damaged: one line, nothing changed
+    for ckpt in (run / "checkpoints").iterdir():
+        with open(ckpt / "optimizer.pt", "r+b") as f:
+            f.truncate(1000)
+    before = tree(tmp_path)
+    line = one_line_error(bbert(*resume_args(run, f"time_budget_hours={2 / 60}")), "pretrain")
+    assert f"no checkpoint of {run} can be loaded" in line
+    assert tree(tmp_path) == before
