@@ -273,3 +273,34 @@ def test_10_truncated_optimizer_state_falls_back_to_the_previous_checkpoint(data
     line = one_line_error(bbert(*resume_args(run, f"time_budget_hours={2 / 60}")), "pretrain")
     assert f"no checkpoint of {run} can be loaded" in line
     assert tree(tmp_path) == before
+
+
+# ---- 4: bit rot that keeps the size and the time ----------------------------------------------
+
+
+def flip_a_byte_keeping_the_time(path: Path) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.slow
+def test_04_a_shard_changed_under_the_same_size_and_time_stops_the_run(data_dir, trained, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)  # keeps the times, and so the sidecar's quick check passes
+    shard = data / "train-00000.bin"
+    flip_a_byte_keeping_the_time(shard)
+    run = copy_run(trained, tmp_path / "run")
+    before = tree(data, run / "checkpoints", run / "final")
+    line = one_line_error(bbert(*resume_args(run, f"data_dir={data}")), "pretrain")
+    assert f"shard {shard} does not match its SHA-256 in the manifest" in line
+    assert tree(data, run / "checkpoints", run / "final") == before  # no checkpoint of the bad data
+    # prepare's "already prepared with these arguments; shards verified" hashes every byte
+    from bbert.data import PrepareConfig, prepare, sample_corpus_path
+
+    prepare(PrepareConfig(inputs=[str(sample_corpus_path())], out=str(data), vocab_size=2048,
+                          max_seq_length=64, max_documents=300, val_fraction=0.05, seed=0))
+    out = capsys.readouterr()
+    assert "shards verified" not in out.out and "does not match its SHA-256" in out.out + out.err
