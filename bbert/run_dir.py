@@ -386,8 +386,9 @@ def resume_point(run_dir, config: dict, data: dict, resume: bool | str = "auto",
     saved_cfg = config_path(ckpt)
     if resume == "auto" and saved_cfg.is_file():
         ignore = {"run_dir", "data_dir"}
-        old = yaml.safe_load(saved_cfg.read_text())
-        changed = sorted(k for k in set(old) | set(config) if k not in ignore and old.get(k) != config.get(k))
+        old = {k: v for k, v in yaml.safe_load(saved_cfg.read_text()).items() if k not in ignore}
+        new = {k: v for k, v in config.items() if k not in ignore}
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
             raise ValueError(f"run dir {run_dir} holds a run with a different config "
                              f"(changed: {', '.join(changed)}). Pass --resume to continue it with the new "

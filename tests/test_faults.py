@@ -69,11 +69,6 @@ def tmpfs(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_data_dir(tmp_path_factory.mktemp("faults") / "data")
-
-
-@pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
     """A finished 10-step run (checkpoint at step 10, final/): copy it before changing it."""
     run = tmp_path_factory.mktemp("trained") / "run"
@@ -83,6 +78,12 @@ def trained(data_dir, tmp_path_factory):
     result = bbert("pretrain", "--config", path)
     assert result.returncode == 0, result.stderr[-3000:]
     return run
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The small data dir of ``helpers_train`` (2,048-token vocabulary, 64-token samples)."""
+    return make_data_dir(tmp_path_factory.mktemp("faults") / "data")
 
 
 def copy_run(trained: Path, to: Path) -> Path:
