@@ -149,6 +149,7 @@ def test_16_print_config_of_an_invalid_config_is_refused(data_dir, tmp_path):
 # ---- 17: export into a folder that cannot be made ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_17_export_names_the_users_path_not_a_temporary_one(trained):
     line = one_line_error(bbert("export", trained, "--out", "/proc/x"), "export")
     assert "could not write /proc/x:" in line and ".tmp-" not in line
