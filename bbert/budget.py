@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bbert.configs import command
+from bbert.configs import UsageError, command
 from bbert.model import BertConfig
 from bbert.speed import KNOWN_GPUS, get_gpu, measure_throughput, seq_per_s_at_mfu, training_flops_per_sequence
 
@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     throughput, source, gpu = args.throughput, None, args.gpu
     if args.measure:
+        for flag in ("micro_batch_size", "seq_len"):
+            if getattr(args, flag) < 1:
+                raise UsageError(f"--{flag.replace('_', '-')} must be at least 1 for --measure, "
+                                 f"got {getattr(args, flag)}")
         on_gpu = torch.cuda.is_available()
         precision = args.precision or ("fp16" if on_gpu else "auto")  # the paper's fp16 on a GPU
         result = measure_throughput(args.model, args.seq_len, args.micro_batch_size, precision=precision)

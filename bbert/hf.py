@@ -49,6 +49,7 @@ from bbert.model import CONFIG_NAME, BertConfig, BertForMaskedLM
 from bbert.atomic import atomic_path
 from bbert.data.layout import tokenizer_dir
 from bbert.hub import require_hub
+from bbert.identity import check_safetensors
 from bbert.run_dir import final_dir, latest_checkpoint, model_dir
 
 HF_BERT, HF_PRELN, HF_MODERNBERT = "bert", "roberta-prelayernorm", "modernbert"
@@ -127,6 +128,7 @@ def load_pretrained(path) -> tuple[BertForMaskedLM, object]:
     if not Path(path).exists() and not name.startswith(("/", ".", "~")) and name.count("/") <= 1:
         return _load_from_hub(name)  # no such folder: a hub id such as "bert-base-uncased"
     folder = find_model_folder(path)
+    check_safetensors(folder)  # a truncated file: one line naming it, not safetensors' own error
     model_type = json.loads((folder / CONFIG_NAME).read_text()).get("model_type")
     if model_type == "bbert":
         model = BertForMaskedLM.from_pretrained(folder)

@@ -9,7 +9,8 @@ renamed into place while the lock is held. The holder (PID, host, start time) is
         ...  # build and swap in the data dir
 
 The operating system releases the lock when its process dies, so a crashed writer never
-blocks the next one (its stale ``.lock.json`` is simply overwritten).
+blocks the next one (its stale ``.lock.json`` is simply overwritten). A writer that created the
+lock file removes it when it is done, so a command leaves beside the folder only what it found.
 Chapter: ``notebooks/02_data.ipynb``.
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ class DirLock:
 
     def __enter__(self) -> "DirLock":
         self.folder.parent.mkdir(parents=True, exist_ok=True)
+        self._created = not self.lock_path.exists()
         try:
             self._lock.acquire(timeout=0)
         except filelock.Timeout:
@@ -57,6 +59,8 @@ class DirLock:
 
     def __exit__(self, *exc) -> None:
         self.holder_path.unlink(missing_ok=True)
+        if self._created:  # removed while still held: the next writer makes a new one
+            self.lock_path.unlink(missing_ok=True)
         self._lock.release()
 
     def holder(self) -> dict | None:

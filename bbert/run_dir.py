@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import random
 import shutil
 import sys
@@ -27,6 +28,7 @@ import torch
 import yaml
 
 from bbert.atomic import atomic_write_json
+from bbert.identity import changes, safetensors_header, torch_file_problem
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -316,22 +318,64 @@ def _short(value) -> str:
     return value[:12] if isinstance(value, str) else str(value)
 
 
+# Model fields that steer training only: a resumed run may change them (the weights mean the same).
+TRAINING_ONLY = ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "unpad",
+                 "sparse_mlm_head")
+
+
+def checkpoint_problem(folder) -> str | None:
+    """Why a finished checkpoint cannot be loaded (a file cut short, say by a full disk or a
+    copy that died), or None. Cheap: a header or a zip directory per file, no weights read."""
+    weights = model_dir(folder) / "model.safetensors"
+    try:
+        safetensors_header(weights)
+    except FileNotFoundError:
+        return f"{MODEL_DIR}/{weights.name} is missing"
+    except ValueError:
+        return f"{MODEL_DIR}/{weights.name} is truncated or damaged"
+    for path in sorted(Path(folder).rglob("*.pt")):  # optimizer.pt, rng/, deepspeed/
+        if problem := torch_file_problem(path):
+            return problem
+    return None
+
+
+def _sound_checkpoint(run_dir: Path) -> Path | None:
+    """The latest checkpoint that can be loaded; says so in one line when it skips damaged ones."""
+    found = [path for _, path in list_checkpoints(run_dir)]
+    damaged = []
+    for ckpt in reversed(found):
+        if (problem := checkpoint_problem(ckpt)) is None:
+            break
+        damaged.append(f"{ckpt.name} ({problem})")
+    else:
+        ckpt = None
+    if damaged and ckpt is None:
+        raise ValueError(f"no checkpoint of {run_dir} can be loaded: {'; '.join(damaged)}; "
+                         "choose a new --run-dir (or copy the run's checkpoints again)")
+    if damaged and os.environ.get("RANK", "0") == "0":
+        print(f"[bbert] skipping damaged checkpoint(s) {'; '.join(damaged)}: resuming from {ckpt}, "
+              "the latest complete one", file=sys.stderr, flush=True)
+    return ckpt
+
+
 def resume_point(run_dir, config: dict, data: dict, resume: bool | str = "auto", allow_data_change: bool = False,
-                 data_dir: str = "the data dir") -> Path | None:
+                 data_dir: str = "the data dir", model: dict | None = None) -> Path | None:
     """The checkpoint a run continues from (None: a new run), or a ``ValueError`` saying why not.
 
     ``resume="auto"`` continues only a run of the same ``config`` (a dict; run_dir and data_dir may
     differ), ``True`` requires a checkpoint and accepts a changed config, ``False`` refuses a run
     dir that holds checkpoints. Either way the run must continue on the ``data`` it started on (the
-    data fingerprint saved in the checkpoint), unless ``allow_data_change``.
+    data fingerprint saved in the checkpoint), unless ``allow_data_change``, and with the same
+    ``model`` (the architecture, a ``BertConfig`` dict: every field but :data:`TRAINING_ONLY`).
+    A damaged latest checkpoint (a file cut short) is skipped for the one before it, saying so.
     """
     run_dir = Path(run_dir)
-    ckpt = latest_checkpoint(run_dir)
     if resume is False:
-        if ckpt is not None:
+        if latest_checkpoint(run_dir) is not None:
             raise ValueError(f"run dir {run_dir} already holds checkpoints; resume it (--resume) "
                              "or choose a new --run-dir (nothing is overwritten)")
         return None
+    ckpt = _sound_checkpoint(run_dir)
     if ckpt is None:
         if resume is True:
             raise ValueError(f"--resume given but {run_dir} has no finished checkpoint; "
@@ -355,4 +399,14 @@ def resume_point(run_dir, config: dict, data: dict, resume: bool | str = "auto",
         raise ValueError(f"run dir {run_dir} was trained on other data than {data_dir} "
                          f"({changed}); choose a new --run-dir, or pass --allow-data-change to continue "
                          "this run on the new data")
+    saved_model = model_dir(ckpt) / "config.json"
+    if model is not None and saved_model.is_file():
+        old = json.loads(saved_model.read_text())
+        shared = [k for k in model if k in old]  # an older bbert's config lacks the newer fields
+        changed = changes({k: old[k] for k in shared}, {k: model[k] for k in shared}, ignore=TRAINING_ONLY)
+        if changed:
+            why = " (vocab_size is the data dir's tokenizer's)" if any(c.startswith("vocab_size ") for c in changed) else ""
+            raise ValueError(f"run dir {run_dir} holds a model of another architecture than this config "
+                             f"builds ({'; '.join(changed)}){why}; a resumed run continues the same model: "
+                             "set those fields back, or choose a new --run-dir")
     return ckpt

@@ -80,7 +80,7 @@ class Trainer:
         self.model_config = config.model_config(self.manifest["vocab_size"])
         self.schedule = Schedule.from_config(config, dist.world_size)
         self.resume_from = rd.resume_point(self.run_dir, config.to_dict(), self.data, resume,
-                                           allow_data_change, config.data_dir)
+                                           allow_data_change, config.data_dir, self.model_config.to_dict())
 
         set_seed(config.seed + dist.rank)
         model = self.objective.build_model(self.model_config)
@@ -459,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     if args.print_config:
+        config.validate(int(os.environ.get("WORLD_SIZE", 1)), check_data=False)  # not printed as if fine
         print(yaml.safe_dump(config.to_dict(), sort_keys=False))
         if config.engine == "deepspeed":
             print(json.dumps(deepspeed_config(config, int(os.environ.get("WORLD_SIZE", 1))), indent=2))

@@ -220,8 +220,8 @@ def test_rerun_with_other_settings_is_refused_and_neutral_changes_are_not(tmp_pa
     with pytest.raises(ValueError) as e:
         glue.grid_search("model", data, other, tmp_path, num_gpus=0)
     assert str(e.value) == (f"{where} holds a finished run with other settings (max_seq_length "
-                            "128 -> 64; max_train_examples None -> 3): give a new --out, or delete "
-                            f"{tmp_path / 'runs' / 'rte'} to redo RTE with the new ones")
+                            "128 -> 64; max_train_examples None -> 3): pass --redo to finetune those "
+                            "runs again, or give a new --out")
     with pytest.raises(ValueError, match=r"other settings \(model .*model -> .*other-model\)"):
         glue.grid_search("other-model", data, grid, tmp_path, num_gpus=0)
     fewer = glue.TaskData(data.spec, {k: v[:-1] for k, v in data.splits.items()})

@@ -6,8 +6,9 @@ number of full micro-batches (the uneven tail of the epoch is dropped, the same 
 ``start_sample`` counts the global samples already consumed, so resuming needs no re-reading.
 
 Opening a dataset checks the shards' checksums (:func:`bbert.data.shards.check_data_dir`, fast
-after the first time), and the dataset refuses to go on if its data dir's manifest is replaced
-while it reads (a ``bbert prepare --overwrite`` into the same folder).
+after the first time), each shard is hashed again in the background when first read (a change
+that kept the file's size and time stops the run within seconds), and the dataset refuses to go
+on if its data dir's manifest is replaced while it reads (a ``bbert prepare --overwrite``).
 Chapter: ``notebooks/02_data.ipynb``.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 
 from bbert.data.layout import manifest_path, tokenizer_dir
 from bbert.data.masking import MaskingConfig, Masker
-from bbert.data.shards import DataDirError, check_data_dir, load_manifest, shard_array
+from bbert.data.shards import (DataDirError, check_data_dir, hash_check_in_background, load_manifest,
+                               shard_array)
 from bbert.data.tokenizer import load_tokenizer
 
 _SHUFFLE_STREAM = 1  # domain tag of the epoch permutation's random numbers
@@ -48,6 +50,8 @@ class PretrainingDataset(torch.utils.data.IterableDataset):
         self.data_dir = Path(data_dir)
         self._manifest_stamp = self._stamp()
         self.manifest = check_data_dir(data_dir) if verify else load_manifest(data_dir)
+        self.verify = verify
+        self._hash_checks: list = []  # shards being hashed in the background
         if split not in self.manifest["splits"]:
             raise DataDirError(f"{data_dir} has no split {split!r}; it has {list(self.manifest['splits'])}")
         self.split, self.rank, self.world_size, self.seed = split, rank, world_size, seed
@@ -90,6 +94,16 @@ class PretrainingDataset(torch.utils.data.IterableDataset):
                                "replaced, e.g. by bbert prepare --overwrite); the samples would mix two "
                                "data dirs. Restart the run on the new data (or restore the old folder)")
 
+    def __getstate__(self) -> dict:  # a spawned DataLoader worker starts its own checks
+        return {**self.__dict__, "_hash_checks": []}
+
+    def _raise_if_corrupt(self) -> None:
+        done = [check for check in self._hash_checks if check.done()]
+        for check in done:
+            if check.result() is not None:
+                raise DataDirError(check.result())
+            self._hash_checks.remove(check)
+
     def permutation(self, epoch: int) -> np.ndarray:
         """The global sample order of ``epoch`` (identity when not shuffling)."""
         if not self.shuffle:
@@ -103,6 +117,10 @@ class PretrainingDataset(torch.utils.data.IterableDataset):
         if shard not in self._arrays:
             self._check_unchanged()
             self._arrays[shard] = shard_array(self.data_dir, self.manifest, self._shards[shard])
+            if self.verify:
+                self._hash_checks.append(hash_check_in_background(self.data_dir, self._shards[shard]))
+        if self._hash_checks:
+            self._raise_if_corrupt()
         ids = np.asarray(self._arrays[shard][row])
         input_ids, labels = self.masker(ids, self.seed, epoch, index)
         return {"input_ids": torch.from_numpy(input_ids),

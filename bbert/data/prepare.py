@@ -274,7 +274,7 @@ def prepare(config: PrepareConfig) -> dict:
                     f"now has fingerprint {fingerprint[:12]}. Mixing them would corrupt the data: use a "
                     "new --out folder, or pass --overwrite to replace it")
             try:
-                check_data_dir(out, existing)
+                check_data_dir(out, existing, full=True)  # "verified" means every byte hashed
                 if config.progress:
                     print(f"{out}: already prepared with these arguments; shards verified, skipping")
                 return existing

@@ -2,13 +2,18 @@
 
 A data dir is checked before it is used: every shard against the SHA-256 in the manifest. The
 full hash is done once per shard and remembered in a small sidecar (``.verified.json``: size,
-modification time and hash of each shard), so later runs only compare sizes and times.
+modification time and hash of each shard), so later runs only compare sizes and times at start.
+That quick check misses a change that keeps both (bit rot), so a run also hashes each shard
+when it first reads it, in a background thread (:func:`hash_check_in_background`).
 Chapter: ``notebooks/02_data.ipynb``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -171,13 +176,14 @@ def record_verified(data_dir: str | Path, manifest: dict) -> None:
                       {name: _stamp(data_dir / name, sha) for name, sha in _shard_files(manifest)})
 
 
-def check_data_dir(data_dir: str | Path, manifest: dict | None = None) -> dict:
+def check_data_dir(data_dir: str | Path, manifest: dict | None = None, full: bool = False) -> dict:
     """Check every shard of ``data_dir`` against the manifest's SHA-256; return the manifest.
 
     A shard whose size and modification time match the sidecar entry of an earlier full check
-    is not read again, so this costs one ``stat`` per shard after the first time (a copy that
-    keeps the times, or a change that keeps them, is not re-hashed). Raises
-    :class:`DataDirError` naming the first bad shard and how to rebuild the data dir.
+    is not read again (unless ``full``), so this costs one ``stat`` per shard after the first
+    time (a copy that keeps the times, or a change that keeps them, is not re-hashed: the loader
+    hashes each shard again as it first reads it). Raises :class:`DataDirError` naming the first
+    bad shard and how to rebuild the data dir.
     """
     data_dir = Path(data_dir)
     manifest = manifest if manifest is not None else load_manifest(data_dir)
@@ -192,7 +198,7 @@ def check_data_dir(data_dir: str | Path, manifest: dict | None = None) -> dict:
         if not path.is_file():
             raise DataDirError(f"shard {path} is missing; {rebuild_hint(data_dir)}")
         stamp = _stamp(path, sha)
-        if known.get(name) != stamp:
+        if full or known.get(name) != stamp:
             if sha256_file(path) != sha:
                 raise DataDirError(f"shard {path} does not match its SHA-256 in the manifest (changed "
                                    f"or corrupt since it was written); {rebuild_hint(data_dir)}")
@@ -203,6 +209,47 @@ def check_data_dir(data_dir: str | Path, manifest: dict | None = None) -> dict:
         except OSError:
             pass  # a read-only data dir: the shards are hashed again next time
     return manifest
+
+
+_hashed: dict[tuple, Future] = {}  # (path, size, mtime, sha256) -> its check, once per process
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def hash_check_in_background(data_dir: str | Path, shard: dict) -> Future:
+    """Hash ``shard`` (a manifest entry) in a background thread, once per process and file
+    version; the future's result is None, or the message of the mismatch.
+
+    The loader calls it when it first reads a shard, so a run checks every byte it trains on
+    without waiting for it (hashlib and file reads release the GIL): the cost is one core for a
+    few seconds per GB, measured in ``benchmarks/checksum_check.py``.
+    """
+    global _pool
+    path = Path(data_dir) / shard["file"]
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, shard["sha256"])
+    with _pool_lock:
+        if key not in _hashed:
+            _pool = _pool or ThreadPoolExecutor(1, thread_name_prefix="bbert-shard-hash")
+            _hashed[key] = _pool.submit(_hash_check, path, shard["sha256"], Path(data_dir))
+        return _hashed[key]
+
+
+def _hash_check(path: Path, sha256: str, data_dir: Path) -> str | None:
+    if sha256_file(path) == sha256:
+        return None
+    return (f"shard {path} does not match its SHA-256 in the manifest (changed or corrupt since it was "
+            f"written, though its size and time are unchanged); {rebuild_hint(data_dir)}")
+
+
+def forget_hash_checks() -> None:
+    """Forget which shards this process has hashed (a forked DataLoader worker starts afresh)."""
+    global _pool
+    _hashed.clear()
+    _pool = None
+
+
+os.register_at_fork(after_in_child=forget_hash_checks)
 
 
 def data_fingerprint(manifest: dict) -> dict:

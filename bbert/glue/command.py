@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-save-models", action="store_true",
                    help="don't keep each run's best checkpoint (saves disk on big grids)")
     p.add_argument("--model-name", help="name in the results table (default: the model folder)")
+    p.add_argument("--redo", action="store_true",
+                   help="finetune again the finished runs whose model, weights, data or score-changing "
+                        "hyperparameters changed (default: refuse them)")
     return p
 
 
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tasks = _load_tasks(args)
     try:
-        report = run_glue(args.model, tasks, grid, args.out, args.model_name)
+        report = run_glue(args.model, tasks, grid, args.out, args.model_name, redo=args.redo)
     except KeyboardInterrupt:
         print(f"bbert finetune: interrupted; the finished runs are kept in {args.out}: run the same "
               "command again to go on", file=sys.stderr)

@@ -28,7 +28,8 @@ from bbert.env import set_seed
 from bbert.glue.config import FinetuneConfig
 from bbert.glue.metrics import compute_metrics, main_score, predictions_tsv
 from bbert.glue.tasks import TaskData
-from bbert.hf import load_pretrained
+from bbert.hf import find_model_folder, load_pretrained
+from bbert.identity import weights_fingerprint
 from bbert.model import BertForSequenceClassification
 from bbert.optim import Schedule, build_optimizer, set_lr
 from bbert.precision import autocast, grad_scaler
@@ -36,8 +37,8 @@ from bbert.progress import Progress
 
 # Bump when result.json changes shape: a record of another version counts as not finished, so a
 # re-run redoes it instead of crashing on it (version 1 used learning_rate/bf16, not lr/precision;
-# version 2 had no data_fingerprint and kept model_path as typed).
-RESULT_VERSION = 3
+# version 2 had no data_fingerprint and kept model_path as typed; version 3 no weights_fingerprint).
+RESULT_VERSION = 4
 
 
 # ---- model and batches ------------------------------------------------------------------
@@ -64,6 +65,17 @@ def load_classifier(model_path: str | os.PathLike, num_labels: int):
     model = BertForSequenceClassification(mlm.config, num_labels)
     model.bert.load_state_dict(mlm.bert.state_dict())
     return model, tokenizer
+
+
+def model_weights(model_path: str | os.PathLike) -> str | None:
+    """The fingerprint of the weights ``model_path`` loads (``bbert.identity``); None for a hub id
+    or a folder with no model (loading it says why). A truncated weights file is a ``ValueError``
+    here, before any run starts.
+    """
+    try:
+        return weights_fingerprint(find_model_folder(model_path))
+    except FileNotFoundError:
+        return None
 
 
 def _encode(examples: list[dict], tokenizer, max_seq_length: int, with_types: bool) -> list[dict]:
@@ -188,6 +200,7 @@ def finetune(model_path: str | os.PathLike, data: TaskData, config: FinetuneConf
     set_seed(config.seed)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(config.precision, device)
+    weights = model_weights(model_path)  # before loading: these are the weights the run starts from
     model, tokenizer = load_classifier(model_path, spec.num_labels)
     model.to(device)
 
@@ -249,7 +262,7 @@ def finetune(model_path: str | os.PathLike, data: TaskData, config: FinetuneConf
         "result_version": RESULT_VERSION,
         "task": spec.name, "display": spec.display, "config": config.name, "seed": config.seed,
         "hyperparameters": asdict(config), "model_path": str(Path(model_path).resolve()),
-        "data_fingerprint": data.fingerprint(),
+        "weights_fingerprint": weights, "data_fingerprint": data.fingerprint(),
         "best_epoch": best["epoch"], "dev": best["dev"], "score": main_score(spec, best["dev"]),
         "main_metric": spec.main_metric, "history": history, "train_examples": len(train),
         "seconds": round(time.time() - start, 2), "precision": precision, "device": str(device),

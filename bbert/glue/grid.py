@@ -2,8 +2,8 @@
 
     grid_search    every (config, seed) run of a GridConfig on one task; re-running skips the
                    finished runs (those with a result.json of this version), so a killed search
-                   resumes, and refuses finished runs of another model, data or hyperparameters;
-                   with several GPUs, one process per GPU
+                   resumes, and refuses finished runs of another model, weights, data or
+                   hyperparameters (redoes them with redo=True); with several GPUs, one process per GPU
     select_best    median over seeds per configuration, the best median reported
     results        a Markdown/CSV table beside the paper's numbers; the leaderboard submission
     run_glue       all of it for a list of tasks
@@ -29,10 +29,11 @@ import torch
 from bbert.budget import DEFAULT_MFU, model_config
 from bbert.speed import get_gpu, seq_per_s_at_mfu, training_flops_per_sequence
 from bbert.glue.config import FinetuneConfig, GridConfig
-from bbert.glue.finetuning import RESULT_VERSION, finetune
+from bbert.glue.finetuning import RESULT_VERSION, finetune, model_weights
 from bbert.glue.tasks import (BERT_BASE_TEST, GLUE_TRAIN_SIZES, PAPER_24HBERT_TEST, TaskData,
                               TaskSpec, get_task)
 from bbert.atomic import atomic_path, atomic_write_json, atomic_write_text
+from bbert.identity import changes
 
 # ---- grid search ----------------------------------------------------------------------------
 
@@ -63,18 +64,19 @@ def load_result(path: str | os.PathLike) -> dict | None:
 _SCORE_NEUTRAL = ("device", "progress", "save_best_model", "eval_batch_size")
 
 
-def _changed_settings(result: dict, model: str, fingerprint: str, config: FinetuneConfig) -> list[str]:
-    """How a finished run differs from the run ``config`` would make: model, data, hyperparameters."""
-    changes = []
+def _changed_settings(result: dict, model: str, weights: str | None, fingerprint: str,
+                      config: FinetuneConfig) -> list[str]:
+    """How a finished run differs from the run ``config`` would make: model, weights, data, hyperparameters."""
+    found = []
     if result.get("model_path") != model:
-        changes.append(f"model {result.get('model_path')} -> {model}")
+        found.append(f"model {result.get('model_path')} -> {model}")
+    if result.get("weights_fingerprint") != weights:
+        found.append(f"the model's weights (trained further or replaced since; fingerprint "
+                     f"{result.get('weights_fingerprint')} -> {weights})")
     if result.get("data_fingerprint") != fingerprint:
-        changes.append("other examples or labels in the task's files")
-    old = result.get("hyperparameters") or {}
+        found.append("other examples or labels in the task's files")
     new = json.loads(json.dumps(asdict(config)))  # as result.json holds it: tuples are lists
-    changes += [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
-                if k not in _SCORE_NEUTRAL and old.get(k) != v]
-    return changes
+    return found + changes(result.get("hyperparameters") or {}, new, ignore=_SCORE_NEUTRAL)
 
 
 def _run_one(args) -> dict:
@@ -88,27 +90,31 @@ def _pin_gpu(queue) -> None:
 
 
 def grid_search(model_path: str | os.PathLike, data: TaskData, grid: GridConfig,
-                out_dir: str | os.PathLike, num_gpus: int | None = None) -> list[dict]:
+                out_dir: str | os.PathLike, num_gpus: int | None = None, redo: bool = False) -> list[dict]:
     """Run the grid on one task; finished runs (with a ``result.json``) are skipped.
 
-    A finished run made with another model, other examples or other hyperparameters (those
-    that change scores) is a ``ValueError``: its scores would be mixed with the new ones.
+    A finished run made with another model, other weights (the model was trained further),
+    other examples or other hyperparameters (those that change scores) is a ``ValueError``: its
+    scores would be mixed with the new ones. With ``redo`` such runs are done again instead.
 
     With several GPUs, runs go in parallel, one process per GPU pinned by
     ``CUDA_VISIBLE_DEVICES``; otherwise in sequence. Returns every run's result.
     """
     runs = grid.runs()
     model, fingerprint = str(Path(model_path).resolve()), data.fingerprint()
+    weights = model_weights(model_path)
     todo = []
     for c in runs:
         result = load_result(run_dir(out_dir, data.spec.name, c))
         if result is None:
             todo.append(c)
-        elif changes := _changed_settings(result, model, fingerprint, c):
+        elif changed := _changed_settings(result, model, weights, fingerprint, c):
+            if redo:
+                todo.append(c)
+                continue
             raise ValueError(
                 f"{run_dir(out_dir, data.spec.name, c)} holds a finished run with other settings "
-                f"({'; '.join(changes)}): give a new --out, or delete "
-                f"{Path(out_dir) / 'runs' / data.spec.name} to redo {data.spec.display} with the new ones")
+                f"({'; '.join(changed)}): pass --redo to finetune those runs again, or give a new --out")
     if len(todo) < len(runs):
         print(f"{data.spec.display}: {len(runs) - len(todo)} of {len(runs)} runs already "
               f"finished in {out_dir}, skipping them")
@@ -241,8 +247,10 @@ def write_submission(run_dirs: dict[str, str | os.PathLike], out_dir: str | os.P
 
 
 def run_glue(model_path: str | os.PathLike, tasks: list[TaskData], grid: GridConfig,
-             out_dir: str | os.PathLike, model_name: str | None = None) -> dict:
+             out_dir: str | os.PathLike, model_name: str | None = None, redo: bool = False) -> dict:
     """Grid-search every task, pick the median of the best config, write table and submission.
+
+    ``redo`` finetunes again the finished runs whose settings changed (see :func:`grid_search`).
 
     Returns ``{"selections", "rows", "table" (paths), "submission" (path or None)}``.
     """
@@ -250,7 +258,7 @@ def run_glue(model_path: str | os.PathLike, tasks: list[TaskData], grid: GridCon
     model_name = model_name or Path(model_path).resolve().name  # "." names the folder too
     selections, chosen, specs = {}, {}, {}
     for data in tasks:
-        results = grid_search(model_path, data, grid, out_dir)
+        results = grid_search(model_path, data, grid, out_dir, redo=redo)
         sel = select_best(results, data.spec)
         selections[data.spec.name] = sel
         specs[data.spec.name] = data.spec
