@@ -210,19 +210,7 @@ def _long_code_lines(path: Path) -> list[tuple[int, str]]:
             for line in source(cell).splitlines() if len(line) > MAX_CODE_LINE]
 
 
-# Chapters 6 and 7 are being rewrapped on their own branches (issue 23); until those land, their
-# long lines are an expected failure. Once a notebook is wrapped, the mark no longer applies.
-WRAPPED_ON_OTHER_BRANCHES = {"06_findings", "07_beyond"}
-
-
-def _code_line_cases():
-    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        marks = [pytest.mark.xfail(reason="rewrapped on its own branch (issue 23)", strict=True)] if (
-            path.stem in WRAPPED_ON_OTHER_BRANCHES and _long_code_lines(path)) else []
-        yield pytest.param(path, id=path.stem, marks=marks)
-
-
-@pytest.mark.parametrize("path", list(_code_line_cases()))
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
 def test_notebook_code_lines_fit_the_page(path):
     long = _long_code_lines(path)
     assert not long, (f"{path.name}: {len(long)} code lines over {MAX_CODE_LINE} characters, cut off on "
