@@ -197,17 +197,21 @@ def run_ablation(base: TrainConfig, out_dir, budget_s: float, options=None, comb
     plan = [(BASELINE, ())] + [(name, (name,)) for name in _names(options)]
     plan += [("+".join(combo), tuple(combo)) for combo in combinations]
     configs = [(name, names, budget_config(base, out_dir / name, budget_s, names)) for name, names in plan]
-    for _, _, config in configs:
-        config.validate()  # a bad option (or one this data can't take) fails before any run starts
-    rows = []
-    for i, (name, names, config) in enumerate(configs):
+    _run_plan("run", [(f"{name} ({budget_s:g} s)", config) for name, _, config in configs], verbose)
+    return compare([run_result(name, config.run_dir, budget_s, names) for name, names, config in configs])
+
+
+def _run_plan(what: str, plan: list, verbose: bool) -> None:
+    """Run each ``(label, config)`` of ``plan`` that has not already run with that config; every
+    config is validated first, so a bad option (or one this data can't take) fails before any run."""
+    for _, config in plan:
+        config.validate()
+    for i, (label, config) in enumerate(plan):
         if not _done_with(config):
             if verbose:
-                print(f"[ablation] run {i + 1}/{len(configs)}: {name} ({budget_s:g} s)", flush=True)
+                print(f"[ablation] {what} {i + 1}/{len(plan)}: {label}", flush=True)
             with _quiet(verbose):
                 pretrain(config)
-        rows.append(run_result(name, config.run_dir, budget_s, names))
-    return compare(rows)
 
 
 def _done_with(config: TrainConfig) -> bool:
@@ -370,17 +374,8 @@ def head_to_head(base: TrainConfig, out_dir, budget_s: float, arms: dict[str, di
     plan = [(name, seed, trial_config(base, {**extra, "seed": seed, "time_budget_hours": hours(budget_s)},
                                       out_dir / f"{name.replace(' ', '_')}-seed{seed}"))
             for seed in seeds for name, extra in arms.items()]
-    for *_, config in plan:
-        config.validate()
-    rows = []
-    for i, (name, seed, config) in enumerate(plan):
-        if not _done_with(config):
-            if verbose:
-                print(f"[ablation] head-to-head {i + 1}/{len(plan)}: {name}, seed {seed}", flush=True)
-            with _quiet(verbose):
-                pretrain(config)
-        rows.append({**run_result(name, config.run_dir, budget_s), "seed": seed})
-    return rows
+    _run_plan("head-to-head", [(f"{name}, seed {seed}", config) for name, seed, config in plan], verbose)
+    return [{**run_result(name, config.run_dir, budget_s), "seed": seed} for name, seed, config in plan]
 
 
 def summarize(rows: list[dict], baselines=(BASELINE,), confidence: float = 0.95) -> list[dict]:
