@@ -315,11 +315,15 @@ def test_tune_baseline_and_head_to_head_on_a_tiny_run(data_dir, tmp_path):
 
     task = glue.make_corpus_source_task(tmp_path / "task", train_per_source=20, eval_per_source=10)
     tune = glue.FinetuneConfig(lr=2e-3, batch_size=16, num_epochs=1, progress=False, save_best_model=False)
-    downstream = ablation.finetune_arms(final, ["best combination"], task, tmp_path / "finetune", tune)
+    downstream = ablation.finetune_arms(final, ["best combination"], task, tmp_path / "finetune", tune,
+                                        seeds=(0, 1, 2))
     median = ablation.median_seed_run(final, "best combination")
     assert list(downstream) == ["best combination"]
     got = downstream["best combination"]
     assert got["seed"] == median["seed"] and got["run_dir"] == median["run_dir"] and got["metric"] == "accuracy"
-    result = json.loads((tmp_path / "finetune" / "best_combination" / "result.json").read_text())
-    assert result["score"] == got["score"] and 0 <= got["score"] <= 1
-    assert result["model_path"] == str(Path(median["run_dir"]).resolve())
+    results = [json.loads((tmp_path / "finetune" / "best_combination" / f"seed{s}" / "result.json").read_text())
+               for s in (0, 1, 2)]
+    assert [r["seed"] for r in results] == [0, 1, 2]  # one finetuning run per seed
+    assert got["scores"] == [r["score"] for r in results] and got["score"] == sorted(got["scores"])[1]
+    assert all(0 <= score <= 1 for score in got["scores"])
+    assert results[0]["model_path"] == str(Path(median["run_dir"]).resolve())
