@@ -186,9 +186,11 @@ def main(argv=None) -> int:
     if best:
         task = glue.make_corpus_source_task(args.out / "task", train_per_source=200, eval_per_source=60)
         downstream = finetune_arms(final, ["best combination", "tuned baseline"], task, args.out / "finetune")
-        print("\n== finetuned on the corpus-source task (median-seed checkpoints, dev accuracy) ==")
+        print("\n== finetuned on the corpus-source task (median-seed checkpoints; median of 3 finetuning seeds) ==")
         for name, d in downstream.items():
-            print(f"{name}: {d['metric']} {d['score']:.3f} (pretraining seed {d['seed']})", flush=True)
+            seeds = ", ".join(f"{score:.3f}" for score in d["scores"])
+            print(f"{name}: {d['metric']} {d['score']:.3f} (finetuning seeds: {seeds}; pretraining seed {d['seed']})",
+                  flush=True)
     loads.append(os.getloadavg()[0])
     load = max(loads)
     atomic_write_json(args.out / "result.json", dict(
