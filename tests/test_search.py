@@ -34,6 +34,15 @@ def finished_search(data_dir, tmp_path_factory):
     return base, grid, out, search(base, grid, out, verbose=False)
 
 
+
+def assert_refused_in_one_line(base, cases, out, capsys):
+    """Each ``(args, message)``: the command exits 2 with ``message`` in one stderr line, before any trial."""
+    for args, message in cases:
+        assert main([*base, *args]) == 2, args
+        err = capsys.readouterr()
+        assert message in err.err and err.err.count("\n") == 1, (args, err.err)
+        assert "[search] trial" not in err.out and not out.exists()
+
 def test_expand_grid_and_names():
     points = expand_grid({"lr": [5e-4, 1e-3], "batch_size": [32, 64]})
     assert points == [{"lr": 5e-4, "batch_size": 32}, {"lr": 5e-4, "batch_size": 64},
@@ -280,11 +289,7 @@ def test_bad_pruner_or_storage_fails_in_one_line(data_dir, tmp_path, capsys):
              (["--pruner", "asha", "--trial", "1"], "drop --trial"),
              (["--pruner", "hyperband", "--n-trials", "3"], "--n-trials 3 must be between 1 and the grid's 2"),
              (["--pruner", "asha", "--reduction-factor", "1"], "--reduction-factor >= 2 (got 1)")]
-    for args, message in cases:
-        assert main([*base, *args]) == 2, args
-        err = capsys.readouterr()
-        assert message in err.err and err.err.count("\n") == 1, err.err
-        assert "[search] trial" not in err.out and not out.exists()
+    assert_refused_in_one_line(base, cases, out, capsys)
 
 
 @pytest.mark.slow
@@ -448,11 +453,7 @@ def test_bad_ranges_fail_in_one_line(data_dir, tmp_path, capsys):
              (["--sampler", "bayes", "--range", "lr=1e-4:1e-3"], "--sampler 'bayes' is not one of grid, tpe, random"),
              ([*tpe, "--range", "lr=1e-4:1e-3", "--trial", "0"], "drop --trial"),
              ([*tpe, "--range", "lr=1e-4:1e-3", "--min-resource-s", "60"], "add --pruner asha")]
-    for args, message in cases:
-        assert main([*base, *args]) == 2, args
-        err = capsys.readouterr()
-        assert message in err.err and err.err.count("\n") == 1, (args, err.err)
-        assert "[search] trial" not in err.out and not out.exists()
+    assert_refused_in_one_line(base, cases, out, capsys)
 
 
 @pytest.mark.slow
