@@ -21,10 +21,14 @@ from pathlib import Path
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
+def changed_fields(old: dict, new: dict, ignore=()) -> list[str]:
+    """The keys whose values differ (a missing key is None), sorted."""
+    return sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+
+
 def changes(old: dict, new: dict, ignore=()) -> list[str]:
-    """``["key old -> new", ...]`` for each key whose value differs (a missing key is None)."""
-    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in ignore and old.get(k) != new.get(k)]
+    """``["key old -> new", ...]`` for each key whose value differs (:func:`changed_fields`)."""
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed_fields(old, new, ignore)]
 
 
 def safetensors_header(path: str | os.PathLike) -> bytes:

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from bbert import configs
+from bbert.identity import changed_fields
 
 HEARTBEAT_SECONDS = 60  # how often a running trial tells the storage that its process lives
 GRACE_HEARTBEATS = 5  # a trial silent for this many heartbeats is failed and queued again
@@ -189,10 +190,10 @@ def check_same_search(study, storage: str, **identity) -> None:
 
 
 def _differences(a, b) -> list[str]:
-    # the top-level fields that differ (``data``: the data's fingerprint), as trials.changes names them
+    # the top-level fields that differ (``data``: the data's fingerprint), as a trial's check names them
     if not (isinstance(a, dict) and isinstance(b, dict)):
         return ["its values"] if a != b else []
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return changed_fields(a, b)
 
 
 def hide_password(url: str) -> str:

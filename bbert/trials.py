@@ -26,6 +26,7 @@ import yaml
 from bbert import configs
 from bbert.data import data_fingerprint, load_manifest
 from bbert.engines import check_engine
+from bbert.identity import changed_fields
 from bbert.run_dir import EndReason, config_path, latest_checkpoint, read_budget, read_metrics
 from bbert.train_config import TrainConfig
 
@@ -114,11 +115,6 @@ def identity(config: TrainConfig | dict, data: dict | None = None) -> dict:
     return json.loads(json.dumps({**fields, "data": data}))
 
 
-def changes(old: dict, new: dict) -> list[str]:
-    """The fields in which two :func:`identity` dicts differ (``data``: the data's fingerprint)."""
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-
-
 def check_reusable(config: TrainConfig, data: dict | None = None) -> None:
     """Refuse, in one line, a trial run dir that holds a run made by anything but ``config``.
 
@@ -131,7 +127,7 @@ def check_reusable(config: TrainConfig, data: dict | None = None) -> None:
         return
     new = identity(config, data)
     old_data = read_budget(ckpt).get("data", new["data"])  # an old checkpoint without it: not compared
-    changed = changes(identity(yaml.safe_load(config_path(ckpt).read_text()), old_data), new)
+    changed = changed_fields(identity(yaml.safe_load(config_path(ckpt).read_text()), old_data), new)
     if changed:
         raise configs.UsageError(
             f"--out {run_dir.parent} holds trial {run_dir.name} made with another base config or data "
