@@ -35,6 +35,26 @@ def finished_search(data_dir, tmp_path_factory):
 
 
 
+
+def interrupt_after_first_validation(command) -> tuple[int, list[str]]:
+    """Run ``command``, Ctrl-C it once its trial has validated (and reported) once; return its
+    exit code and output lines."""
+    import signal
+    import subprocess
+
+    from helpers_train import REPO, subprocess_env
+
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "validation loss" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    lines += process.communicate(timeout=120)[0].splitlines()
+    return process.returncode, lines
+
 def assert_refused_in_one_line(base, cases, out, capsys):
     """Each ``(args, message)``: the command exits 2 with ``message`` in one stderr line, before any trial."""
     for args, message in cases:
@@ -294,25 +314,14 @@ def test_bad_pruner_or_storage_fails_in_one_line(data_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_interrupted_study_trial_is_queued_again_and_resumed(data_dir, tmp_path):
-    import signal
-    import subprocess
-
-    from helpers_train import PYTHON, REPO, subprocess_env
+    from helpers_train import PYTHON
 
     base = asha_base(data_dir, tmp_path, sleep_seconds_per_step=0.5)
     out = tmp_path / "trials"
     command = [PYTHON, "-m", "bbert.search", "--config", str(base.to_yaml(tmp_path / "base.yaml")),
                "--grid", "lr=1e-3", "--out", str(out), "--pruner", "asha"]
-    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in process.stdout:  # Ctrl-C once the trial has validated (and reported) once
-        lines.append(line)
-        if "validation loss" in line:
-            process.send_signal(signal.SIGINT)
-            break
-    lines += process.communicate(timeout=120)[0].splitlines()
-    assert process.returncode == 130 and any("queued again" in line for line in lines), lines
+    returncode, lines = interrupt_after_first_validation(command)
+    assert returncode == 130 and any("queued again" in line for line in lines), lines
     assert read_metrics(out / "lr=0.001")[-1]["reason"] == "interrupted"
 
     rows = search(base, {"lr": [1e-3]}, out, pruner="asha", verbose=False)
@@ -458,24 +467,15 @@ def test_bad_ranges_fail_in_one_line(data_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_an_interrupted_sampled_trial_resumes_with_its_values(data_dir, tmp_path):
-    import signal
-    import subprocess
-
     from bbert.study import Range
-    from helpers_train import PYTHON, REPO, subprocess_env
+    from helpers_train import PYTHON
 
     base = asha_base(data_dir, tmp_path, sleep_seconds_per_step=0.5)
     out = tmp_path / "trials"
     command = [PYTHON, "-m", "bbert.search", "--config", str(base.to_yaml(tmp_path / "base.yaml")),
                "--sampler", "random", "--range", "lr=1e-3:2e-3", "--n-trials", "1", "--out", str(out)]
-    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if "validation loss" in line:
-            process.send_signal(signal.SIGINT)
-            break
-    process.communicate(timeout=120)
-    assert process.returncode == 130
+    returncode, _ = interrupt_after_first_validation(command)
+    assert returncode == 130
     (run_dir,) = [p for p in out.iterdir() if p.name.startswith("lr=")]
     assert read_metrics(run_dir)[-1]["reason"] == "interrupted"
 
