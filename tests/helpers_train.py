@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,21 @@ def run_cli(args: list[str], timeout: float = 240, **env) -> subprocess.Complete
     return subprocess.run(args, cwd=REPO, env=subprocess_env(**env), capture_output=True, text=True,
                           timeout=timeout)
 
+
+
+def interrupt_after_first_validation(command: list[str]) -> tuple[int, str, str]:
+    """Run ``command`` and Ctrl-C it once its trial has validated (and reported) once; return its
+    exit code, stdout and stderr."""
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "validation loss" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    return process.returncode, "".join(lines) + stdout, stderr
 
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import signal
-import subprocess
 
 import pytest
 
 from bbert.data import PrepareConfig, prepare, sample_corpus_path
 from bbert.run_dir import read_metrics
 from bbert.search import main
-from helpers_train import PYTHON, REPO, make_data_dir, subprocess_env, tiny_config
+from helpers_train import PYTHON, interrupt_after_first_validation, make_data_dir, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +102,7 @@ def test_12_an_in_memory_storage_is_refused(data_dir, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def interrupted(data_dir, tmp_path_factory):
-    """Ctrl-C a search (``pruner``) once its first trial has validated: (process, stdout, stderr, out)."""
+    """Ctrl-C a search (``pruner``) once its first trial has validated: (exit code, stdout, stderr, out)."""
     done = {}
 
     def run(pruner):
@@ -118,25 +116,16 @@ def interrupted(data_dir, tmp_path_factory):
         command = [PYTHON, "-m", "bbert.search", "--config",
                    config_file(data_dir, tmp, sleep_seconds_per_step=0.5),
                    "--grid", "lr=1e-3,2e-3", "--out", str(out), "--pruner", pruner]
-        process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        lines = []
-        for line in process.stdout:
-            lines.append(line)
-            if "validation loss" in line:
-                process.send_signal(signal.SIGINT)
-                break
-        stdout, stderr = process.communicate(timeout=120)
-        return process, "".join(lines) + stdout, stderr, out
+        return (*interrupt_after_first_validation(command), out)
 
     return run
 
 
 @pytest.mark.slow
 def test_13_ctrl_c_stops_a_plain_search_with_exit_130(interrupted):
-    process, stdout, stderr, out = interrupted("none")
+    returncode, stdout, stderr, out = interrupted("none")
     # was: the grid went on to the next trial and exited 0
-    assert process.returncode == 130, (stdout, stderr)
+    assert returncode == 130, (stdout, stderr)
     assert stderr.count("\n") == 1 and stderr.startswith("bbert search: "), stderr
     assert "lr=0.001" in stderr and "run the same command again" in stderr
     assert read_metrics(out / "lr=0.001")[-1]["reason"] == "interrupted"
@@ -145,9 +134,9 @@ def test_13_ctrl_c_stops_a_plain_search_with_exit_130(interrupted):
 
 @pytest.mark.slow
 def test_14_ctrl_c_on_an_asha_search_is_one_line(interrupted):
-    process, stdout, stderr, out = interrupted("asha")
+    returncode, stdout, stderr, out = interrupted("asha")
     # was: Optuna's "Trial 0 failed ... Traceback ... _Interrupted", exit 0
-    assert process.returncode == 130, (stdout, stderr)
+    assert returncode == 130, (stdout, stderr)
     assert "Traceback" not in stdout + stderr and "failed" not in stdout + stderr
     assert stderr.count("\n") == 1 and stderr.startswith("bbert search: "), stderr
     name = stderr.split("trial ")[1].split()[0]  # the grid sampler's shuffle picks the first
@@ -157,8 +146,8 @@ def test_14_ctrl_c_on_an_asha_search_is_one_line(interrupted):
 
 @pytest.mark.slow
 def test_15_a_rerun_after_an_interrupt_gives_advice_that_search_takes(interrupted, data_dir, tmp_path, capsys):
-    process, _, _, out = interrupted("none")
-    assert process.returncode == 130
+    returncode, _, _, out = interrupted("none")
+    assert returncode == 130
     before = snapshot(out)
     args = ["--config", config_file(data_dir, tmp_path, sleep_seconds_per_step=0.5), "--grid", "lr=1e-3,2e-3",
             "--out", str(out), "--set", "time_budget_hours=0.06"]

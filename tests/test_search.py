@@ -11,7 +11,7 @@ from bbert.search import best_trial, budget_saved, main, parse_grid, search, sea
 from bbert.trials import expand_grid, is_finished, trial_name
 from bbert.run_dir import EndReason, final_dir, latest_checkpoint, model_dir, read_metrics
 from bbert.train_config import TrainConfig
-from helpers_train import make_data_dir, tiny_config
+from helpers_train import interrupt_after_first_validation, make_data_dir, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -36,24 +36,6 @@ def finished_search(data_dir, tmp_path_factory):
 
 
 
-def interrupt_after_first_validation(command) -> tuple[int, list[str]]:
-    """Run ``command``, Ctrl-C it once its trial has validated (and reported) once; return its
-    exit code and output lines."""
-    import signal
-    import subprocess
-
-    from helpers_train import REPO, subprocess_env
-
-    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if "validation loss" in line:
-            process.send_signal(signal.SIGINT)
-            break
-    lines += process.communicate(timeout=120)[0].splitlines()
-    return process.returncode, lines
 
 def assert_refused_in_one_line(base, cases, out, capsys):
     """Each ``(args, message)``: the command exits 2 with ``message`` in one stderr line, before any trial."""
@@ -320,8 +302,8 @@ def test_interrupted_study_trial_is_queued_again_and_resumed(data_dir, tmp_path)
     out = tmp_path / "trials"
     command = [PYTHON, "-m", "bbert.search", "--config", str(base.to_yaml(tmp_path / "base.yaml")),
                "--grid", "lr=1e-3", "--out", str(out), "--pruner", "asha"]
-    returncode, lines = interrupt_after_first_validation(command)
-    assert returncode == 130 and any("queued again" in line for line in lines), lines
+    returncode, stdout, stderr = interrupt_after_first_validation(command)
+    assert returncode == 130 and "queued again" in stdout + stderr, (stdout, stderr)
     assert read_metrics(out / "lr=0.001")[-1]["reason"] == "interrupted"
 
     rows = search(base, {"lr": [1e-3]}, out, pruner="asha", verbose=False)
@@ -474,7 +456,7 @@ def test_an_interrupted_sampled_trial_resumes_with_its_values(data_dir, tmp_path
     out = tmp_path / "trials"
     command = [PYTHON, "-m", "bbert.search", "--config", str(base.to_yaml(tmp_path / "base.yaml")),
                "--sampler", "random", "--range", "lr=1e-3:2e-3", "--n-trials", "1", "--out", str(out)]
-    returncode, _ = interrupt_after_first_validation(command)
+    returncode, _, _ = interrupt_after_first_validation(command)
     assert returncode == 130
     (run_dir,) = [p for p in out.iterdir() if p.name.startswith("lr=")]
     assert read_metrics(run_dir)[-1]["reason"] == "interrupted"
