@@ -87,26 +87,37 @@ def open_storage(url: str):
         # a dead network path fails in seconds, and a connection the server dropped is replaced
         engine_kwargs = {"pool_pre_ping": True,
                          "connect_args": {} if "connect_timeout" in parsed.query else {"connect_timeout": 10}}
+    try:
+        return retry_races(lambda: optuna.storages.RDBStorage(
+            parsed.render_as_string(hide_password=False), engine_kwargs=engine_kwargs,
+            heartbeat_interval=interval, grace_period=GRACE_HEARTBEATS * interval,
+            heartbeat_stale_trial_callback=retry), shown)
+    except ImportError as e:
+        missing = e.name or getattr(e.__cause__, "name", None) or "of its driver"  # Optuna wraps the error
+        raise configs.UsageError(f"--storage {shown!r} needs the Python module {missing}, which is not "
+                                 "installed; pip install 'bbert[search]' brings psycopg, the driver of "
+                                 "postgresql://") from None
+
+
+RACES = ("UNIQUE constraint", "already exists", "duplicate key", "locked")
+
+
+def retry_races(open_, storage: str):
+    """``open_()``, tried again when workers that start together race to create the same tables or
+    study (the loser sees a unique-key or lock error); any other database error is one line."""
+    import sqlalchemy
+
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(parsed.render_as_string(hide_password=False),
-                                              engine_kwargs=engine_kwargs, heartbeat_interval=interval,
-                                              grace_period=GRACE_HEARTBEATS * interval,
-                                              heartbeat_stale_trial_callback=retry)
-        except ImportError as e:
-            missing = e.name or getattr(e.__cause__, "name", None) or "of its driver"  # Optuna wraps the error
-            raise configs.UsageError(f"--storage {shown!r} needs the Python module {missing}, which is not "
-                                     "installed; pip install 'bbert[search]' brings psycopg, the driver of "
-                                     "postgresql://") from None
+            return open_()
         except sqlalchemy.exc.SQLAlchemyError as e:
             reason = _first_line(e)
-            # workers that start together race to create the tables: the loser tries again
-            if attempt < 4 and any(s in reason for s in ("UNIQUE constraint", "already exists", "duplicate key",
-                                                         "locked")):
+            if attempt < 4 and any(s in reason for s in RACES):
                 time.sleep(0.5 + random.random())
                 continue
-            raise configs.UsageError(f"--storage {shown!r} could not be opened ({reason}); check the URL, its "
-                                     "password, its database driver and that the server or folder exists") from None
+            raise configs.UsageError(f"--storage {hide_password(storage)!r} could not be opened ({reason}); "
+                                     "check the URL, its password, its database driver and that the server "
+                                     "or folder exists") from None
 
 
 def _first_line(error: BaseException) -> str:
@@ -207,4 +218,4 @@ def hide_password(url: str) -> str:
         return url
 
 
-__all__ = ["open_storage", "check_same_search", "hide_password", "heartbeat_seconds", "HEARTBEAT_SECONDS", "GRACE_HEARTBEATS"]
+__all__ = ["open_storage", "retry_races", "check_same_search", "hide_password", "heartbeat_seconds", "HEARTBEAT_SECONDS", "GRACE_HEARTBEATS"]

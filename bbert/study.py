@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-import time
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -57,7 +55,7 @@ from typing import NamedTuple
 from bbert import configs
 from bbert.env import env_flag
 from bbert.optim import Schedule
-from bbert.storage import check_same_search, hide_password, open_storage
+from bbert.storage import check_same_search, open_storage, retry_races
 from bbert.train import pretrain
 from bbert.train_config import TrainConfig
 from bbert.trials import (SearchInterrupted, check_reusable, identity, is_finished, parse_values,
@@ -181,22 +179,10 @@ def open_study(storage: str, study_name: str, sampler, pruner, attrs: dict | Non
     with a new study; joining one that holds other ``attrs`` is refused in one line.
     """
     optuna = _optuna()
-    import sqlalchemy
-
     backend = open_storage(storage)
-    for attempt in range(5):
-        try:
-            study = optuna.create_study(storage=backend, study_name=study_name, load_if_exists=True,
-                                        direction="minimize", sampler=sampler, pruner=pruner)
-            break
-        except (ImportError, sqlalchemy.exc.SQLAlchemyError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            # processes that start together race to create the tables: the loser tries again
-            if attempt < 4 and any(s in reason for s in ("UNIQUE constraint", "already exists", "locked")):
-                time.sleep(0.5 + random.random())
-                continue
-            raise configs.UsageError(f"--storage {hide_password(storage)!r} could not be opened ({reason}); check "
-                                     "the URL, its database driver and that the server or folder exists") from None
+    study = retry_races(lambda: optuna.create_study(storage=backend, study_name=study_name, load_if_exists=True,
+                                                    direction="minimize", sampler=sampler, pruner=pruner),
+                        storage)
     check_same_search(study, storage, **(attrs or {}))
     return study
 
